@@ -1,0 +1,22 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up .venv and run a bounded demo of the study
+#   make test   set up .venv and run the test suite
+VENV ?= .venv
+PYTHON ?= python3
+BIN = $(VENV)/bin
+
+.PHONY: setup demo test
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt -e .
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/demo.sh
+
+test: setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q

@@ -1,0 +1,43 @@
+"""Collect every selected run into metrics/summary.json and a Markdown report.
+
+    dvc repro compare
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from triage.config import load_params
+from triage.io import atomic_write_text, write_json
+from triage.report import HEADLINE, collect_rows, report_markdown, summary
+
+
+def read_baselines(directory: Path, models: list[str], bits: list[str]) -> dict[str, dict]:
+    found = {}
+    for variant in (f"{m}-{b}" for m in models for b in bits):
+        path = directory / variant / "eval.json"
+        if path.is_file():
+            found[variant] = {k: json.loads(path.read_text())[k] for k in HEADLINE}
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=Path, required=True)
+    parser.add_argument("--baselines", type=Path, required=True)
+    parser.add_argument("--models", type=Path, required=True)
+    parser.add_argument("--summary", type=Path, required=True)
+    parser.add_argument("--report", type=Path, required=True)
+    args = parser.parse_args()
+
+    selection = load_params().run
+    rows, missing = collect_rows(selection, args.runs, args.models)
+    study = summary(rows, missing, read_baselines(args.baselines, selection.models, selection.bits))
+    write_json(args.summary, study)
+    report = report_markdown(study)
+    atomic_write_text(args.report, report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

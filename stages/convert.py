@@ -1,0 +1,30 @@
+"""Fetch one base model and write it as a float32 MLX model.
+
+    dvc repro convert@smollm2-135m
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import triage  # noqa: F401  (selects the fast BLAS before MLX loads)
+from triage.config import load_params
+from triage.models import ModelSourceError, fetch_base_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True, help="a key of `models:` in params.yaml")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    source = load_params().models[args.model].source
+    try:
+        info = fetch_base_model(args.model, source, args.out)
+    except ModelSourceError as exc:
+        sys.exit(f"[convert] {exc}")
+    print(f"[convert] {args.model}: {info['source']} ({info['source_precision']}) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Train one LoRA adapter on a quantized variant.
+
+    dvc repro train@smollm2-135m-4bit-balanced_safe
+
+Resumes from its checkpoint (outside the DVC cache) when re-run after a kill.
+"""
+
+import argparse
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import triage  # noqa: F401  (selects the fast BLAS before MLX loads)
+import mlx.core as mx
+from mlx_lm import load
+
+from triage.config import load_params
+from triage.io import atomic_write_text, write_json
+from triage.lm import ChatFormat, check_supported, tokenize_split
+from triage.losses import make_safety_loss, plain_loss
+from triage.schema import read_examples
+from triage.training import add_lora, fingerprint, run_training, save_adapter, tree_digest
+
+
+def tsv(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    lines = ["\t".join(columns)] + ["\t".join(f"{row[c]:.6g}" for c in columns) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--adapter", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--curves", type=Path, required=True, help="directory for train.tsv and val.tsv")
+    parser.add_argument("--checkpoints", type=Path, required=True)
+    args = parser.parse_args()
+
+    params = load_params()
+    config = params.config(args.config)
+    mx.random.seed(params.train.seed)
+    model, tokenizer = load(str(args.model_dir))
+    check_supported(model)
+    fmt = ChatFormat(tokenizer)
+    max_len = params.train.max_seq_length
+    splits = {name: args.data / f"{name}.jsonl" for name in ("train", "valid")}
+    train_cases, val_cases = (tokenize_split(fmt, read_examples(p), str(p), max_len) for p in splits.values())
+
+    lora = add_lora(model, config, params.train.num_layers)
+    print(f"[train] {args.config} ({config.kind}): rank {config.rank}, scale {config.scale}, "
+          f"dropout {config.dropout}, lr {config.learning_rate}, batch {config.batch_size}, "
+          f"{config.iters} iters; {lora['trainable_params']:,} trainable parameters "
+          f"({lora['trainable_share']:.3%})")
+    if config.kind == "safety":
+        loss = make_safety_loss(fmt.label_first_tokens, config.class_weights, config.cost_matrix)
+    else:
+        loss = plain_loss
+    run_id = fingerprint(asdict(config), asdict(params.train), tree_digest(args.model_dir), tree_digest(args.data))
+    result = run_training(model, train_cases, val_cases, config, params.train, loss, args.checkpoints, run_id)
+
+    save_adapter(args.adapter, model, lora["adapter_config"])
+    write_json(args.metrics, {
+        "config": args.config, "kind": config.kind, "loss": "cost_sensitive" if config.kind == "safety" else "cross_entropy",
+        **{k: getattr(config, k) for k in ("rank", "scale", "dropout", "learning_rate", "batch_size", "iters")},
+        "trainable_params": lora["trainable_params"], "trainable_share": round(lora["trainable_share"], 6),
+        **result.metrics,
+    })
+    atomic_write_text(args.curves / "train.tsv", tsv(result.train_rows))
+    atomic_write_text(args.curves / "val.tsv", tsv(result.val_rows))
+    shutil.rmtree(args.checkpoints, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

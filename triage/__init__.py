@@ -1,0 +1,1 @@
+"""Triage QLoRA study: shared logic for the DVC stages in ``stages/``."""

@@ -1,0 +1,66 @@
+"""Batches for mlx-lm's ``train(iterate_batches=...)`` that carry labels and loss positions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from triage.lm import TokenizedCase
+
+PAD_MULTIPLE = 32  # padding lengths to a multiple keeps the compiled step's shape count small
+POSITION_MULTIPLE = 8
+
+
+def batch_order(n_cases: int, lengths: Sequence[int], batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless stream of batches (case indices): length-sorted buckets in a seeded shuffled order.
+
+    Deterministic for a seed, so a resumed run can skip exactly the batches it already trained on.
+    """
+    if n_cases < batch_size:
+        raise ValueError(f"the split has {n_cases} cases, fewer than the batch size {batch_size}")
+    by_length = sorted(range(n_cases), key=lambda i: lengths[i])
+    buckets = [by_length[i : i + batch_size] for i in range(0, n_cases - batch_size + 1, batch_size)]
+    rng = np.random.default_rng(seed)
+    while True:
+        for b in rng.permutation(len(buckets)):
+            yield buckets[b]
+
+
+def collate(cases: Sequence[TokenizedCase], mask_prompt: bool) -> tuple[mx.array, ...]:
+    """Pad token ids and list, per case, the positions whose next token is trained on."""
+    longest = max(len(c.tokens) for c in cases)
+    width = PAD_MULTIPLE * -(-longest // PAD_MULTIPLE) + 1
+    tokens = np.zeros((len(cases), width), np.int32)
+    starts = [c.prompt_length if mask_prompt else 1 for c in cases]
+    counts = [len(c.tokens) - start for c, start in zip(cases, starts)]
+    k = POSITION_MULTIPLE * -(-max(counts) // POSITION_MULTIPLE)
+    positions = np.zeros((len(cases), k), np.int32)
+    mask = np.zeros((len(cases), k), np.float32)
+    for i, (case, start, count) in enumerate(zip(cases, starts, counts)):
+        tokens[i, : len(case.tokens)] = case.tokens
+        positions[i, :count] = np.arange(start - 1, start - 1 + count)
+        mask[i, :count] = 1.0
+    labels = np.array([c.label for c in cases], np.int32)
+    return mx.array(tokens), mx.array(labels), mx.array(positions), mx.array(mask)
+
+
+def make_iterate_batches(mask_prompt: bool, seed: int, skip: int = 0):
+    """An ``iterate_batches`` for mlx-lm's trainer and evaluator.
+
+    The order depends only on ``seed`` (mlx-lm passes none); ``skip`` drops the
+    training batches a resumed run has already seen.
+    """
+
+    def iterate_batches(dataset, batch_size, max_seq_length, loop=False, **_):
+        lengths = [len(case.tokens) for case in dataset]
+        order = batch_order(len(dataset), lengths, batch_size, seed)
+        n_batches = len(dataset) // batch_size
+        for step, indices in enumerate(order):
+            if not loop and step >= n_batches:
+                return
+            if step >= skip or not loop:
+                yield collate([dataset[i] for i in indices], mask_prompt)
+
+    return iterate_batches

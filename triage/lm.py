@@ -1,0 +1,119 @@
+"""Language-model plumbing: chat formatting, tokenised cases, and the output head.
+
+The model sees one user turn (the prompt) and answers with the completion. The
+label options are scored as the tokens that begin the assistant's answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from triage.schema import LABELS, DataError, Example
+
+FALLBACK_TEMPLATE_USER = "{prompt}\n\nTriage:"
+
+
+@dataclass(frozen=True)
+class TokenizedCase:
+    """Token ids of prompt plus completion, the prompt length and the label index."""
+
+    tokens: list[int]
+    prompt_length: int
+    label: int
+
+
+class ChatFormat:
+    """Turns prompts and completions into token ids with the model's chat template."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.label_tokens = [self._encode(label) for label in LABELS]
+        first = [ids[0] for ids in self.label_tokens]
+        if len(set(first)) != len(LABELS):
+            raise ValueError(
+                f"the label options {LABELS} start with the same token in this tokenizer "
+                f"({first}); the label distribution needs distinct first tokens"
+            )
+        self.label_first_tokens = first
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def prompt_tokens(self, prompt: str) -> list[int]:
+        if self.tokenizer.chat_template:
+            messages = [{"role": "user", "content": prompt}]
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        return self._encode(FALLBACK_TEMPLATE_USER.format(prompt=prompt) + " ")
+
+    def case(self, example: Example) -> TokenizedCase:
+        prompt = self.prompt_tokens(example.prompt)
+        completion = self._encode(example.completion)
+        if self.tokenizer.eos_token_id is not None:
+            completion.append(self.tokenizer.eos_token_id)
+        return TokenizedCase(prompt + completion, len(prompt), LABELS.index(example.label))
+
+
+def tokenize_split(fmt: ChatFormat, examples: list[Example], path: str, max_len: int) -> list[TokenizedCase]:
+    """Tokenise a split; an example longer than ``max_len`` is an error naming its line."""
+    cases = []
+    for line, example in enumerate(examples, start=1):
+        case = fmt.case(example)
+        if len(case.tokens) > max_len:
+            raise DataError(
+                path, line, "prompt",
+                f"{len(case.tokens)} tokens with the completion, above train.max_seq_length="
+                f"{max_len}; shorten the case or raise the limit (nothing is truncated)",
+            )
+        cases.append(case)
+    return cases
+
+
+def hidden_states(model: nn.Module, inputs: mx.array, cache=None) -> mx.array:
+    """Final normalised hidden states, before the vocabulary projection."""
+    return model.model(inputs, cache)
+
+
+def project(model: nn.Module, hidden: mx.array) -> mx.array:
+    """The vocabulary projection, tied or not, as mlx-lm's llama and gemma3 models do it."""
+    if "lm_head" in model:
+        return model.lm_head(hidden)
+    return model.model.embed_tokens.as_linear(hidden)
+
+
+def check_supported(model: nn.Module) -> None:
+    """Fail early for an architecture whose output head we cannot call separately."""
+    if "model" not in model or not ("lm_head" in model or "embed_tokens" in model.model):
+        raise TypeError(
+            f"model type {getattr(model, 'model_type', type(model).__name__)} does not expose "
+            "model.model and an lm_head or tied embed_tokens; it is not supported"
+        )
+
+
+def label_log_probs(model: nn.Module, fmt: ChatFormat, prompt: str, copies: int = 1) -> mx.array:
+    """Log-probability of each label completion given the prompt: shape (copies, 3).
+
+    The prompt runs once as a batch of ``copies`` identical rows; multi-token
+    labels continue from its cache. With dropout on, each row is one
+    MC-dropout sample that scores all three labels with the same dropout mask.
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    prompt_ids = mx.array([fmt.prompt_tokens(prompt)] * copies)
+    last = hidden_states(model, prompt_ids, cache)[:, -1:, :]
+    first = nn.log_softmax(project(model, last)[:, 0, :].astype(mx.float32), axis=-1)
+    scores = []
+    for ids in fmt.label_tokens:
+        score = first[:, ids[0]]
+        if len(ids) > 1:
+            rest = mx.array([ids] * copies)
+            hidden = hidden_states(model, rest[:, :-1], cache)
+            logprobs = nn.log_softmax(project(model, hidden).astype(mx.float32), axis=-1)
+            score = score + mx.take_along_axis(logprobs, rest[:, 1:, None], axis=-1).sum(axis=(1, 2))
+            for layer_cache in cache:
+                layer_cache.trim(len(ids) - 1)
+        scores.append(score)
+    return mx.stack(scores, axis=1)

@@ -1,0 +1,90 @@
+"""Training objectives on the completion tokens, for mlx-lm's ``train(loss=...)``.
+
+Batches come from ``triage.batches`` as ``(tokens, labels, positions, mask)``:
+``positions[i, k]`` is the hidden-state index that predicts completion token k
+of example i, so the vocabulary projection runs only there, never on the prompt.
+
+Standard configs minimise the masked cross-entropy, averaged over completion tokens:
+
+    L_plain = sum_i CE_i / N,   CE_i = sum of token cross-entropies of completion i,
+                                N = completion tokens in the batch.
+
+Safety configs add class weights w and the cost matrix C (rows: true label):
+
+    L_safety = ( sum_i w[y_i] * CE_i  +  sum_i sum_j C[y_i, j] * -log(1 - p_ij) ) / N
+
+where p_i is the model's distribution over the three label options at the first
+completion token (softmax over the logits of each label's first token). The
+second term is a surrogate of the expected cost sum_j C[y_i, j] * p_ij that does not
+saturate: when the model is confidently wrong (p_ij -> 1) its gradient with
+respect to the label logits is C[y_i, j] times that of the cross-entropy, so an
+ED case answered HOME pushes ~100x harder, while a confidently correct case adds
+almost nothing beyond its class weight.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from triage.lm import hidden_states, project
+from triage.schema import LABELS
+
+Loss = Callable[..., tuple[mx.array, mx.array]]
+
+
+def completion_logits(model: nn.Module, tokens: mx.array, positions: mx.array) -> mx.array:
+    """Logits at the gathered positions only: shape (batch, K, vocab)."""
+    hidden = hidden_states(model, tokens[:, :-1])
+    picked = mx.take_along_axis(hidden, positions[..., None], axis=1)
+    return project(model, picked).astype(mx.float32)
+
+
+def token_cross_entropy(logits: mx.array, tokens: mx.array, positions: mx.array, mask: mx.array) -> mx.array:
+    """Summed cross-entropy of each example's completion: shape (batch,)."""
+    targets = mx.take_along_axis(tokens, positions + 1, axis=1)
+    return (nn.losses.cross_entropy(logits, targets) * mask).sum(axis=1)
+
+
+def plain_loss(model: nn.Module, tokens, labels, positions, mask) -> tuple[mx.array, mx.array]:
+    """Masked cross-entropy on the completion, mean over its tokens."""
+    logits = completion_logits(model, tokens, positions)
+    ntoks = mask.sum()
+    return token_cross_entropy(logits, tokens, positions, mask).sum() / ntoks, ntoks
+
+
+def complement_log_probs(option_logits: mx.array) -> mx.array:
+    """log(1 - p_j) for each option j, computed stably as log sum_{m != j} p_m."""
+    n = option_logits.shape[-1]
+    others = option_logits[:, None, :] + mx.where(mx.eye(n, dtype=mx.bool_), -mx.inf, 0.0)
+    return mx.logsumexp(others, axis=-1) - mx.logsumexp(option_logits, axis=-1, keepdims=True)
+
+
+def safety_objective(
+    logits: mx.array, tokens, labels, positions, mask,
+    label_first_tokens: mx.array, class_weights: mx.array, cost: mx.array,
+) -> mx.array:
+    """Sum over the batch of w[y] * CE + sum_j C[y, j] * -log(1 - p_j) (see module doc)."""
+    ce = token_cross_entropy(logits, tokens, positions, mask)
+    option_logits = logits[:, 0, :][:, label_first_tokens]
+    cost_term = -(cost[labels] * complement_log_probs(option_logits)).sum(axis=1)
+    return (class_weights[labels] * ce + cost_term).sum()
+
+
+def make_safety_loss(
+    label_first_tokens: list[int], class_weights: dict[str, float], cost_matrix: dict[str, dict[str, float]]
+) -> Loss:
+    """The cost-sensitive loss of a safety config, in mlx-lm's ``loss(model, *batch)`` form."""
+    first = mx.array(label_first_tokens)
+    weights = mx.array([class_weights[label] for label in LABELS])
+    cost = mx.array([[cost_matrix[true][pred] for pred in LABELS] for true in LABELS])
+
+    def loss(model: nn.Module, tokens, labels, positions, mask) -> tuple[mx.array, mx.array]:
+        logits = completion_logits(model, tokens, positions)
+        ntoks = mask.sum()
+        total = safety_objective(logits, tokens, labels, positions, mask, first, weights, cost)
+        return total / ntoks, ntoks
+
+    return loss

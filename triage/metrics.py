@@ -1,0 +1,362 @@
+"""Triage metrics: classification scores, ED safety gates, bootstrap intervals,
+calibration, decision rules on class probabilities and MC-dropout vote statistics.
+
+Conventions shared by every function here:
+
+* Label order is ``LABELS`` (most to least urgent); probability columns,
+  confusion rows/columns and vote indices all follow it.
+* A prediction that is not one of ``LABELS`` (``None``, a parse failure, any
+  other string) is *unclassified*: it is wrong for accuracy, counts as a missed
+  case for the recall of its true class, and is never read as HOME.
+* A ratio whose denominator is zero is ``None`` (JSON null), never 0. This is
+  scikit-learn's behaviour with ``zero_division=np.nan``; in particular
+  F-scores use the count form ``(1+b²)tp / ((1+b²)tp + b²fn + fp)``, which is
+  defined (possibly 0) whenever the class occurs in the labels or predictions.
+* Ties between classes are always broken toward the more urgent label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from triage.schema import LABELS
+
+ED = LABELS.index("ED")
+N_CLASSES = len(LABELS)
+UNCLASSIFIED = N_CLASSES
+"""Code given to unclassified predictions by the encoders below."""
+
+ProbMatrix = np.ndarray | Sequence[Sequence[float]]
+"""(n_cases, 3) class probabilities, columns in ``LABELS`` order, rows summing to 1."""
+
+
+def _encode_labels(labels: Sequence[str]) -> np.ndarray:
+    if len(labels) == 0:
+        raise ValueError("no cases: metrics are undefined for empty input")
+    unknown = sorted({str(label) for label in labels if label not in LABELS})
+    if unknown:
+        raise ValueError(f"true labels must be in {LABELS}, got {unknown}")
+    return np.array([LABELS.index(label) for label in labels], dtype=np.int64)
+
+
+def _encode_pair(labels: Sequence[str], preds: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    if len(labels) != len(preds):
+        raise ValueError(f"{len(labels)} labels but {len(preds)} predictions")
+    y = _encode_labels(labels)
+    p = np.array([LABELS.index(pred) if pred in LABELS else UNCLASSIFIED for pred in preds], dtype=np.int64)
+    return y, p
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return float(num / den) if den else None
+
+
+def _fbeta(tp: int, fp: int, fn: int, beta: float) -> float | None:
+    b2 = beta * beta
+    return _ratio((1 + b2) * tp, (1 + b2) * tp + b2 * fn + fp)
+
+
+def classification_metrics(labels: Sequence[str], preds: Sequence[str | None]) -> dict:
+    """Accuracy, per-class and macro scores, confusion matrix and ED safety figures.
+
+    Returns a JSON-serialisable dict with keys:
+
+    * ``n``, ``accuracy`` (unclassified predictions count as wrong), ``n_unclassified``;
+    * ``macro_f1``: mean F1 over the classes whose F1 is defined, i.e. a class
+      absent from both labels and predictions is left out instead of scored 0;
+    * ``per_class``: ``{label: {precision, recall, f1, f2, support}}``;
+      precision is ``None`` when the class is never predicted, recall when it
+      has no true cases;
+    * ``labels``: the row/column order; ``confusion``: 3x3 counts, rows = true
+      label, columns = predicted label; ``unclassified``: ``{label: count}`` of
+      unclassified predictions per true label (the confusion's fourth column);
+    * ``ed_recall``, ``ed_f2``, ``ed_fnr`` (``ed_fn / support``, so exactly
+      ``1 - ed_recall`` without rounding error), ``ed_fn`` (true-ED cases not
+      predicted ED, unclassified ones included), ``ed_support``.
+
+    Raises ValueError on empty input, a length mismatch or an unknown true label.
+    """
+    y, p = _encode_pair(labels, preds)
+    full = np.bincount(y * (N_CLASSES + 1) + p, minlength=N_CLASSES * (N_CLASSES + 1))
+    full = full.reshape(N_CLASSES, N_CLASSES + 1)
+    confusion = full[:, :N_CLASSES]
+    tp = np.diag(confusion)
+    support = full.sum(axis=1)
+    predicted = confusion.sum(axis=0)
+
+    per_class: dict[str, dict] = {}
+    for k, label in enumerate(LABELS):
+        fp, fn = int(predicted[k] - tp[k]), int(support[k] - tp[k])
+        per_class[label] = {
+            "precision": _ratio(tp[k], predicted[k]),
+            "recall": _ratio(tp[k], support[k]),
+            "f1": _fbeta(int(tp[k]), fp, fn, 1.0),
+            "f2": _fbeta(int(tp[k]), fp, fn, 2.0),
+            "support": int(support[k]),
+        }
+    f1s = [scores["f1"] for scores in per_class.values() if scores["f1"] is not None]
+    ed_fn = int(support[ED] - tp[ED])
+    return {
+        "n": int(y.size),
+        "accuracy": float(tp.sum() / y.size),
+        "n_unclassified": int(full[:, UNCLASSIFIED].sum()),
+        "macro_f1": float(np.mean(f1s)) if f1s else None,
+        "per_class": per_class,
+        "labels": list(LABELS),
+        "confusion": confusion.tolist(),
+        "unclassified": {label: int(full[k, UNCLASSIFIED]) for k, label in enumerate(LABELS)},
+        "ed_recall": per_class[LABELS[ED]]["recall"],
+        "ed_f2": per_class[LABELS[ED]]["f2"],
+        "ed_fnr": _ratio(ed_fn, support[ED]),
+        "ed_fn": ed_fn,
+        "ed_support": int(support[ED]),
+    }
+
+
+def _gate(value: float | None, threshold: float, at_least: bool) -> dict:
+    gate: dict = {"value": value, "threshold": threshold, "direction": ">=" if at_least else "<="}
+    if value is None:
+        return gate | {"state": "n/a", "passed": False, "margin": None,
+                       "reason": "metric undefined (no ED cases in the labels)"}
+    margin = value - threshold if at_least else threshold - value
+    return gate | {"state": "pass" if margin >= 0 else "fail", "passed": margin >= 0,
+                   "margin": margin, "reason": None}
+
+
+def safety_gates(
+    metrics: Mapping, ed_recall_min: float = 0.95, ed_f2_min: float = 0.90, ed_fnr_max: float = 0.05
+) -> dict:
+    """Check the three hard ED gates on a ``classification_metrics`` result.
+
+    Returns ``{"safe": bool, "gates": {name: gate}}`` for names ``ed_recall``,
+    ``ed_f2``, ``ed_fnr``. Each gate holds ``value``, ``threshold``,
+    ``direction`` (``">="`` or ``"<="``), ``state`` (``"pass"``, ``"fail"`` or
+    ``"n/a"``), ``passed`` (bool), ``margin`` and ``reason``. The margin is
+    signed: how far the value is on the passing side of the threshold, so a
+    negative margin is the shortfall. A gate whose metric is ``None`` is
+    ``"n/a"`` with a reason, is not passed, and makes ``safe`` False.
+    """
+    gates = {
+        "ed_recall": _gate(metrics["ed_recall"], ed_recall_min, at_least=True),
+        "ed_f2": _gate(metrics["ed_f2"], ed_f2_min, at_least=True),
+        "ed_fnr": _gate(metrics["ed_fnr"], ed_fnr_max, at_least=False),
+    }
+    return {"safe": all(gate["passed"] for gate in gates.values()), "gates": gates}
+
+
+def bootstrap_interval(
+    labels: Sequence[str],
+    preds: Sequence[str | None],
+    statistic: str = "ed_recall",
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """Seeded percentile bootstrap interval for ``ed_recall`` or ``ed_fnr``.
+
+    Cases are resampled with replacement (same size as the input). Resamples
+    that happen to contain no ED case have an undefined statistic and are
+    dropped; ``n_valid`` says how many were used. Returns ``{statistic,
+    estimate, low, high, level, n_resamples, n_valid}``; ``estimate``, ``low``
+    and ``high`` are ``None`` when no ED case is available.
+    """
+    if statistic not in ("ed_recall", "ed_fnr"):
+        raise ValueError(f"statistic must be 'ed_recall' or 'ed_fnr', got {statistic!r}")
+    if not 0 < level < 1 or n_resamples < 1:
+        raise ValueError("need 0 < level < 1 and n_resamples >= 1")
+    y, p = _encode_pair(labels, preds)
+    hits = int(np.sum((y == ED) & (p == ED)))
+    misses = int(np.sum(y == ED)) - hits
+    # Both statistics depend only on how many ED hits, ED misses and other
+    # cases a resample holds, and resampling n cases uniformly gives exactly a
+    # multinomial over those three counts: O(n_resamples) instead of O(n * n_resamples).
+    rng = np.random.default_rng(seed)
+    shares = np.array([hits, misses, y.size - hits - misses]) / y.size
+    counts = rng.multinomial(y.size, shares, size=n_resamples)
+    ed = counts[:, 0] + counts[:, 1]
+    valid = ed > 0
+    numerator = counts[valid, 0] if statistic == "ed_recall" else counts[valid, 1]
+    values = numerator / ed[valid]
+    point = _ratio(hits if statistic == "ed_recall" else misses, hits + misses)
+    low = high = None
+    if values.size:
+        low, high = (float(q) for q in np.quantile(values, [(1 - level) / 2, (1 + level) / 2]))
+    return {"statistic": statistic, "estimate": point, "low": low, "high": high, "level": level,
+            "n_resamples": n_resamples, "n_valid": int(values.size)}
+
+
+def gate_holds_at_bound(interval: Mapping, threshold: float) -> bool | None:
+    """Whether a gate still holds at the interval's pessimistic end.
+
+    For ``ed_recall`` that is ``low >= threshold``; for ``ed_fnr`` it is
+    ``high <= threshold``. ``None`` when the interval is undefined.
+    """
+    if interval["statistic"] == "ed_recall":
+        return None if interval["low"] is None else bool(interval["low"] >= threshold)
+    return None if interval["high"] is None else bool(interval["high"] <= threshold)
+
+
+def _check_probs(probs: ProbMatrix) -> np.ndarray:
+    arr = np.asarray(probs, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != N_CLASSES or arr.shape[0] == 0:
+        raise ValueError(f"probs must be a non-empty (n_cases, {N_CLASSES}) matrix, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0) or not np.allclose(arr.sum(axis=1), 1.0, atol=1e-6):
+        raise ValueError("probs must be finite, non-negative and have rows summing to 1")
+    return arr
+
+
+def _check_probs_labels(probs: ProbMatrix, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    arr = _check_probs(probs)
+    y = _encode_labels(labels)
+    if y.size != arr.shape[0]:
+        raise ValueError(f"{arr.shape[0]} probability rows but {y.size} labels")
+    return arr, y
+
+
+def expected_calibration_error(probs: ProbMatrix, labels: Sequence[str], n_bins: int = 10) -> float:
+    """Top-label ECE: sum over bins of (bin share of cases) * |accuracy - mean confidence|.
+
+    Confidence is the largest probability in a row and the prediction its
+    argmax (ties toward the more urgent label). Bins are equal-width and
+    left-closed, ``[k/n_bins, (k+1)/n_bins)``, with 1.0 put in the last bin.
+    """
+    if n_bins < 1:
+        raise ValueError("n_bins must be >= 1")
+    arr, y = _check_probs_labels(probs, labels)
+    confidence = arr.max(axis=1)
+    correct = (arr.argmax(axis=1) == y).astype(np.float64)
+    bins = np.minimum((confidence * n_bins).astype(np.int64), n_bins - 1)
+    size = np.bincount(bins, minlength=n_bins)
+    gap = np.abs(np.bincount(bins, correct, n_bins) - np.bincount(bins, confidence, n_bins))
+    # Summing |sum(correct) - sum(conf)| per bin equals size * |acc - conf|, so
+    # empty bins contribute 0 without a division.
+    return float(gap.sum() / size.sum())
+
+
+def brier_score(probs: ProbMatrix, labels: Sequence[str]) -> float:
+    """Multi-class Brier score: mean over cases of sum_k (p_k - onehot_k)^2, in [0, 2]."""
+    arr, y = _check_probs_labels(probs, labels)
+    onehot = np.eye(N_CLASSES)[y]
+    return float(np.mean(np.sum((arr - onehot) ** 2, axis=1)))
+
+
+def argmax_decision(probs: ProbMatrix) -> list[str]:
+    """Most probable label per row; ties go to the more urgent label."""
+    return [LABELS[k] for k in _check_probs(probs).argmax(axis=1)]
+
+
+def cost_aware_decision(probs: ProbMatrix, cost: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """Label minimising expected cost per row; ties go to the more urgent label.
+
+    ``cost[true][pred]`` is the cost of predicting ``pred`` for a case whose
+    true label is ``true``; every label must appear in both levels.
+    """
+    arr = _check_probs(probs)
+    try:
+        matrix = np.array([[float(cost[t][q]) for q in LABELS] for t in LABELS])
+    except KeyError as missing:
+        raise ValueError(f"cost matrix lacks label {missing}") from None
+    # np.argmin returns the first minimum, and LABELS runs most urgent first.
+    return [LABELS[k] for k in (arr @ matrix).argmin(axis=1)]
+
+
+def tune_ed_threshold(probs_valid: ProbMatrix, labels_valid: Sequence[str], target_recall: float) -> float:
+    """Largest threshold t on p_ED such that ``p_ED >= t`` reaches ``target_recall``
+    ED recall on the validation cases.
+
+    The answer is always one of the true-ED cases' p_ED values. Raises
+    ValueError when the validation split has no ED case or the target is not
+    in (0, 1].
+    """
+    if not 0 < target_recall <= 1:
+        raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+    arr, y = _check_probs_labels(probs_valid, labels_valid)
+    scores = np.sort(arr[y == ED, ED])[::-1]
+    if scores.size == 0:
+        raise ValueError("no ED cases in the validation labels: cannot tune an ED threshold")
+    # Compare k/m exactly as classification_metrics computes recall, so the
+    # returned threshold passes the same check instead of a rounded one.
+    reached = np.arange(1, scores.size + 1) / scores.size >= target_recall
+    return float(scores[np.argmax(reached)])
+
+
+def threshold_decision(probs: ProbMatrix, threshold: float) -> list[str]:
+    """ED when p_ED >= threshold, otherwise the more probable of the other labels
+    (ties toward the more urgent one)."""
+    arr = _check_probs(probs)
+    rest = np.delete(arr, ED, axis=1).argmax(axis=1)
+    others = [k for k in range(N_CLASSES) if k != ED]
+    return [LABELS[ED] if p_ed >= threshold else LABELS[others[r]] for p_ed, r in zip(arr[:, ED], rest)]
+
+
+def vote_summary(votes: np.ndarray | Sequence[Sequence[int]]) -> dict:
+    """Summarise MC-dropout votes, an int array (n_cases, n_samples) of label indices.
+
+    Returns lists, one entry per case: ``majority`` (label; ties toward the
+    more urgent), ``confidence`` (majority share of the votes), ``uncertainty``
+    (entropy of the vote distribution in nats, i.e. natural log: 0 when
+    unanimous, ln 3 for an even three-way split) and ``counts`` (votes per
+    label in ``LABELS`` order).
+    """
+    arr = np.asarray(votes)
+    if arr.ndim != 2 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"votes must be a non-empty 2-D integer array, got {arr.dtype} {arr.shape}")
+    if arr.min() < 0 or arr.max() >= N_CLASSES:
+        raise ValueError(f"vote indices must lie in [0, {N_CLASSES - 1}]")
+    counts = (arr[:, :, None] == np.arange(N_CLASSES)).sum(axis=1)
+    share = counts / arr.shape[1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.sum(np.where(share > 0, share * np.log(share), 0.0), axis=1)
+    return {
+        "majority": [LABELS[k] for k in counts.argmax(axis=1)],
+        "confidence": share.max(axis=1).tolist(),
+        "uncertainty": entropy.tolist(),
+        "counts": counts.tolist(),
+    }
+
+
+def flag_uncertain(uncertainty: Sequence[float], threshold: float = 0.3) -> dict:
+    """Flag cases whose uncertainty is strictly above ``threshold``.
+
+    Returns ``{flags: list[bool], n_flagged, rate, threshold}``.
+    """
+    values = np.asarray(uncertainty, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("no cases to flag")
+    flags = values > threshold
+    return {"flags": flags.tolist(), "n_flagged": int(flags.sum()), "rate": float(flags.mean()),
+            "threshold": threshold}
+
+
+def subgroup_rates(
+    labels: Sequence[str], preds: Sequence[str | None], groups: Sequence[str | None]
+) -> dict[str, dict]:
+    """ED recall and over-triage rate per subgroup, groups in sorted order.
+
+    Per group: ``n``, ``n_ed``, ``n_non_ed``, ``ed_recall`` (unclassified
+    counts as a miss; ``None`` without ED cases) and ``over_triage_rate``: the
+    share of non-ED cases predicted as a more urgent class than their label
+    (unclassified ones stay in the denominator but are not over-triage;
+    ``None`` without non-ED cases). Cases whose group is ``None`` are skipped.
+    """
+    y, p = _encode_pair(labels, preds)
+    if len(groups) != y.size:
+        raise ValueError(f"{y.size} labels but {len(groups)} groups")
+    group_arr = np.array(groups, dtype=object)
+    # UNCLASSIFIED is the largest code, so "p < y" can never count it as over-triage.
+    over = p < y
+    out: dict[str, dict] = {}
+    for name in sorted({g for g in groups if g is not None}):
+        member = group_arr == name
+        is_ed = member & (y == ED)
+        non_ed = member & (y != ED)
+        out[name] = {
+            "n": int(member.sum()),
+            "n_ed": int(is_ed.sum()),
+            "n_non_ed": int(non_ed.sum()),
+            "ed_recall": _ratio(np.sum(is_ed & (p == ED)), is_ed.sum()),
+            "over_triage_rate": _ratio(np.sum(non_ed & over), non_ed.sum()),
+        }
+    return out

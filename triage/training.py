@@ -1,0 +1,212 @@
+"""LoRA training through mlx-lm's trainer, with resumable checkpoints and honest failure."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.callbacks import TrainingCallback
+from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from triage.batches import make_iterate_batches
+from triage.config import LoraConfig, TrainParams
+from triage.io import atomic_write_text, write_json
+from triage.lm import TokenizedCase
+from triage.losses import Loss, plain_loss
+
+NEVER = 10**9  # an interval mlx-lm's trainer never reaches: we evaluate and save ourselves
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; no adapter is written."""
+
+
+def learning_rate_schedule(peak: float, iters: int, warmup_ratio: float, kind: str):
+    """Linear warmup from 0 over ``warmup_ratio * iters`` steps, then cosine decay to 0 (or constant)."""
+    warmup = round(warmup_ratio * iters)
+    after = optim.cosine_decay(peak, max(iters - warmup, 1), 0.0) if kind == "cosine" else (lambda _: peak)
+    if warmup == 0:
+        return after
+    return optim.join_schedules([optim.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def add_lora(model: nn.Module, config: LoraConfig, num_layers: int) -> dict:
+    """Freeze the base model and wrap its top ``num_layers`` blocks' linears in LoRA adapters."""
+    model.freeze()
+    lora_parameters = {"rank": config.rank, "scale": config.scale, "dropout": config.dropout}
+    linear_to_lora_layers(model, num_layers, lora_parameters)
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    return {
+        "adapter_config": {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": lora_parameters},
+        "trainable_params": int(trainable),
+        "trainable_share": trainable / total,
+    }
+
+
+@dataclass
+class Checkpoint:
+    """Where a run resumes from: the step, its fingerprint and the curve rows so far."""
+
+    step: int = 0
+    fingerprint: str = ""
+    train_rows: list[dict] = field(default_factory=list)
+    val_rows: list[dict] = field(default_factory=list)
+
+
+def fingerprint(*parts: object) -> str:
+    """A short hash of everything that makes two runs the same run."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def tree_digest(path: Path) -> str:
+    """sha256 over the names and bytes of every file below ``path``."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(directory: Path, model: nn.Module, optimizer: optim.Optimizer, state: Checkpoint) -> None:
+    """Adapter, optimizer state and RNG key in one file, then the metadata; both atomic."""
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {f"adapter.{k}": v for k, v in tree_flatten(model.trainable_parameters())}
+    arrays |= {f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)}
+    arrays["rng"] = mx.random.state[0]
+    tmp = directory / "state.tmp.safetensors"
+    mx.save_safetensors(str(tmp), arrays)
+    os.replace(tmp, directory / "state.safetensors")
+    atomic_write_text(directory / "checkpoint.json", json.dumps(asdict(state)))
+
+
+def load_checkpoint(directory: Path, expected: str, model: nn.Module, optimizer: optim.Optimizer) -> Checkpoint:
+    """Restore a checkpoint of the same run, or return a fresh start."""
+    meta = directory / "checkpoint.json"
+    if not meta.exists():
+        return Checkpoint(fingerprint=expected)
+    state = Checkpoint(**json.loads(meta.read_text()))
+    if state.fingerprint != expected:
+        print(f"[train] ignoring checkpoint in {directory}: it belongs to different params or data")
+        return Checkpoint(fingerprint=expected)
+    arrays = mx.load(str(directory / "state.safetensors"))
+    model.load_weights([(k[len("adapter."):], v) for k, v in arrays.items() if k.startswith("adapter.")], strict=False)
+    optimizer.init(model.trainable_parameters())
+    optimizer.state = tree_unflatten([(k[len("optimizer."):], v) for k, v in arrays.items() if k.startswith("optimizer.")])
+    mx.random.state[0] = arrays["rng"]
+    print(f"[train] resuming from step {state.step} (checkpoint in {directory})")
+    return state
+
+
+class Monitor(TrainingCallback):
+    """Logs progress, validates every ``steps_per_eval``, checkpoints, and stops on NaN."""
+
+    def __init__(self, model, optimizer, val_loss_fn, params: TrainParams, iters: int,
+                 checkpoint_dir: Path, state: Checkpoint):
+        self.model, self.optimizer, self.val_loss_fn = model, optimizer, val_loss_fn
+        self.params, self.iters, self.checkpoint_dir, self.state = params, iters, checkpoint_dir, state
+        self.offset = state.step
+        self.started = time.perf_counter()
+
+    def on_train_loss_report(self, info: dict) -> None:
+        step = self.offset + info["iteration"]
+        loss = info["train_loss"]
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"training loss became {loss} at step {step}; lower the learning rate, rank or scale. "
+                "No adapter was written."
+            )
+        row = {"step": step, "train_loss": loss, "learning_rate": info["learning_rate"],
+               "tokens_per_s": info["tokens_per_second"], "peak_memory_mb": info["peak_memory"] * 1e9 / 2**20}
+        self.state.train_rows.append(row)
+        if step % self.params.steps_per_eval == 0 or step == self.iters:
+            self.state.val_rows.append({"step": step, "val_loss": self.val_loss_fn()})
+            self.model.train()
+        self._log(row)
+        if step % self.params.steps_per_save == 0 and step < self.iters:
+            self.state.step = step
+            save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.state)
+
+    def _log(self, row: dict) -> None:
+        done = row["step"] - self.offset
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / max(done, 1) * (self.iters - row["step"])
+        val = self.state.val_rows[-1] if self.state.val_rows else None
+        val_text = f" val {val['val_loss']:.4f}@{val['step']}" if val else ""
+        print(f"[train] step {row['step']}/{self.iters} loss {row['train_loss']:.4f}{val_text} "
+              f"lr {row['learning_rate']:.2e} {row['tokens_per_s']:.0f} tok/s ETA {eta / 60:.1f} min",
+              flush=True)
+
+
+@dataclass
+class TrainResult:
+    metrics: dict
+    train_rows: list[dict]
+    val_rows: list[dict]
+
+
+def run_training(
+    model: nn.Module, train_cases: list[TokenizedCase], val_cases: list[TokenizedCase],
+    config: LoraConfig, params: TrainParams, loss: Loss, checkpoint_dir: Path, run_fingerprint: str,
+) -> TrainResult:
+    """Train ``model`` (already wrapped with LoRA) for ``config.iters`` steps, resuming if possible."""
+    schedule = learning_rate_schedule(config.learning_rate, config.iters, params.warmup_ratio, params.schedule)
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=params.weight_decay)
+    state = load_checkpoint(checkpoint_dir, run_fingerprint, model, optimizer)
+    args = TrainingArgs(
+        batch_size=config.batch_size, iters=config.iters - state.step, val_batches=params.val_batches,
+        steps_per_report=params.steps_per_report, steps_per_eval=NEVER, steps_per_save=NEVER,
+        max_seq_length=params.max_seq_length, grad_checkpoint=params.grad_checkpoint,
+        adapter_file=str(checkpoint_dir / "last_adapters.safetensors"),
+    )
+    validation_batches = make_iterate_batches(params.mask_prompt, params.seed)
+
+    def validation_loss(loss_fn: Loss = loss) -> float:
+        return evaluate(model, val_cases, config.batch_size, params.val_batches,
+                        loss=loss_fn, iterate_batches=validation_batches)
+
+    if not state.val_rows:
+        state.val_rows.append({"step": 0, "val_loss": validation_loss()})
+    monitor = Monitor(model, optimizer, validation_loss, params, config.iters, checkpoint_dir, state)
+    started = time.perf_counter()
+    mx.reset_peak_memory()
+    if args.iters > 0:
+        train(model, optimizer, train_cases, None, args, loss=loss,
+              iterate_batches=make_iterate_batches(params.mask_prompt, params.seed, skip=state.step),
+              training_callback=monitor)
+    seconds = time.perf_counter() - started
+    rows, vals = state.train_rows, state.val_rows
+    best = min(vals, key=lambda r: r["val_loss"]) if vals else None
+    metrics = {
+        "final_train_loss": rows[-1]["train_loss"] if rows else None,
+        "final_val_loss": vals[-1]["val_loss"] if vals else None,
+        "best_val_loss": best["val_loss"] if best else None,
+        "best_val_step": best["step"] if best else None,
+        "val_cross_entropy": validation_loss(plain_loss),
+        "seconds": round(seconds, 2),
+        "resumed_from_step": monitor.offset,
+        "peak_memory_mb": round(mx.get_peak_memory() / 2**20, 1),
+        "tokens_per_s": round(sum(r["tokens_per_s"] for r in rows) / len(rows), 1) if rows else None,
+    }
+    return TrainResult(metrics, rows, vals)
+
+
+def save_adapter(directory: Path, model: nn.Module, adapter_config: dict) -> None:
+    """Write adapters.safetensors and adapter_config.json as mlx-lm's load_adapters expects."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "adapters.tmp.safetensors"
+    mx.save_safetensors(str(tmp), dict(tree_flatten(model.trainable_parameters())))
+    os.replace(tmp, directory / "adapters.safetensors")
+    write_json(directory / "adapter_config.json", adapter_config)
