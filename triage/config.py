@@ -255,6 +255,12 @@ def _check_semantics(params: Params) -> None:
     for key in ("steps_per_report", "steps_per_eval", "steps_per_save", "max_seq_length"):
         if getattr(params.train, key) < 1:
             raise ParamsError(f"'train.{key}' must be at least 1")
+    # Validation and checkpoints happen at report steps, where mlx-lm hands us control.
+    for key in ("steps_per_eval", "steps_per_save"):
+        if getattr(params.train, key) % params.train.steps_per_report:
+            raise ParamsError(f"'train.{key}' must be a multiple of 'train.steps_per_report'")
+    if any(c.kind == "safety" for c in params.configs.values()) and not params.train.mask_prompt:
+        raise ParamsError("'train.mask_prompt' must be true: the safety loss reads the first completion token")
 
 
 def _check_data(data: DataParams) -> None:

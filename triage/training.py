@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 from mlx_lm.tuner.utils import linear_to_lora_layers
+from mlx_lm.utils import get_total_parameters
 
 from triage.batches import make_iterate_batches
 from triage.config import LoraConfig, TrainParams
@@ -46,7 +47,7 @@ def add_lora(model: nn.Module, config: LoraConfig, num_layers: int) -> dict:
     lora_parameters = {"rank": config.rank, "scale": config.scale, "dropout": config.dropout}
     linear_to_lora_layers(model, num_layers, lora_parameters)
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    total = get_total_parameters(model)  # counts quantized weights as the weights they encode
     return {
         "adapter_config": {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": lora_parameters},
         "trainable_params": int(trainable),
@@ -80,12 +81,20 @@ def tree_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def reseed_at(seed: int, step: int) -> None:
+    """Restart the dropout RNG from (seed, step) at every checkpoint.
+
+    MLX exposes no setter for its RNG key, so instead of saving the key an
+    uninterrupted run reseeds here too, and a resumed run draws the same masks.
+    """
+    mx.random.seed(seed * 1_000_003 + step)
+
+
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: optim.Optimizer, state: Checkpoint) -> None:
     """Adapter, optimizer state and RNG key in one file, then the metadata; both atomic."""
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {f"adapter.{k}": v for k, v in tree_flatten(model.trainable_parameters())}
     arrays |= {f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)}
-    arrays["rng"] = mx.random.state[0]
     tmp = directory / "state.tmp.safetensors"
     mx.save_safetensors(str(tmp), arrays)
     os.replace(tmp, directory / "state.safetensors")
@@ -105,7 +114,6 @@ def load_checkpoint(directory: Path, expected: str, model: nn.Module, optimizer:
     model.load_weights([(k[len("adapter."):], v) for k, v in arrays.items() if k.startswith("adapter.")], strict=False)
     optimizer.init(model.trainable_parameters())
     optimizer.state = tree_unflatten([(k[len("optimizer."):], v) for k, v in arrays.items() if k.startswith("optimizer.")])
-    mx.random.state[0] = arrays["rng"]
     print(f"[train] resuming from step {state.step} (checkpoint in {directory})")
     return state
 
@@ -138,6 +146,7 @@ class Monitor(TrainingCallback):
         if step % self.params.steps_per_save == 0 and step < self.iters:
             self.state.step = step
             save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.state)
+            reseed_at(self.params.seed, step)
 
     def _log(self, row: dict) -> None:
         done = row["step"] - self.offset
@@ -164,7 +173,10 @@ def run_training(
     """Train ``model`` (already wrapped with LoRA) for ``config.iters`` steps, resuming if possible."""
     schedule = learning_rate_schedule(config.learning_rate, config.iters, params.warmup_ratio, params.schedule)
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=params.weight_decay)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     state = load_checkpoint(checkpoint_dir, run_fingerprint, model, optimizer)
+    if state.step:
+        reseed_at(params.seed, state.step)
     args = TrainingArgs(
         batch_size=config.batch_size, iters=config.iters - state.step, val_batches=params.val_batches,
         steps_per_report=params.steps_per_report, steps_per_eval=NEVER, steps_per_save=NEVER,

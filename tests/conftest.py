@@ -1,0 +1,84 @@
+"""Shared fixtures: a copy of the project on the tiny profile, and tiny models."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import triage  # noqa: F401  (fast BLAS before MLX, as in the stages)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+TINY_PROFILE = {
+    "run": {"models": ["tiny"], "bits": ["4bit"], "configs": ["medical_fast", "balanced_safe"]},
+    "data": {"n_examples": 240},
+    "lora": {"iters": 20},
+    "train": {"steps_per_report": 5, "steps_per_eval": 10, "steps_per_save": 10, "val_batches": 2},
+}
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command in ``cwd`` with this interpreter's tools first on PATH and the copy's package.
+
+    DVC stages call ``python stages/...``, so PATH decides which interpreter runs them.
+    """
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(cwd),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def deep_update(target: dict, changes: dict) -> dict:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            deep_update(target[key], value)
+        else:
+            target[key] = value
+    return target
+
+
+def project_files() -> list[str]:
+    """The files git tracks plus new ones not yet committed (the working tree as a user has it)."""
+    listed = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT).stdout.split()
+    return [name for name in listed if (ROOT / name).is_file()]
+
+
+def make_project(destination: Path, profile: dict) -> Path:
+    """A fresh git + DVC copy of the project with ``profile`` merged into params.yaml."""
+    for name in project_files():
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, target)
+    params_path = destination / "params.yaml"
+    params = deep_update(yaml.safe_load(params_path.read_text()), profile)
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], destination)
+    run(["git", "add", "-A"], destination)
+    run(["git", "commit", "-qm", "tiny profile"], destination)
+    return destination
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory) -> Path:
+    return make_project(tmp_path_factory.mktemp("project"), TINY_PROFILE)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A float tiny model and its 4-bit variant, built once per session."""
+    from triage.models import fetch_base_model, quantize_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    fetch_base_model("tiny", "builtin:tiny", root / "float")
+    quantize_model(root / "float", root / "4bit", bits=4, group_size=64)
+    return root

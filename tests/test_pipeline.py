@@ -1,0 +1,74 @@
+"""The whole pipeline, end to end, on the tiny profile in a temporary git + DVC project."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import ROOT, run
+
+RUNS = ("tiny-4bit-medical_fast", "tiny-4bit-balanced_safe")
+HEADLINE = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_fn", "safe", "test_loss")
+
+
+def test_committed_params_define_the_full_study():
+    listed = run(["dvc", "stage", "list"], ROOT).stdout.split("\n")
+    names = [line.split()[0] for line in listed if line.strip()]
+    trains = [n for n in names if n.startswith("train@")]
+    evaluates = [n for n in names if n.startswith("evaluate@")]
+    assert len(trains) == 60 and len(evaluates) == 60
+    assert "train@smollm2-135m-4bit-balanced_safe" in trains
+    assert "evaluate@gemma3-270m-8bit-medical_baseline" in evaluates
+
+
+@pytest.fixture(scope="module")
+def reproduced(tiny_project):
+    run(["dvc", "repro"], tiny_project)
+    return tiny_project
+
+
+def test_every_declared_output_exists(reproduced):
+    lock = yaml.safe_load((reproduced / "dvc.lock").read_text())
+    outputs = [o["path"] for stage in lock["stages"].values()
+               for key in ("outs",) for o in stage.get(key, [])]
+    assert outputs, "dvc.lock lists no outputs"
+    missing = [path for path in outputs if not (reproduced / path).exists()]
+    assert not missing
+    for name in RUNS:
+        metrics = json.loads((reproduced / "metrics/runs" / name / "eval.json").read_text())
+        assert set(HEADLINE) <= set(metrics)
+        assert (reproduced / "runs" / name / "adapter/adapters.safetensors").is_file()
+    summary = json.loads((reproduced / "metrics/summary.json").read_text())
+    assert set(summary["runs"]) == set(RUNS) and summary["missing"] == []
+
+
+def test_second_repro_is_a_no_op(reproduced):
+    out = run(["dvc", "repro"], reproduced).stdout
+    assert "Running stage" not in out
+
+
+def test_editing_one_config_reruns_only_its_stages(reproduced):
+    params_path = reproduced / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["configs"]["balanced_safe"]["scale"] = 9.0
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = run(["dvc", "status", "--json"], reproduced).stdout
+        changed = set(json.loads(status))
+    finally:
+        params_path.write_text(original)
+    assert changed == {"train@tiny-4bit-balanced_safe"}
+
+
+def test_lora_rank_override_reaches_the_adapter(reproduced):
+    run(["dvc", "exp", "run", "-S", "lora.rank=16", "-S", "run.configs=[medical_fast]"], reproduced)
+    config = json.loads((reproduced / "runs/tiny-4bit-medical_fast/adapter/adapter_config.json").read_text())
+    assert config["lora_parameters"]["rank"] == 16
+    import mlx.core as mx
+
+    weights = mx.load(str(reproduced / "runs/tiny-4bit-medical_fast/adapter/adapters.safetensors"))
+    ranks = {v.shape[-1] for k, v in weights.items() if k.endswith("lora_a")}
+    assert ranks == {16}

@@ -1,0 +1,250 @@
+"""Training does what params.yaml says: the loss, the schedule, checkpoints and resume."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm import load
+
+from triage.batches import collate
+from triage.config import LoraConfig, TrainParams
+from triage.lm import ChatFormat, TokenizedCase
+from triage.losses import complement_log_probs, make_safety_loss, plain_loss, safety_objective
+from triage.schema import LABELS, Example
+from triage.training import TrainingDiverged, add_lora, learning_rate_schedule, run_training
+
+WEIGHTS = {"ED": 5.0, "GP": 2.0, "HOME": 1.0}
+COST = {"ED": {"ED": 0.0, "GP": 100.0, "HOME": 100.0},
+        "GP": {"ED": 2.0, "GP": 0.0, "HOME": 1.0},
+        "HOME": {"ED": 2.0, "GP": 1.0, "HOME": 0.0}}
+VOCAB = 16
+FIRST = [3, 7, 11]  # the label options' first tokens in the synthetic vocabulary
+
+
+def one_token_batch(label: str, answer: str, confidence: float = 8.0):
+    """Logits for a one-token completion whose label position strongly favours ``answer``."""
+    logits = np.zeros((1, 1, VOCAB), np.float32)
+    logits[0, 0, FIRST[LABELS.index(answer)]] = confidence
+    tokens = mx.array([[0, FIRST[LABELS.index(label)]]])
+    return mx.array(logits), tokens, mx.array([LABELS.index(label)]), mx.array([[0]]), mx.array([[1.0]])
+
+
+def logit_grads(label: str, answer: str) -> tuple[np.ndarray, np.ndarray]:
+    logits, tokens, labels, positions, mask = one_token_batch(label, answer)
+    weights = mx.array([WEIGHTS[l] for l in LABELS])
+    cost = mx.array([[COST[t][p] for p in LABELS] for t in LABELS])
+
+    def plain(z):
+        return nn.losses.cross_entropy(z[:, 0, :], tokens[:, 1]).sum()
+
+    def safety(z):
+        return safety_objective(z, tokens, labels, positions, mask, mx.array(FIRST), weights, cost)
+
+    return np.array(mx.grad(safety)(logits))[0, 0], np.array(mx.grad(plain)(logits))[0, 0]
+
+
+def norm_ratio(label: str, answer: str) -> float:
+    safety, plain = logit_grads(label, answer)
+    return float(np.linalg.norm(safety) / np.linalg.norm(plain))
+
+
+def wrong_answer_ratio(label: str, answer: str) -> float:
+    """How much harder the loss pushes down the logit of the (wrong) answer given."""
+    safety, plain = logit_grads(label, answer)
+    k = FIRST[LABELS.index(answer)]
+    return float(safety[k] / plain[k])
+
+
+def test_an_ed_case_answered_home_pushes_about_100_times_harder():
+    assert wrong_answer_ratio("ED", "HOME") == pytest.approx(WEIGHTS["ED"] + COST["ED"]["HOME"], rel=0.02)
+    assert 80 < norm_ratio("ED", "HOME") < 110
+
+
+def test_a_confident_correct_answer_gets_almost_no_push():
+    for label in LABELS:
+        correct = np.linalg.norm(logit_grads(label, label)[0])
+        missed = max(np.linalg.norm(logit_grads(label, other)[0]) for other in LABELS if other != label)
+        assert correct < 0.01 * missed
+
+
+def test_without_costs_the_safety_loss_is_class_weighted_cross_entropy(monkeypatch):
+    monkeypatch.setitem(COST, "ED", {"ED": 0.0, "GP": 0.0, "HOME": 0.0})
+    monkeypatch.setitem(COST, "GP", {"ED": 0.0, "GP": 0.0, "HOME": 0.0})
+    monkeypatch.setitem(COST, "HOME", {"ED": 0.0, "GP": 0.0, "HOME": 0.0})
+    for label in LABELS:
+        for answer in LABELS:
+            assert norm_ratio(label, answer) == pytest.approx(WEIGHTS[label], rel=1e-4)
+
+
+def test_over_triage_and_gp_home_swaps_cost_what_the_matrix_says():
+    assert wrong_answer_ratio("GP", "ED") == pytest.approx(WEIGHTS["GP"] + COST["GP"]["ED"], rel=0.02)
+    assert wrong_answer_ratio("HOME", "ED") == pytest.approx(WEIGHTS["HOME"] + COST["HOME"]["ED"], rel=0.02)
+    assert wrong_answer_ratio("GP", "HOME") == pytest.approx(WEIGHTS["GP"] + COST["GP"]["HOME"], rel=0.02)
+
+
+def test_complement_log_probs_are_exact_and_finite_when_certain():
+    z = mx.array([[0.3, -1.2, 2.0], [60.0, 0.0, 0.0]])
+    p = np.array(mx.softmax(z, axis=-1))
+    got = np.array(complement_log_probs(z))
+    assert np.allclose(got[0], np.log(1 - p[0]), atol=1e-5)
+    assert np.isfinite(got).all() and got[1, 0] < -50
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return str(tiny_model_dir / "4bit")
+
+
+def short_cases(fmt: ChatFormat, n: int, ed_share: float, seed: int) -> list[TokenizedCase]:
+    """Short messages whose label follows from one keyword, so a tiny model can learn them."""
+    words = {"ED": ["chest", "stroke", "bleed"], "GP": ["cough", "rash", "knee"], "HOME": ["cold", "cut", "bump"]}
+    rng = random.Random(seed)
+    cases = []
+    for i in range(n):
+        label = "ED" if rng.random() < ed_share else rng.choice(["GP", "HOME"])
+        prompt = f"{rng.choice(words[label])} {rng.choice(['today', 'now', 'again'])}"
+        cases.append(fmt.case(Example(str(i), prompt, label, label)))
+    return cases
+
+
+def train_params(**changes) -> TrainParams:
+    base = dict(weight_decay=0.01, warmup_ratio=0.1, schedule="cosine", num_layers=16, max_seq_length=512,
+                seed=42, steps_per_report=10, steps_per_eval=20, steps_per_save=10, val_batches=2,
+                grad_checkpoint=False, mask_prompt=True)
+    return TrainParams(**{**base, **changes})
+
+
+def lora_config(**changes) -> LoraConfig:
+    base = dict(kind="standard", learning_rate=1e-3, batch_size=4, rank=4, scale=10.0, dropout=0.0, iters=20)
+    return LoraConfig(**{**base, **changes})
+
+
+def fresh(path: str, config: LoraConfig):
+    mx.random.seed(42)
+    model, tokenizer = load(path)
+    add_lora(model, config, 16)
+    return model, ChatFormat(tokenizer)
+
+
+def test_safety_loss_on_a_real_model_is_plain_ce_times_weight_plus_cost(tiny):
+    model, fmt = fresh(tiny, lora_config())
+    case = fmt.case(Example("x", "chest pain", "ED - go now", "ED"))
+    batch = collate([case], mask_prompt=True)
+    safety = make_safety_loss(fmt.label_first_tokens, WEIGHTS, COST)
+    loss_s, ntoks = safety(model, *batch)
+    loss_p, _ = plain_loss(model, *batch)
+    from triage.losses import completion_logits
+
+    z = completion_logits(model, batch[0], batch[2])[:, 0, :][:, mx.array(fmt.label_first_tokens)]
+    cost_term = -(mx.array([0.0, 100.0, 100.0]) * complement_log_probs(z)[0]).sum()
+    assert float(loss_s) == pytest.approx(float(5 * loss_p + cost_term / ntoks), rel=1e-4)
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine():
+    peak, iters = 1e-4, 1000
+    schedule = learning_rate_schedule(peak, iters, 0.1, "cosine")
+    warmup = 100
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(warmup // 2)) == pytest.approx(peak / 2, rel=1e-5)
+    assert float(schedule(warmup)) == pytest.approx(peak, rel=1e-5)
+    mid = 500
+    expected_mid = peak * 0.5 * (1 + math.cos(math.pi * (mid - warmup) / (iters - warmup)))
+    assert float(schedule(mid)) == pytest.approx(expected_mid, rel=1e-4)
+    assert float(schedule(iters)) == pytest.approx(0.0, abs=1e-12)
+
+
+def adapter_arrays(model) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_reaches_the_same_adapter(tiny, tmp_path, monkeypatch):
+    config = lora_config(iters=30, dropout=0.1)
+    params = train_params()
+    model, fmt = fresh(tiny, config)
+    cases = short_cases(fmt, 40, 0.3, seed=1)
+    run_training(model, cases, cases[:8], config, params, plain_loss, tmp_path / "a", "fp")
+    uninterrupted = adapter_arrays(model)
+
+    from triage import training
+
+    original = training.Monitor.on_train_loss_report
+
+    def dies_after_step_20(self, info):
+        original(self, info)
+        if self.offset + info["iteration"] >= 20:
+            raise Interrupt
+
+    monkeypatch.setattr(training.Monitor, "on_train_loss_report", dies_after_step_20)
+    model, _ = fresh(tiny, config)
+    with pytest.raises(Interrupt):
+        run_training(model, cases, cases[:8], config, params, plain_loss, tmp_path / "b", "fp")
+    monkeypatch.setattr(training.Monitor, "on_train_loss_report", original)
+
+    model, _ = fresh(tiny, config)
+    result = run_training(model, cases, cases[:8], config, params, plain_loss, tmp_path / "b", "fp")
+    assert result.metrics["resumed_from_step"] == 20
+    resumed = adapter_arrays(model)
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        np.testing.assert_allclose(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_of_other_params_is_ignored(tiny, tmp_path):
+    config = lora_config(iters=10)
+    model, fmt = fresh(tiny, config)
+    cases = short_cases(fmt, 16, 0.3, seed=2)
+    run_training(model, cases, cases[:8], config, train_params(steps_per_save=5, steps_per_report=5),
+                 plain_loss, tmp_path, "old")
+    model, _ = fresh(tiny, config)
+    result = run_training(model, cases, cases[:8], config, train_params(), plain_loss, tmp_path, "new")
+    assert result.metrics["resumed_from_step"] == 0
+
+
+def test_a_nan_loss_stops_training(tiny, tmp_path):
+    config = lora_config(iters=10)
+    model, fmt = fresh(tiny, config)
+    cases = short_cases(fmt, 16, 0.3, seed=3)
+
+    def poisoned(model, *batch):
+        loss, ntoks = plain_loss(model, *batch)
+        return loss * mx.array(float("nan")), ntoks
+
+    with pytest.raises(TrainingDiverged, match="No adapter was written"):
+        run_training(model, cases, cases[:8], config, train_params(), poisoned, tmp_path, "nan")
+
+
+def ed_recall(model, fmt: ChatFormat, cases: list[TokenizedCase]) -> float:
+    from triage.lm import hidden_states, project
+
+    model.eval()
+    ed = [c for c in cases if c.label == 0]
+    hits = 0
+    for case in ed:
+        hidden = hidden_states(model, mx.array([case.tokens[: case.prompt_length]]))
+        logits = project(model, hidden[:, -1, :])[0, mx.array(fmt.label_first_tokens)]
+        hits += int(mx.argmax(logits).item() == 0)
+    return hits / len(ed)
+
+
+def test_safety_loss_finds_more_rare_ed_cases_than_plain_cross_entropy(tiny, tmp_path):
+    config = lora_config(iters=200, learning_rate=2e-3, rank=8)
+    _, fmt = fresh(tiny, config)
+    train_cases = short_cases(fmt, 200, 0.06, seed=4)
+    test_cases = short_cases(fmt, 400, 0.3, seed=5)
+    recalls = {}
+    for name, loss in {"plain": plain_loss, "safety": make_safety_loss(fmt.label_first_tokens, WEIGHTS, COST)}.items():
+        model, _ = fresh(tiny, config)
+        run_training(model, train_cases, train_cases[:8], config, train_params(steps_per_report=50, steps_per_eval=200,
+                     steps_per_save=200), loss, tmp_path / name, name)
+        recalls[name] = ed_recall(model, fmt, test_cases)
+    assert recalls["safety"] > recalls["plain"], recalls
