@@ -237,7 +237,7 @@ def ed_recall(model, fmt: ChatFormat, cases: list[TokenizedCase]) -> float:
 
 
 def test_safety_loss_finds_more_rare_ed_cases_than_plain_cross_entropy(tiny, tmp_path):
-    config = lora_config(iters=200, learning_rate=2e-3, rank=8)
+    config = lora_config(iters=300, learning_rate=1e-2, rank=8, scale=20.0)
     _, fmt = fresh(tiny, config)
     train_cases = short_cases(fmt, 200, 0.06, seed=4)
     test_cases = short_cases(fmt, 400, 0.3, seed=5)
