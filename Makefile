@@ -8,6 +8,7 @@ BIN = $(VENV)/bin
 .PHONY: setup demo test
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	bash scripts/system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt -e .

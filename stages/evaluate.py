@@ -7,9 +7,10 @@
 import argparse
 from pathlib import Path
 
-import triage  # noqa: F401  (selects the fast BLAS before MLX loads)
+import triage  # selects the fast BLAS before MLX loads
 from mlx_lm import load
 
+from triage.backend import optimize_quantized_matmul
 from triage.config import load_params
 from triage.evaluation import completion_loss, evaluation_report, label_probabilities, prediction_rows
 from triage.io import write_json, write_jsonl
@@ -29,6 +30,8 @@ def main() -> None:
 
     params = load_params()
     model, tokenizer = load(str(args.model_dir), adapter_path=str(args.adapter) if args.adapter else None)
+    switched = optimize_quantized_matmul(model)
+    print(f"[evaluate] BLAS: {triage.BLAS}; {switched} quantized layers dequantize per call on CPU")
     fmt = ChatFormat(tokenizer)
     test_path = args.data / "test.jsonl"
     examples = read_examples(test_path)

@@ -10,10 +10,11 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import triage  # noqa: F401  (selects the fast BLAS before MLX loads)
+import triage  # selects the fast BLAS before MLX loads
 import mlx.core as mx
 from mlx_lm import load
 
+from triage.backend import optimize_quantized_matmul
 from triage.config import load_params
 from triage.io import atomic_write_text, write_json
 from triage.lm import ChatFormat, check_supported, tokenize_split
@@ -46,6 +47,8 @@ def main() -> None:
     mx.random.seed(params.train.seed)
     model, tokenizer = load(str(args.model_dir))
     check_supported(model)
+    switched = optimize_quantized_matmul(model)
+    print(f"[train] BLAS: {triage.BLAS}; {switched} quantized layers dequantize per call on CPU")
     fmt = ChatFormat(tokenizer)
     max_len = params.train.max_seq_length
     splits = {name: args.data / f"{name}.jsonl" for name in ("train", "valid")}

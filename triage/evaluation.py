@@ -83,12 +83,13 @@ def evaluation_report(examples: list[Example], probs: np.ndarray, test_loss: flo
     return {
         "decision": params.decision,
         **{key: top[key] for key in ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_fn", "safe")},
+        **{key: top[key] for key in ("gates", "ci95", "gates_hold_at_pessimistic_end")},
         "test_loss": test_loss,
         "perplexity": math.exp(test_loss),
         "n_cases": len(examples),
         "calibration": {"ece": m.expected_calibration_error(probs, labels),
                         "brier": m.brier_score(probs, labels)},
-        **{rule: {k: v for k, v in report.items()} for rule, report in by_rule.items()},
+        **by_rule,
         "subgroups": subgroups,
     }
 

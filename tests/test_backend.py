@@ -1,0 +1,250 @@
+"""Tests for triage.backend: BLAS preload and the CPU dequantizing QLoRA layers."""
+
+from __future__ import annotations
+
+import ctypes.util
+import platform
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models.llama import Model, ModelArgs
+from mlx_lm.tuner.lora import LoRALinear
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from triage import backend
+
+# 2 blocks x (q, k, v, o, gate, up, down) + the tied, quantized embedding.
+N_QUANTIZED = 2 * 7 + 1
+LORA = {"rank": 4, "scale": 10.0, "dropout": 0.0}
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def tiny_quantized_llama(bits: int) -> Model:
+    """Random-weight llama built from mlx-lm's own classes, then quantized."""
+    mx.random.seed(0)
+    model = Model(
+        ModelArgs(
+            model_type="llama", hidden_size=64, num_hidden_layers=2,
+            intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            rms_norm_eps=1e-5, vocab_size=300, tie_word_embeddings=True,
+        )
+    )
+    nn.quantize(model, group_size=64, bits=bits)
+    mx.eval(model.parameters())
+    return model
+
+
+def tokens(batch: int = 2, length: int = 8, seed: int = 1) -> mx.array:
+    return mx.random.randint(0, 300, (batch, length), key=mx.random.key(seed))
+
+
+def add_lora(model: Model) -> None:
+    """LoRA on every block as mlx-lm does it (freeze, then wrap), with non-zero
+    B so that A gets gradients too."""
+    model.freeze()
+    linear_to_lora_layers(model, 2, dict(LORA))
+    for i, (_, m) in enumerate(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            m.lora_b = 0.05 * mx.random.normal(m.lora_b.shape, key=mx.random.key(100 + i))
+    mx.eval(model.parameters())
+
+
+def loss_fn(model: Model, x: mx.array, y: mx.array) -> mx.array:
+    return nn.losses.cross_entropy(model(x), y).mean()
+
+
+def loss_and_grads(model: Model, x: mx.array, y: mx.array) -> tuple[float, dict]:
+    loss, grads = nn.value_and_grad(model, loss_fn)(model, x, y)
+    mx.eval(loss, grads)
+    return loss.item(), dict(tree_flatten(grads))
+
+
+def assert_grads_close(fast: dict, native: dict) -> None:
+    assert fast.keys() == native.keys()
+    for name in native:
+        np.testing.assert_allclose(np.array(fast[name]), np.array(native[name]), **TOL, err_msg=name)
+
+
+@pytest.fixture
+def no_native_qmm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the native quantized kernel unusable, to prove it is not called."""
+
+    def boom(*args, **kwargs):
+        raise AssertionError("native quantized_matmul called")
+
+    monkeypatch.setattr(mx, "quantized_matmul", boom)
+
+
+# ----------------------------------------------------------------- BLAS
+
+
+@pytest.fixture
+def fresh_blas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forget the cached description so load_fast_blas() decides again."""
+    monkeypatch.setattr(backend, "_BLAS_DESCRIPTION", None)
+
+
+@pytest.mark.parametrize("system", ["Darwin", "Windows"])
+def test_load_fast_blas_is_noop_off_linux(system, fresh_blas, monkeypatch):
+    monkeypatch.setattr(platform, "system", lambda: system)
+    monkeypatch.delitem(sys.modules, "mlx.core")  # as if mlx were not loaded yet
+    monkeypatch.setattr(backend, "_preload", lambda *a: pytest.fail("preloaded"))
+    desc = backend.load_fast_blas()
+    assert ("Accelerate" in desc) == (system == "Darwin")
+    assert "no preload" in desc or system == "Darwin"
+
+
+def test_load_fast_blas_admits_mlx_already_imported(fresh_blas, monkeypatch):
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(backend, "_preload", lambda *a: pytest.fail("preloaded too late"))
+    assert "mlx was imported before load_fast_blas()" in backend.load_fast_blas()
+
+
+def test_load_fast_blas_is_cached(fresh_blas, monkeypatch):
+    first = backend.load_fast_blas()
+    monkeypatch.setattr(backend, "_describe_or_load", lambda *a: pytest.fail("not cached"))
+    assert backend.load_fast_blas() == first
+
+
+def test_explicit_blas_that_cannot_load_raises(fresh_blas, monkeypatch):
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.delitem(sys.modules, "mlx.core")
+    monkeypatch.setattr(backend, "global_symbol_provider", lambda symbol="": None)
+    monkeypatch.setenv(backend.BLAS_ENV, "/nonexistent/libopenblas.so.0")
+    with pytest.raises(RuntimeError, match="no usable BLAS"):
+        backend.load_fast_blas()
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="preload is Linux-only")
+def test_preload_takes_effect_in_fresh_process():
+    """The preloaded process must really be faster, and say what it loaded."""
+    reference = backend.measure_blas_in_subprocess("reference", n=512, repeats=3)
+    assert "reference BLAS bundled with mlx" in reference["blas"]
+    # One thread: with two, a busy shared CPU makes the timing erratic.
+    auto = backend.measure_blas_in_subprocess("auto", n=512, repeats=5, threads=1)
+    loadable = backend.cmeel_openblas_path() and ctypes.util.find_library("gfortran")
+    if not (loadable or ctypes.util.find_library("openblas")):
+        # Nothing to preload: the log must say so, not claim a speed-up.
+        assert "reference BLAS bundled with mlx (slow" in auto["blas"]
+        pytest.skip(f"no loadable OpenBLAS here: {auto['blas']}")
+    assert auto["blas"].startswith("openblas") and ", 1 threads" in auto["blas"], auto
+    assert auto["gflops"] > 3 * reference["gflops"], (auto, reference)
+
+
+def test_matmul_peak_gflops_is_positive():
+    assert 0 < backend.matmul_peak_gflops(n=128, repeats=2) < 1e5
+
+
+# ------------------------------------------------------- quantized layers
+
+
+def test_cpu_needs_dequantized_matmul(monkeypatch):
+    assert backend.cpu_needs_dequantized_matmul() == (mx.default_device().type == mx.cpu)
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu, 0))
+    assert backend.cpu_needs_dequantized_matmul() is True  # a Mac told to use its CPU
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu, 0))
+    assert backend.cpu_needs_dequantized_matmul() is False
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
+    assert backend.cpu_needs_dequantized_matmul() is True
+
+
+def test_swap_count_idempotence_and_undo():
+    model = tiny_quantized_llama(4)
+    before = {k: (v.dtype, v.shape) for k, v in tree_flatten(model.parameters())}
+    assert backend.use_cpu_dequantized_matmul(model) == N_QUANTIZED
+    assert backend.use_cpu_dequantized_matmul(model) == 0
+    after = {k: (v.dtype, v.shape) for k, v in tree_flatten(model.parameters())}
+    assert after == before  # still quantized (uint32), nothing added
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == mx.uint32
+    assert isinstance(model.model.layers[0].mlp.up_proj, nn.QuantizedLinear)
+    assert backend.use_native_quantized_matmul(model) == N_QUANTIZED
+    assert type(model.model.embed_tokens) is nn.QuantizedEmbedding
+
+
+def test_optimize_keeps_native_kernels_on_gpu(monkeypatch):
+    model = tiny_quantized_llama(4)
+    monkeypatch.setattr(backend, "cpu_needs_dequantized_matmul", lambda: False)
+    assert backend.optimize_quantized_matmul(model) == 0
+    monkeypatch.setattr(backend, "cpu_needs_dequantized_matmul", lambda: True)
+    assert backend.optimize_quantized_matmul(model) == N_QUANTIZED
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_logits_match_native(bits, request):
+    model = tiny_quantized_llama(bits)
+    x = tokens()
+    native = model(x)
+    mx.eval(native)
+    backend.use_cpu_dequantized_matmul(model)
+    request.getfixturevalue("no_native_qmm")  # incl. the tied head's as_linear
+    fast = model(x)
+    assert fast.dtype == native.dtype == mx.float32
+    np.testing.assert_allclose(np.array(fast), np.array(native), **TOL)
+    assert float(mx.abs(native).max()) > 0.1  # not trivially equal
+
+
+def test_few_rows_use_native_kernel(monkeypatch):
+    layer = nn.QuantizedLinear(64, 32, bias=True, group_size=64, bits=4)
+    layer.bias = mx.arange(32, dtype=mx.float32)
+    x = mx.random.normal((1, backend.NATIVE_MAX_ROWS, 64), key=mx.random.key(3))
+    native = layer(x)
+    backend.use_cpu_dequantized_matmul(layer)
+    monkeypatch.setattr(backend, "dequantized_matmul", lambda *a: pytest.fail("dequantized"))
+    assert mx.array_equal(layer(x), native).item()
+
+
+def test_dequantized_layer_with_bias_matches_native(no_native_qmm):
+    layer = nn.QuantizedLinear(128, 64, bias=True, group_size=64, bits=8)
+    layer.bias = mx.arange(64, dtype=mx.float32) / 10
+    x = mx.random.normal((5, 128), key=mx.random.key(4))
+    expected = x @ mx.dequantize(layer.weight, layer.scales, layer.biases, 64, 8).T + layer.bias
+    backend.use_cpu_dequantized_matmul(layer)
+    np.testing.assert_allclose(np.array(layer(x)), np.array(expected), **TOL)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("order", ["swap_then_lora", "lora_then_swap"])
+def test_lora_loss_and_grads_match_native(bits, order):
+    model = tiny_quantized_llama(bits)
+    if order == "swap_then_lora":
+        assert backend.use_cpu_dequantized_matmul(model) == N_QUANTIZED
+        add_lora(model)
+    else:
+        add_lora(model)
+        assert backend.use_cpu_dequantized_matmul(model) == N_QUANTIZED
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, LoRALinear) and q_proj.lora_a.shape == (64, LORA["rank"])
+    assert type(q_proj.linear).__name__ == "CPUQuantizedLinear"
+
+    x, y = tokens(seed=1), tokens(seed=2)
+    fast_loss, fast_grads = loss_and_grads(model, x, y)
+    assert backend.use_native_quantized_matmul(model) == N_QUANTIZED
+    native_loss, native_grads = loss_and_grads(model, x, y)
+
+    # Only LoRA parameters are trained; the quantized base gets no gradient.
+    assert all(k.rsplit(".", 1)[-1] in ("lora_a", "lora_b") for k in fast_grads)
+    assert len(fast_grads) == 2 * 14
+    assert fast_loss == pytest.approx(native_loss, rel=1e-5)
+    assert_grads_close(fast_grads, native_grads)
+    assert all(float(mx.abs(g).max()) > 0 for g in fast_grads.values())
+
+
+def test_lora_grads_under_compile_match_native():
+    """mlx-lm's trainer compiles the step; the custom VJP must survive that."""
+    model = tiny_quantized_llama(4)
+    add_lora(model)
+    x, y = tokens(seed=1), tokens(seed=2)
+    native_loss, native_grads = loss_and_grads(model, x, y)
+    backend.use_cpu_dequantized_matmul(model)
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    step = mx.compile(lambda x, y: value_and_grad(model, x, y), inputs=model.state)
+    loss, grads = step(x, y)
+    mx.eval(loss, grads)
+    assert loss.item() == pytest.approx(native_loss, rel=1e-5)
+    assert_grads_close(dict(tree_flatten(grads)), native_grads)
