@@ -19,7 +19,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 TINY_PROFILE = {
     "run": {"models": ["tiny"], "bits": ["4bit"], "configs": ["medical_fast", "balanced_safe"]},
     "data": {"n_examples": 240},
-    "lora": {"iters": 20},
+    "lora": {"iters": 20, "batch_size": 2},
     "train": {"steps_per_report": 5, "steps_per_eval": 10, "steps_per_save": 10, "val_batches": 2},
 }
 

@@ -14,6 +14,7 @@ TINY_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+TINY_VOCAB = 1024
 
 
 class ModelSourceError(RuntimeError):
@@ -21,7 +22,7 @@ class ModelSourceError(RuntimeError):
 
 
 def write_tiny_model(out_dir: Path, seed: int = 0) -> None:
-    """A 2-layer llama with random weights and a byte-level tokenizer, for tests and smoke runs."""
+    """A 2-layer llama with random weights and a small BPE tokenizer, for tests and smoke runs."""
     import mlx.core as mx
     from mlx_lm.models import llama
     from mlx_lm.utils import save_config, save_model
@@ -29,7 +30,7 @@ def write_tiny_model(out_dir: Path, seed: int = 0) -> None:
     config = {
         "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
         "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-5, "vocab_size": 320, "tie_word_embeddings": True,
+        "rms_norm_eps": 1e-5, "vocab_size": TINY_VOCAB, "tie_word_embeddings": True,
         "max_position_embeddings": 4096, "torch_dtype": "float32",
     }
     mx.random.seed(seed)
@@ -42,18 +43,26 @@ def write_tiny_model(out_dir: Path, seed: int = 0) -> None:
 
 
 def _tiny_tokenizer():
-    """Byte-level BPE without merges: every byte is a token, so any text encodes exactly."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """Byte-level BPE trained on the instruction and the knowledge base, deterministically.
+
+    Any text still encodes exactly (bytes are the base alphabet); the merges
+    only make triage prompts ~4x shorter than raw bytes, which keeps tests fast.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    byte_symbols = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {symbol: i for i, symbol in enumerate(sorted(byte_symbols))}
-    for token in TINY_SPECIAL_TOKENS:
-        vocab[token] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    from triage.schema import INSTRUCTION, LABELS
+    from triage.synth import KNOWLEDGE_DIR
+
+    corpus = [INSTRUCTION, *LABELS] + [p.read_text() for p in sorted(Path(KNOWLEDGE_DIR).glob("*.yaml"))]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(list(TINY_SPECIAL_TOKENS))
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB, special_tokens=list(TINY_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token="<|im_start|>",
