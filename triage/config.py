@@ -40,6 +40,7 @@ class DataParams:
 @dataclass(frozen=True)
 class ModelSource:
     source: str
+    upstream: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ def _join(prefix: str, name: str) -> str:
 
 
 BITS_PATTERN = re.compile(r"^(2|3|4|5|6|8)bit$")
-MODEL_SOURCE = re.compile(r"^(builtin:tiny|hub:[\w.-]+/[\w.-]+|dir:.+)$")
+MODEL_SOURCE = re.compile(r"^(builtin:tiny|hub:[\w.-]+/[\w.-]+|dir:.+|gguf:.+\.gguf|gguf-package:[\w.-]+/[\w.-]+\.gguf)$")
 
 
 def bits_of(variant_bits: str) -> int:
@@ -241,7 +242,7 @@ def _check_semantics(params: Params) -> None:
         if not MODEL_SOURCE.match(model.source):
             raise ParamsError(
                 f"'models.{name}.source' is '{model.source}'; expected builtin:tiny, "
-                "hub:<org>/<name> or dir:<path>"
+                "hub:<org>/<name>, dir:<path>, gguf:<file.gguf> or gguf-package:<package>/<file.gguf>"
             )
     _check_data(params.data)
     _check_fraction_map("data.label_mix", params.data.label_mix, LABELS)

@@ -72,8 +72,11 @@ def _tiny_tokenizer():
     )
 
 
-def fetch_base_model(name: str, source: str, out_dir: Path) -> dict:
-    """Write base model ``name`` as a float32 MLX model into ``out_dir``; return provenance."""
+def fetch_base_model(name: str, source: str, out_dir: Path, other_models: tuple[str, ...] = ()) -> dict:
+    """Write base model ``name`` as a float32 MLX model into ``out_dir``; return provenance.
+
+    ``other_models`` (the rest of the selection) only makes the offline hint copy-pasteable.
+    """
     kind, _, where = source.partition(":")
     with staged_directory(out_dir) as work:
         if kind == "builtin":
@@ -84,8 +87,10 @@ def fetch_base_model(name: str, source: str, out_dir: Path) -> dict:
             _mlx_convert(where, work)
             info = {"source": source, "source_precision": _declared_dtype(Path(where))}
         elif kind == "hub":
-            _convert_from_hub(name, where, work)
+            _convert_from_hub(name, where, work, other_models)
             info = {"source": source, "source_precision": _declared_dtype(work)}
+        elif kind in ("gguf", "gguf-package"):
+            info = {"source": source, **_convert_from_gguf(name, kind, where, work)}
         else:
             raise ModelSourceError(f"model '{name}': unsupported source '{source}'")
         (work / "source.json").write_text(json.dumps({"model": name, **info}, indent=2) + "\n")
@@ -108,7 +113,7 @@ def _mlx_convert(hf_path: str, out: Path) -> None:
     convert(hf_path=hf_path, mlx_path=str(out), dtype="float32")
 
 
-def _convert_from_hub(name: str, repo: str, out: Path) -> None:
+def _convert_from_hub(name: str, repo: str, out: Path, other_models: tuple[str, ...]) -> None:
     try:
         from huggingface_hub import snapshot_download
 
@@ -119,9 +124,35 @@ def _convert_from_hub(name: str, repo: str, out: Path) -> None:
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}).\n"
             f"The hub is unreachable from this machine. Either\n"
             f"  - point the model at a local copy: dvc exp run -S 'models.{name}.source=dir:/path/to/{repo.split('/')[-1]}'\n"
-            f"  - or leave it out of the study: dvc exp run -S 'run.models=[...]' without '{name}'"
+            f"  - or leave it out of the study: dvc exp run -S 'run.models=[{','.join(other_models)}]'"
         ) from exc
     _mlx_convert(local, out)
+
+
+def _convert_from_gguf(name: str, kind: str, where: str, out: Path) -> dict:
+    """GGUF -> Hugging Face layout (exact dequantization) -> float32 MLX model."""
+    import tempfile
+
+    from triage.gguf import GGUFPackageMissingError, UnsupportedGGUFError, convert_gguf, locate_package_gguf
+
+    if kind == "gguf-package":
+        package, _, filename = where.partition("/")
+        try:
+            path = locate_package_gguf(package, filename)
+        except (GGUFPackageMissingError, FileNotFoundError) as exc:
+            raise ModelSourceError(f"model '{name}': {exc}") from exc
+    else:
+        path = Path(where)
+        if not path.is_file():
+            raise ModelSourceError(f"model '{name}': GGUF file {path} does not exist")
+    with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
+        hf_dir = Path(scratch) / "hf"
+        try:
+            provenance = convert_gguf(path, hf_dir)
+        except UnsupportedGGUFError as exc:
+            raise ModelSourceError(f"model '{name}': {exc}") from exc
+        _mlx_convert(str(hf_dir), out)
+    return provenance
 
 
 def _declared_dtype(path: Path) -> str:
