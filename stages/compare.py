@@ -10,6 +10,7 @@ from pathlib import Path
 from triage.config import load_params
 from triage.io import atomic_write_text, write_json
 from triage.report import HEADLINE, collect_rows, report_markdown, summary
+from triage.stage import run_stage
 
 
 def read_baselines(directory: Path, models: list[str], bits: list[str]) -> dict[str, dict]:
@@ -40,4 +41,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main, "compare")

@@ -4,12 +4,12 @@
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import triage  # noqa: F401  (selects the fast BLAS before MLX loads)
 from triage.config import load_params
 from triage.models import ModelSourceError, fetch_base_model
+from triage.stage import run_stage
 
 
 def main() -> None:
@@ -20,12 +20,9 @@ def main() -> None:
 
     params = load_params()
     others = tuple(m for m in params.run.models if m != args.model)
-    try:
-        info = fetch_base_model(args.model, params.models[args.model].source, args.out, others)
-    except ModelSourceError as exc:
-        sys.exit(f"[convert] {exc}")
+    info = fetch_base_model(args.model, params.models[args.model].source, args.out, others)
     print(f"[convert] {args.model}: {info['source']} ({info['source_precision']}) -> {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main, "convert", (ModelSourceError,))

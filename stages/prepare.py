@@ -2,30 +2,19 @@
 
     dvc repro prepare
 
-With data.source=builtin the cases are generated from triage/knowledge/; with
-prompt_completion they are read from data.path (a directory with
-train/valid/test.jsonl, or one JSONL file that is split here).
+With data.source=builtin the cases are generated from triage/knowledge/;
+otherwise they are imported from data.path (see params.yaml `data:`).
 """
 
 import argparse
 from pathlib import Path
 
-from triage.config import DataParams, load_params
+from triage.config import load_params
 from triage.datacard import data_card, data_card_markdown
-from triage.importers import read_prompt_completion_jsonl, read_prompt_completion_splits
 from triage.io import atomic_write_text, staged_directory, write_json, write_jsonl
-from triage.schema import Example
-from triage.splits import assert_no_leakage, check_leakage, split_by_group
-from triage.synth import generate
-
-
-def load_splits(data: DataParams) -> dict[str, list[Example]]:
-    if data.source == "builtin":
-        return split_by_group(generate(data.n_examples, data.label_mix, data.seed), data.splits, data.seed)
-    path = Path(data.path)
-    if path.is_dir():
-        return read_prompt_completion_splits(path)
-    return split_by_group(read_prompt_completion_jsonl(path), data.splits, data.seed)
+from triage.sources import load_splits
+from triage.splits import assert_no_leakage, check_leakage
+from triage.stage import run_stage
 
 
 def main() -> None:
@@ -46,4 +35,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main, "prepare")

@@ -11,6 +11,7 @@ import triage  # noqa: F401  (selects the fast BLAS before MLX loads)
 from triage.config import bits_of, load_params
 from triage.io import write_json
 from triage.models import quantize_model
+from triage.stage import run_stage
 
 
 def main() -> None:
@@ -29,4 +30,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main, "quantize")

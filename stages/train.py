@@ -20,7 +20,8 @@ from triage.io import atomic_write_text, write_json
 from triage.lm import ChatFormat, check_supported, tokenize_split
 from triage.losses import make_safety_loss, plain_loss
 from triage.schema import read_examples
-from triage.training import add_lora, fingerprint, run_training, save_adapter, tree_digest
+from triage.stage import run_stage
+from triage.training import TrainingDiverged, add_lora, fingerprint, run_training, save_adapter, tree_digest
 
 
 def tsv(rows: list[dict]) -> str:
@@ -79,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main, "train", (TrainingDiverged,))

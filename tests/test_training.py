@@ -17,7 +17,7 @@ from triage.config import LoraConfig, TrainParams
 from triage.lm import ChatFormat, TokenizedCase
 from triage.losses import complement_log_probs, make_safety_loss, plain_loss, safety_objective
 from triage.schema import LABELS, Example
-from triage.training import TrainingDiverged, add_lora, learning_rate_schedule, run_training
+from triage.training import TrainingDiverged, add_lora, learning_rate_schedule, run_training, should_stop
 
 WEIGHTS = {"ED": 5.0, "GP": 2.0, "HOME": 1.0}
 COST = {"ED": {"ED": 0.0, "GP": 100.0, "HOME": 100.0},
@@ -116,7 +116,7 @@ def short_cases(fmt: ChatFormat, n: int, ed_share: float, seed: int) -> list[Tok
 def train_params(**changes) -> TrainParams:
     base = dict(weight_decay=0.01, warmup_ratio=0.1, schedule="cosine", num_layers=16, max_seq_length=512,
                 seed=42, steps_per_report=10, steps_per_eval=20, steps_per_save=10, val_batches=2,
-                grad_checkpoint=False, mask_prompt=True)
+                grad_checkpoint=False, mask_prompt=True, early_stopping_patience=0, early_stopping_min_delta=0.0)
     return TrainParams(**{**base, **changes})
 
 
@@ -248,3 +248,40 @@ def test_safety_loss_finds_more_rare_ed_cases_than_plain_cross_entropy(tiny, tmp
                      steps_per_save=200), loss, tmp_path / name, name)
         recalls[name] = ed_recall(model, fmt, test_cases)
     assert recalls["safety"] > recalls["plain"], recalls
+
+
+def rows(*losses: float) -> list[dict]:
+    return [{"step": 10 * i, "val_loss": v} for i, v in enumerate(losses)]
+
+
+def test_should_stop_after_patience_validations_without_improvement():
+    assert not should_stop(rows(3, 2, 2.5), patience=0, min_delta=0.0)
+    assert not should_stop(rows(3, 2, 2.5), patience=2, min_delta=0.0)
+    assert should_stop(rows(3, 2, 2.5, 2.1), patience=2, min_delta=0.0)
+    assert not should_stop(rows(3, 2, 2.5, 1.9), patience=2, min_delta=0.0)
+    assert should_stop(rows(3, 2, 1.95, 1.92), patience=2, min_delta=0.1)
+
+
+def test_early_stopping_keeps_the_best_adapter(tiny, tmp_path):
+    config = lora_config(iters=80, learning_rate=1e-2, scale=20.0)
+    model, fmt = fresh(tiny, config)
+    cases = short_cases(fmt, 40, 0.3, seed=6)
+    # The validation loss keeps falling, but by less than min_delta after the first big drops.
+    params = train_params(early_stopping_patience=2, early_stopping_min_delta=0.5, steps_per_eval=10, steps_per_save=10)
+    result = run_training(model, cases, cases[:8], config, params, plain_loss, tmp_path, "es")
+    stopped = result.metrics["early_stopped_at_step"]
+    assert stopped is not None and stopped < 80
+    best = mx.load(str(tmp_path / "best_adapters.safetensors"))
+    for key, value in adapter_arrays(model).items():
+        np.testing.assert_array_equal(value, np.array(best[key]))
+    assert result.metrics["best_val_step"] < stopped
+
+
+def test_an_example_longer_than_the_limit_is_an_error_naming_its_line(tiny):
+    from triage.lm import tokenize_split
+    from triage.schema import DataError
+
+    _, fmt = fresh(tiny, lora_config())
+    examples = [Example("a", "short", "ED", "ED"), Example("b", "long " * 200, "GP", "GP")]
+    with pytest.raises(DataError, match=r"train.jsonl:2: field 'prompt'.*above train.max_seq_length=64"):
+        tokenize_split(fmt, examples, "train.jsonl", 64)

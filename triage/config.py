@@ -28,13 +28,23 @@ class RunSelection:
 
 
 @dataclass(frozen=True)
+class TableParams:
+    format: Literal["csv", "jsonl"]
+    text_field: str
+    label_field: str
+    label_map: dict[str, str]
+    encoding: str
+
+
+@dataclass(frozen=True)
 class DataParams:
-    source: Literal["builtin", "prompt_completion"]
+    source: Literal["builtin", "prompt_completion", "chat", "table", "ktas"]
     path: Optional[str]
     n_examples: int
     label_mix: dict[str, float]
     splits: dict[str, float]
     seed: int
+    table: TableParams
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,8 @@ class TrainParams:
     val_batches: int
     grad_checkpoint: bool
     mask_prompt: bool
+    early_stopping_patience: int
+    early_stopping_min_delta: float
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,28 @@ from triage.lm import TokenizedCase
 from triage.losses import Loss, plain_loss
 
 NEVER = 10**9  # an interval mlx-lm's trainer never reaches: we evaluate and save ourselves
+BEST_ADAPTER = "best_adapters.safetensors"
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; no adapter is written."""
+
+
+class EarlyStop(Exception):
+    """Raised from the callback: mlx-lm's trainer has no other way to end a run early."""
+
+
+def improved(val_rows: list[dict], min_delta: float) -> bool:
+    """Whether the newest validation loss beats every earlier one by more than ``min_delta``."""
+    *earlier, newest = val_rows
+    return not earlier or newest["val_loss"] < min(r["val_loss"] for r in earlier) - min_delta
+
+
+def should_stop(val_rows: list[dict], patience: int, min_delta: float) -> bool:
+    """True after ``patience`` validations in a row without an improvement (patience 0: never)."""
+    if patience <= 0 or len(val_rows) <= patience:
+        return False
+    return not any(improved(val_rows[: i + 1], min_delta) for i in range(len(val_rows) - patience, len(val_rows)))
 
 
 def learning_rate_schedule(peak: float, iters: int, warmup_ratio: float, kind: str):
@@ -90,14 +108,19 @@ def reseed_at(seed: int, step: int) -> None:
     mx.random.seed(seed * 1_000_003 + step)
 
 
+def save_arrays(path: Path, arrays: dict[str, mx.array]) -> None:
+    """mx.save_safetensors through a temp file, so a kill never leaves half a file."""
+    tmp = path.with_name(f".{path.stem}.tmp.safetensors")
+    mx.save_safetensors(str(tmp), arrays)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: optim.Optimizer, state: Checkpoint) -> None:
-    """Adapter, optimizer state and RNG key in one file, then the metadata; both atomic."""
+    """Adapter and optimizer state in one file, then the metadata; both atomic."""
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {f"adapter.{k}": v for k, v in tree_flatten(model.trainable_parameters())}
     arrays |= {f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)}
-    tmp = directory / "state.tmp.safetensors"
-    mx.save_safetensors(str(tmp), arrays)
-    os.replace(tmp, directory / "state.safetensors")
+    save_arrays(directory / "state.safetensors", arrays)
     atomic_write_text(directory / "checkpoint.json", json.dumps(asdict(state)))
 
 
@@ -119,7 +142,7 @@ def load_checkpoint(directory: Path, expected: str, model: nn.Module, optimizer:
 
 
 class Monitor(TrainingCallback):
-    """Logs progress, validates every ``steps_per_eval``, checkpoints, and stops on NaN."""
+    """Logs progress, validates every ``steps_per_eval``, checkpoints, stops on NaN or early."""
 
     def __init__(self, model, optimizer, val_loss_fn, params: TrainParams, iters: int,
                  checkpoint_dir: Path, state: Checkpoint):
@@ -139,14 +162,23 @@ class Monitor(TrainingCallback):
         row = {"step": step, "train_loss": loss, "learning_rate": info["learning_rate"],
                "tokens_per_s": info["tokens_per_second"], "peak_memory_mb": info["peak_memory"] * 1e9 / 2**20}
         self.state.train_rows.append(row)
-        if step % self.params.steps_per_eval == 0 or step == self.iters:
-            self.state.val_rows.append({"step": step, "val_loss": self.val_loss_fn()})
-            self.model.train()
+        validated = step % self.params.steps_per_eval == 0 or step == self.iters
+        if validated:
+            self._validate(step)
         self._log(row)
         if step % self.params.steps_per_save == 0 and step < self.iters:
             self.state.step = step
             save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.state)
             reseed_at(self.params.seed, step)
+        if validated and should_stop(self.state.val_rows, self.params.early_stopping_patience,
+                                     self.params.early_stopping_min_delta):
+            raise EarlyStop(step)
+
+    def _validate(self, step: int) -> None:
+        self.state.val_rows.append({"step": step, "val_loss": self.val_loss_fn()})
+        self.model.train()
+        if self.params.early_stopping_patience and improved(self.state.val_rows, self.params.early_stopping_min_delta):
+            save_arrays(self.checkpoint_dir / BEST_ADAPTER, dict(tree_flatten(self.model.trainable_parameters())))
 
     def _log(self, row: dict) -> None:
         done = row["step"] - self.offset
@@ -194,13 +226,23 @@ def run_training(
     monitor = Monitor(model, optimizer, validation_loss, params, config.iters, checkpoint_dir, state)
     started = time.perf_counter()
     mx.reset_peak_memory()
-    if args.iters > 0:
-        train(model, optimizer, train_cases, None, args, loss=loss,
-              iterate_batches=make_iterate_batches(params.mask_prompt, params.seed, skip=state.step),
-              training_callback=monitor)
+    stopped_at = None
+    try:
+        if args.iters > 0:
+            train(model, optimizer, train_cases, None, args, loss=loss,
+                  iterate_batches=make_iterate_batches(params.mask_prompt, params.seed, skip=state.step),
+                  training_callback=monitor)
+    except EarlyStop as stop:
+        stopped_at = stop.args[0]
+        model.load_weights(str(checkpoint_dir / BEST_ADAPTER), strict=False)
+        print(f"[train] early stop at step {stopped_at}: no improvement in "
+              f"{params.early_stopping_patience} validations; keeping the best adapter")
     seconds = time.perf_counter() - started
     rows, vals = state.train_rows, state.val_rows
-    best = min(vals, key=lambda r: r["val_loss"]) if vals else None
+    # The best validation is the last one that counted as an improvement: with early stopping
+    # that is the adapter kept; with min_delta 0 it is the lowest loss.
+    improvements = [row for i, row in enumerate(vals) if improved(vals[: i + 1], params.early_stopping_min_delta)]
+    best = improvements[-1] if improvements else None
     metrics = {
         "final_train_loss": rows[-1]["train_loss"] if rows else None,
         "final_val_loss": vals[-1]["val_loss"] if vals else None,
@@ -209,6 +251,7 @@ def run_training(
         "val_cross_entropy": validation_loss(plain_loss),
         "seconds": round(seconds, 2),
         "resumed_from_step": monitor.offset,
+        "early_stopped_at_step": stopped_at,
         "peak_memory_mb": round(mx.get_peak_memory() / 2**20, 1),
         "tokens_per_s": round(sum(r["tokens_per_s"] for r in rows) / len(rows), 1) if rows else None,
     }
@@ -218,7 +261,5 @@ def run_training(
 def save_adapter(directory: Path, model: nn.Module, adapter_config: dict) -> None:
     """Write adapters.safetensors and adapter_config.json as mlx-lm's load_adapters expects."""
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / "adapters.tmp.safetensors"
-    mx.save_safetensors(str(tmp), dict(tree_flatten(model.trainable_parameters())))
-    os.replace(tmp, directory / "adapters.safetensors")
+    save_arrays(directory / "adapters.safetensors", dict(tree_flatten(model.trainable_parameters())))
     write_json(directory / "adapter_config.json", adapter_config)
