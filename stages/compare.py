@@ -1,4 +1,4 @@
-"""Collect every selected run into metrics/summary.json and a Markdown report.
+"""Collect every selected run into metrics/summary.json, a Markdown report and plot data.
 
     dvc repro compare
 """
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from triage.config import load_params
 from triage.io import atomic_write_text, write_json
-from triage.report import HEADLINE, collect_rows, report_markdown, summary
+from triage.report import HEADLINE, collect_rows, memory_points, report_markdown, summary
 from triage.stage import run_stage
 
 
@@ -29,13 +29,18 @@ def main() -> None:
     parser.add_argument("--models", type=Path, required=True)
     parser.add_argument("--summary", type=Path, required=True)
     parser.add_argument("--report", type=Path, required=True)
+    parser.add_argument("--memory-plot", type=Path, required=True)
     args = parser.parse_args()
 
-    selection = load_params().run
-    rows, missing = collect_rows(selection, args.runs, args.models)
-    study = summary(rows, missing, read_baselines(args.baselines, selection.models, selection.bits))
+    params = load_params()
+    baselines = read_baselines(args.baselines, params.run.models, params.run.bits)
+    rows, missing = collect_rows(params.run, args.runs, args.models, baselines)
+    study = summary(rows, missing, baselines)
     write_json(args.summary, study)
-    report = report_markdown(study)
+    write_json(args.memory_plot, memory_points(rows))
+    gates = {"ed_recall": params.evaluate.gates.ed_recall_min, "ed_f2": params.evaluate.gates.ed_f2_min,
+             "ed_fnr": params.evaluate.gates.ed_fnr_max}
+    report = report_markdown(study, gates)
     atomic_write_text(args.report, report)
     print(report)
 

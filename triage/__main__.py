@@ -1,0 +1,87 @@
+"""Command line: ask a trained run to triage messages, or export it as a standalone model.
+
+    python -m triage predict --run smollm2-135m-4bit-balanced_safe "I have crushing chest pain"
+    python -m triage predict --run smollm2-135m-4bit-balanced_safe --json --file messages.jsonl
+    python -m triage export --run smollm2-135m-4bit-balanced_safe --out exported/triage-model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import triage  # noqa: F401  (fast BLAS before MLX)
+from triage.config import ParamsError, load_params
+from triage.io import iter_jsonl
+from triage.predict import NOT_FOR_CLINICAL_USE, Triager, UnknownRun, export_run, resolve_run
+from triage.schema import DataError
+
+
+def read_messages(path: Path) -> list[tuple[str, str]]:
+    """(id, text) pairs from a JSONL file with a `text` field per line (and an optional `id`)."""
+    messages = []
+    try:
+        for line, row in iter_jsonl(path):
+            text = row.get("text") if isinstance(row, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(path, line, "text", "each line needs a non-empty string field 'text'")
+            messages.append((str(row.get("id", line)), text))
+    except json.JSONDecodeError as exc:
+        raise DataError(path, exc.lineno, None, f"invalid JSON: {exc.msg}") from None
+    return messages
+
+
+def show(result: dict, text: str) -> str:
+    probs = "  ".join(f"{label} {result[f'p_{label}']:.2f}" for label in ("ED", "GP", "HOME"))
+    uncertainty = (result["mc_dropout"] if result["uncertainty"] is None else
+                   f"uncertainty {result['uncertainty']:.3f}{' -> FLAGGED for review' if result['flagged'] else ''}")
+    return f"{text}\n  label {result['label']}  cost-aware decision {result['decision']}  ({probs})  {uncertainty}"
+
+
+def predict(args: argparse.Namespace) -> None:
+    triager = Triager(resolve_run(args.root, args.run), load_params(args.params).evaluate)
+    messages = read_messages(args.file) if args.file else [("1", " ".join(args.text))]
+    if not args.json:
+        print(NOT_FOR_CLINICAL_USE, file=sys.stderr)
+    for case_id, text in messages:
+        result = triager.triage(text, case_id)
+        print(json.dumps(result) if args.json else show(result, text), flush=True)
+
+
+def export(args: argparse.Namespace) -> None:
+    paths = resolve_run(args.root, args.run)
+    if paths.adapter_dir is None:
+        raise UnknownRun(f"'{args.run}' is a base variant without an adapter; export a trained run")
+    export_run(paths, args.out)
+    print(f"exported {args.run} (adapter fused into its base) to {args.out}; load it with mlx_lm.load('{args.out}')")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m triage", description=NOT_FOR_CLINICAL_USE)
+    parser.add_argument("--root", type=Path, default=Path("."), help="the project directory (default: .)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    commands = parser.add_subparsers(dest="command", required=True)
+    ask = commands.add_parser("predict", help="triage a message or every line of a JSONL file")
+    ask.add_argument("--run", required=True, help="<model>-<bits>-<config>, or <model>-<bits> for no adapter")
+    ask.add_argument("--json", action="store_true", help="one JSON object per line")
+    source = ask.add_mutually_exclusive_group(required=True)
+    source.add_argument("--file", type=Path, help="JSONL with a `text` field per line")
+    source.add_argument("text", nargs="*", default=[], help="the message")
+    ask.set_defaults(handler=predict)
+    out = commands.add_parser("export", help="fuse a run's adapter into its base model")
+    out.add_argument("--run", required=True)
+    out.add_argument("--out", type=Path, required=True)
+    out.set_defaults(handler=export)
+    args = parser.parse_args(argv)
+    if args.command == "predict" and not args.file and not args.text:
+        parser.error("give a message or --file")
+    try:
+        args.handler(args)
+    except (UnknownRun, DataError, ParamsError) as exc:
+        sys.exit(f"error: {exc}")
+
+
+if __name__ == "__main__":
+    main()
