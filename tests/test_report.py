@@ -1,0 +1,80 @@
+"""The compare stage's summary and report, on hand-made run results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from triage.config import RunSelection
+from triage.report import collect_rows, failed_gates, memory_points, report_markdown, summary
+
+GATES = {"ed_recall": 0.95, "ed_f2": 0.90, "ed_fnr": 0.05}
+
+
+def gate(value, threshold, at_least=True):
+    passed = value is not None and (value >= threshold if at_least else value <= threshold)
+    margin = None if value is None else (value - threshold if at_least else threshold - value)
+    return {"state": "pass" if passed else ("n/a" if value is None else "fail"), "value": value,
+            "threshold": threshold, "margin": margin}
+
+
+def write_run(root: Path, run: str, kind: str, accuracy: float, ed_recall: float, memory: float) -> None:
+    ed_f2 = ed_recall - 0.02
+    evaluation = {"accuracy": accuracy, "macro_f1": accuracy - 0.05, "ed_recall": ed_recall, "ed_f2": ed_f2,
+                  "ed_fnr": 1 - ed_recall, "ed_fn": round((1 - ed_recall) * 40), "test_loss": 0.5,
+                  "safe": ed_recall >= 0.95 and ed_f2 >= 0.90,
+                  "gates": {"ed_recall": gate(ed_recall, 0.95), "ed_f2": gate(ed_f2, 0.90),
+                            "ed_fnr": gate(1 - ed_recall, 0.05, at_least=False)}}
+    training = {"kind": kind, "seconds": 10.0, "peak_memory_mb": memory, "tokens_per_s": 100.0,
+                "trainable_params": 1000}
+    (root / "runs" / run).mkdir(parents=True)
+    (root / "runs" / run / "eval.json").write_text(json.dumps(evaluation))
+    (root / "runs" / run / "train.json").write_text(json.dumps(training))
+
+
+def study(tmp_path: Path) -> dict:
+    write_run(tmp_path, "m-4bit-std", "standard", 0.80, 0.90, 300.0)
+    write_run(tmp_path, "m-8bit-std", "standard", 0.82, 0.93, 500.0)
+    write_run(tmp_path, "m-4bit-safe", "safety", 0.70, 0.99, 310.0)
+    (tmp_path / "models").mkdir()
+    for bits, mb in (("4bit", 80.0), ("8bit", 140.0)):
+        (tmp_path / "models" / f"m-{bits}.json").write_text(json.dumps(
+            {"disk_mb": mb, "bits_per_weight": 5.0 if bits == "4bit" else 9.0, "source_precision": "Q4_1"}))
+    selection = RunSelection(models=["m"], bits=["4bit", "8bit"], configs=["std", "safe"])
+    baselines = {"m-4bit": {"accuracy": 0.40, "ed_recall": 0.50}}
+    rows, missing = collect_rows(selection, tmp_path / "runs", tmp_path / "models", baselines)
+    return summary(rows, missing, baselines)
+
+
+def test_missing_runs_are_listed_not_dropped(tmp_path):
+    result = study(tmp_path)
+    assert result["missing"] == ["m-8bit-safe"]
+    assert "m-8bit-safe" in report_markdown(result, GATES)
+
+
+def test_best_and_best_safe(tmp_path):
+    result = study(tmp_path)
+    assert result["best"]["run"] == "m-4bit-safe" and result["best_safe"]["run"] == "m-4bit-safe"
+    assert result["n_safe"] == 1
+
+
+def test_report_sections_and_numbers(tmp_path):
+    text = report_markdown(study(tmp_path), GATES)
+    for title in ("Leaderboard", "4-bit vs 8-bit", "Standard vs safety-enhanced", "Zero-shot baseline",
+                  "source precision"):
+        assert title in text
+    leaderboard = text.split("## Leaderboard")[1].split("##")[0]
+    assert leaderboard.index("m-4bit-safe") < leaderboard.index("m-8bit-std") < leaderboard.index("m-4bit-std")
+    assert "0.800 vs 0.820 (-0.020)" in text
+    assert "+0.400" in text  # 4-bit standard run: 0.80 fine-tuned vs 0.40 zero-shot
+
+
+def test_failed_gates_say_by_how_much(tmp_path):
+    row = study(tmp_path)["runs"]["m-4bit-std"]
+    assert failed_gates(row) == "ed_recall 0.900 (short by 0.050); ed_f2 0.880 (short by 0.020); ed_fnr 0.100 (short by 0.050)"
+
+
+def test_memory_points_one_per_run(tmp_path):
+    points = memory_points(list(study(tmp_path)["runs"].values()))
+    assert [p["run"] for p in points] == ["m-4bit-safe", "m-4bit-std", "m-8bit-std"]
+    assert points[0] == {"run": "m-4bit-safe", "peak_memory_mb": 310.0, "ed_recall": 0.99}
