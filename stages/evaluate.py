@@ -1,7 +1,10 @@
-"""Evaluate one run (or a base variant with no adapter) on the test split.
+"""Evaluate one run (or a base variant with no adapter) on the test split and the extra sets.
 
     dvc repro evaluate@smollm2-135m-4bit-balanced_safe
     dvc repro baseline@smollm2-135m-4bit
+
+The ED threshold is tuned on the validation split first and frozen; runs whose
+adapter has LoRA dropout also write the MC-dropout review list.
 """
 
 import argparse
@@ -12,39 +15,50 @@ from mlx_lm import load
 
 from triage.backend import optimize_quantized_matmul
 from triage.config import load_params
-from triage.evaluation import completion_loss, evaluation_report, label_probabilities, prediction_rows
+from triage.evaluation import adapter_dropout, ed_recall_target, evaluate_model
 from triage.io import write_json, write_jsonl
-from triage.lm import ChatFormat, tokenize_split
-from triage.schema import read_examples
+from triage.lm import ChatFormat, check_supported
+from triage.stage import run_stage
+
+RAW_DATA = Path("data/raw")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run", required=True, help="run name recorded in the metrics")
+    parser.add_argument("--config", help="the run's LoRA config (for its target_ed_recall); omit for the baseline")
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--adapter", type=Path, help="adapter directory; omit for the zero-shot baseline")
-    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True, help="directory with valid.jsonl and test.jsonl")
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--predictions", type=Path, required=True)
+    parser.add_argument("--review", type=Path, help="JSONL of the cases MC dropout flags as uncertain")
     args = parser.parse_args()
 
     params = load_params()
+    for extra in params.evaluate.extra_sets:
+        # DVC tracks data/raw for this stage; a file elsewhere can change without re-running it.
+        if not Path(extra.path).resolve().is_relative_to(RAW_DATA.resolve()):
+            print(f"[evaluate] warning: extra set '{extra.name}' ({extra.path}) is outside {RAW_DATA}/, "
+                  "so DVC will not notice when it changes")
     model, tokenizer = load(str(args.model_dir), adapter_path=str(args.adapter) if args.adapter else None)
+    check_supported(model)
     switched = optimize_quantized_matmul(model)
     print(f"[evaluate] BLAS: {triage.BLAS}; {switched} quantized layers dequantize per call on CPU")
-    fmt = ChatFormat(tokenizer)
-    test_path = args.data / "test.jsonl"
-    examples = read_examples(test_path)
-    cases = tokenize_split(fmt, examples, str(test_path), params.train.max_seq_length)
 
-    probs = label_probabilities(model, fmt, examples)
-    loss = completion_loss(model, cases, params.evaluate.batch_size)
-    report = evaluation_report(examples, probs, loss, params.evaluate)
-    write_jsonl(args.predictions, prediction_rows(examples, probs, params.evaluate))
-    write_json(args.metrics, {"run": args.run, "adapter": bool(args.adapter), **report})
-    print(f"[evaluate] {args.run}: accuracy {report['accuracy']:.3f}, ED recall "
-          f"{report['ed_recall']}, safe {report['safe']} -> {args.metrics}")
+    result = evaluate_model(
+        model, ChatFormat(tokenizer), args.data, params.evaluate, params.train.max_seq_length,
+        ed_recall_target(params, args.config), adapter_dropout(args.adapter),
+    )
+    write_jsonl(args.predictions, result.predictions)
+    if args.review:
+        write_jsonl(args.review, result.review)
+    write_json(args.metrics, {"run": args.run, "adapter": bool(args.adapter), **result.metrics})
+    mc = result.metrics["mc_dropout"]
+    mc_text = f"{mc['n_flagged']} flagged for review" if mc["applicable"] else "MC dropout not applicable"
+    print(f"[evaluate] {args.run}: accuracy {result.metrics['accuracy']:.3f}, ED recall "
+          f"{result.metrics['ed_recall']}, safe {result.metrics['safe']}, {mc_text} -> {args.metrics}")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main, "evaluate")

@@ -60,7 +60,28 @@ def test_editing_one_config_reruns_only_its_stages(reproduced):
         changed = set(json.loads(status))
     finally:
         params_path.write_text(original)
-    assert changed == {"train@tiny-4bit-balanced_safe"}
+    # evaluate@ also reads the config (its target ED recall sets the tuned threshold's target).
+    assert changed == {"train@tiny-4bit-balanced_safe", "evaluate@tiny-4bit-balanced_safe"}
+
+
+def test_predict_answers_with_label_probabilities_and_uncertainty(reproduced):
+    out = run(["python", "-m", "triage", "predict", "--run", "tiny-4bit-balanced_safe", "--json",
+               "Crushing chest pain and sweating"], reproduced).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["label"] in ("ED", "GP", "HOME") and result["decision"] in ("ED", "GP", "HOME")
+    assert abs(result["p_ED"] + result["p_GP"] + result["p_HOME"] - 1) < 1e-3
+    assert result["uncertainty"] is not None and isinstance(result["flagged"], bool)  # balanced_safe has dropout
+    missing = run(["python", "-m", "triage", "predict", "--run", "nope-4bit-x", "hello"], reproduced, check=False)
+    assert missing.returncode == 1 and "unknown run 'nope-4bit-x'" in missing.stderr
+    assert "tiny-4bit-balanced_safe" in missing.stderr
+
+
+def test_export_fuses_the_adapter_into_a_loadable_model(reproduced):
+    run(["python", "-m", "triage", "export", "--run", "tiny-4bit-medical_fast", "--out", "exported"], reproduced)
+    from mlx_lm import load
+
+    model, _ = load(str(reproduced / "exported"))
+    assert not any("lora" in name for name, _ in model.named_modules())
 
 
 def test_lora_rank_override_reaches_the_adapter(reproduced):

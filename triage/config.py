@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import types
 import typing
@@ -108,11 +109,33 @@ class Gates:
 
 
 @dataclass(frozen=True)
+class ExtraSet:
+    """An external labelled set scored like the test split; see params.yaml `evaluate.extra_sets`."""
+
+    name: str
+    path: str
+    format: Literal["jsonl", "csv", "prompt_completion", "chat", "ktas"]
+    text_field: Optional[str] = None
+    label_field: Optional[str] = None
+    label_map: Optional[dict[str, str]] = None
+    id_field: Optional[str] = None
+    attr_fields: Optional[list[str]] = None
+    delimiter: Optional[str] = None
+    encoding: Optional[str] = None
+    limit: Optional[int] = None
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
-    decision: Literal["argmax", "cost_aware"]
+    decision: Literal["argmax", "cost_aware", "ed_threshold"]
     cost_matrix: CostMatrix
     gates: Gates
     batch_size: int
+    ed_threshold_target: float
+    mc_samples: int
+    uncertainty_threshold: float
+    seed: int
+    extra_sets: list[ExtraSet]
 
 
 @dataclass(frozen=True)
@@ -207,7 +230,7 @@ def _build_scalar(kind: Any, value: Any, key: str) -> Any:
     elif kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         value = float(value) if ok else value
     else:
         ok = isinstance(value, kind)
@@ -261,8 +284,10 @@ def _check_semantics(params: Params) -> None:
     _check_fraction_map("data.splits", params.data.splits, ("train", "valid", "test"))
     for name, config in params.configs.items():
         _check_config(f"configs.{name}", config)
+    if not params.configs:
+        raise ParamsError("'configs' must define at least one LoRA config")
     _check_config("lora overrides applied to configs", params.config(next(iter(params.configs))))
-    _check_cost_matrix("evaluate.cost_matrix", params.evaluate.cost_matrix)
+    _check_evaluate(params.evaluate)
     if not 0.0 <= params.train.warmup_ratio < 1.0:
         raise ParamsError("'train.warmup_ratio' must be in [0, 1)")
     for key in ("steps_per_report", "steps_per_eval", "steps_per_save", "max_seq_length"):
@@ -310,6 +335,44 @@ def _check_config(key: str, config: LoraConfig) -> None:
         for name in safety_keys:
             if getattr(config, name) is not None:
                 raise ParamsError(f"'{key}.{name}' only applies to kind: safety")
+
+
+EXTRA_SET_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+TABLE_ONLY_KEYS = ("text_field", "label_field", "label_map", "id_field", "attr_fields", "delimiter")
+
+
+def _check_evaluate(evaluate: EvaluateParams) -> None:
+    _check_cost_matrix("evaluate.cost_matrix", evaluate.cost_matrix)
+    if evaluate.batch_size < 1:
+        raise ParamsError("'evaluate.batch_size' must be at least 1")
+    if evaluate.mc_samples < 2:
+        raise ParamsError("'evaluate.mc_samples' must be at least 2: one sample cannot disagree with itself")
+    if not 0.0 < evaluate.ed_threshold_target <= 1.0:
+        raise ParamsError("'evaluate.ed_threshold_target' must be in (0, 1]")
+    if evaluate.uncertainty_threshold < 0:
+        raise ParamsError("'evaluate.uncertainty_threshold' must be >= 0 (vote entropy in nats)")
+    names = [extra.name for extra in evaluate.extra_sets]
+    for i, extra in enumerate(evaluate.extra_sets):
+        key = f"evaluate.extra_sets[{i}]"
+        # The name becomes a key in the metrics JSON, which `dvc metrics show` addresses by it.
+        if not EXTRA_SET_NAME.match(extra.name) or names.count(extra.name) > 1:
+            raise ParamsError(f"'{key}.name' {extra.name!r} must be unique and use only letters, digits, _ and -")
+        _check_extra_set(key, extra)
+
+
+def _check_extra_set(key: str, extra: ExtraSet) -> None:
+    """Column settings belong to the csv/jsonl tables; the other formats have fixed fields."""
+    table = extra.format in ("csv", "jsonl")
+    for name in TABLE_ONLY_KEYS:
+        if not table and getattr(extra, name) is not None:
+            raise ParamsError(f"'{key}.{name}' only applies to format csv or jsonl")
+    for name in ("text_field", "label_field"):
+        if table and getattr(extra, name) is None:
+            raise ParamsError(f"missing key '{key}.{name}' (required for format {extra.format})")
+    if extra.delimiter is not None and extra.format != "csv":
+        raise ParamsError(f"'{key}.delimiter' only applies to format csv")
+    if extra.limit is not None and extra.limit < 1:
+        raise ParamsError(f"'{key}.limit' must be at least 1, or null for every case")
 
 
 def _check_cost_matrix(key: str, matrix: CostMatrix) -> None:

@@ -1,23 +1,42 @@
-"""Evaluate a (possibly adapted) model on labelled cases: label scores to safety metrics."""
+"""Evaluate a (possibly adapted) model on labelled cases: label scores to safety metrics.
+
+One evaluation reads the validation split only to freeze the ED threshold, then
+scores the test split and every extra set with the same three decision rules,
+threshold and gates. Runs whose adapter has LoRA dropout also get MC-dropout
+votes on the test split; the cases whose votes disagree most go to review.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.tuner.trainer import evaluate as mean_loss
 
 from triage import metrics as m
-from triage.batches import make_iterate_batches
-from triage.config import EvaluateParams
-from triage.lm import ChatFormat, TokenizedCase, label_log_probs
+from triage.batches import collate
+from triage.config import EvaluateParams, ExtraSet, Params
+from triage.importers import read_chat_jsonl, read_ktas_csv, read_prompt_completion_jsonl, read_table
+from triage.lm import ChatFormat, TokenizedCase, label_log_probs, tokenize_split
 from triage.losses import plain_loss
-from triage.schema import LABELS, Example
+from triage.schema import LABELS, DataError, Example, read_examples
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
+HEADLINE = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_fn", "safe")
+SUBGROUP_ATTRS = ("age_band", "sex")
+
+
+# --------------------------------------------------------------------------- #
+# Scoring a labelled set
+# --------------------------------------------------------------------------- #
 
 
 def label_probabilities(model: nn.Module, fmt: ChatFormat, examples: list[Example]) -> np.ndarray:
@@ -31,19 +50,105 @@ def label_probabilities(model: nn.Module, fmt: ChatFormat, examples: list[Exampl
 
 
 def completion_loss(model: nn.Module, cases: list[TokenizedCase], batch_size: int) -> float:
-    """Mean cross-entropy per completion token over every case (the study's test loss)."""
+    """Mean cross-entropy per completion token over every case (the study's test loss).
+
+    Batches are cut from the length-sorted cases here rather than by the
+    training batcher, which only forms full batches and would drop the
+    remainder of a split whose size is not a multiple of ``batch_size``.
+    """
     model.eval()
-    size = min(batch_size, len(cases))
-    return mean_loss(model, cases, size, num_batches=-1, loss=plain_loss,
-                     iterate_batches=make_iterate_batches(mask_prompt=True, seed=0))
+    ordered = sorted(cases, key=lambda case: len(case.tokens))
+    total = tokens = 0.0
+    for start in range(0, len(ordered), batch_size):
+        loss, ntoks = plain_loss(model, *collate(ordered[start : start + batch_size], mask_prompt=True))
+        total += loss.item() * ntoks.item()
+        tokens += ntoks.item()
+    return total / tokens
 
 
-def decide(probs: np.ndarray, params: EvaluateParams) -> dict[str, list[str]]:
-    """Both decision rules, so reports can show what the cost-aware rule changes."""
-    return {"argmax": m.argmax_decision(probs), "cost_aware": m.cost_aware_decision(probs, params.cost_matrix)}
+@dataclass(frozen=True)
+class ScoredSet:
+    """One labelled set after scoring: its cases, label probabilities (dropout off) and loss."""
+
+    examples: list[Example]
+    probs: np.ndarray
+    loss: float
+
+    @property
+    def labels(self) -> list[str]:
+        return [example.label for example in self.examples]
 
 
-def headline(labels: list[str], preds: list[str], params: EvaluateParams) -> dict:
+def score_set(
+    model: nn.Module, fmt: ChatFormat, examples: list[Example], source: str, max_len: int, batch_size: int
+) -> ScoredSet:
+    """Label probabilities and completion loss of ``examples``; an over-long case is an error naming ``source``."""
+    cases = tokenize_split(fmt, examples, source, max_len)
+    return ScoredSet(examples, label_probabilities(model, fmt, examples), completion_loss(model, cases, batch_size))
+
+
+def read_extra_set(spec: ExtraSet) -> list[Example]:
+    """The cases of one `evaluate.extra_sets` entry, through the importers, cut to ``limit``."""
+    encoding = spec.encoding or ("cp1254" if spec.format == "ktas" else "utf-8")
+    if spec.format in ("csv", "jsonl"):
+        examples = read_table(
+            spec.path, spec.format, spec.text_field, spec.label_field, spec.label_map, spec.id_field,
+            spec.attr_fields or (), encoding, spec.delimiter or ",",
+        )
+    else:
+        reader = {"prompt_completion": read_prompt_completion_jsonl, "chat": read_chat_jsonl,
+                  "ktas": read_ktas_csv}[spec.format]
+        examples = reader(spec.path, encoding)
+    return examples[: spec.limit]
+
+
+# --------------------------------------------------------------------------- #
+# Decision rules and the frozen ED threshold
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class EdThreshold:
+    """The p(ED) threshold tuned on the validation split, frozen before any other set is scored."""
+
+    value: float | None
+    target_recall: float
+    target_from: str
+    n_valid: int
+    reason: str | None = None
+
+    def describe(self) -> dict:
+        return {"threshold": self.value, "target_recall": self.target_recall, "target_from": self.target_from,
+                "tuned_on": "valid", "n_valid": self.n_valid}
+
+
+def ed_recall_target(params: Params, config_name: str | None) -> tuple[float, str]:
+    """The ED recall the threshold aims for: a safety config's own target, else the evaluate default."""
+    if config_name is not None:
+        target = params.config(config_name).target_ed_recall
+        if target is not None:
+            return target, f"configs.{config_name}.target_ed_recall"
+    return params.evaluate.ed_threshold_target, "evaluate.ed_threshold_target"
+
+
+def freeze_ed_threshold(valid: list[Example], probs: np.ndarray, target: float, target_from: str) -> EdThreshold:
+    """Tune the threshold on the validation cases; without an ED case there it stays undefined."""
+    labels = [example.label for example in valid]
+    if "ED" not in labels:
+        return EdThreshold(None, target, target_from, len(valid),
+                           "the validation split has no ED case to tune the threshold on")
+    return EdThreshold(m.tune_ed_threshold(probs, labels, target), target, target_from, len(valid))
+
+
+def decide(probs: np.ndarray, params: EvaluateParams, threshold: EdThreshold) -> dict[str, list[str]]:
+    """Every applicable decision rule, so reports can show what each one changes."""
+    decisions = {"argmax": m.argmax_decision(probs), "cost_aware": m.cost_aware_decision(probs, params.cost_matrix)}
+    if threshold.value is not None:
+        decisions["ed_threshold"] = m.threshold_decision(probs, threshold.value)
+    return decisions
+
+
+def rule_metrics(labels: list[str], preds: list[str], params: EvaluateParams) -> dict:
     """Scores of one decision rule, gates and bootstrap intervals, flat enough for dvc metrics."""
     scores = m.classification_metrics(labels, preds)
     gates = m.safety_gates(scores, params.gates.ed_recall_min, params.gates.ed_f2_min, params.gates.ed_fnr_max)
@@ -52,14 +157,10 @@ def headline(labels: list[str], preds: list[str], params: EvaluateParams) -> dic
         for stat in ("ed_recall", "ed_fnr")
     }
     return {
-        "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"],
-        "ed_recall": scores["ed_recall"], "ed_f2": scores["ed_f2"],
-        "ed_fnr": scores["ed_fnr"], "ed_fn": scores["ed_fn"], "safe": gates["safe"],
+        **{key: scores[key] for key in HEADLINE if key != "safe"}, "safe": gates["safe"],
         "gates": {name: {k: g[k] for k in ("state", "value", "threshold", "margin")}
                   for name, g in gates["gates"].items()},
-        "ci95": {
-            stat: {"low": iv["low"], "high": iv["high"]} for stat, iv in intervals.items()
-        },
+        "ci95": {stat: {"low": iv["low"], "high": iv["high"]} for stat, iv in intervals.items()},
         "gates_hold_at_pessimistic_end": {
             "ed_recall": m.gate_holds_at_bound(intervals["ed_recall"], params.gates.ed_recall_min),
             "ed_fnr": m.gate_holds_at_bound(intervals["ed_fnr"], params.gates.ed_fnr_max),
@@ -70,37 +171,230 @@ def headline(labels: list[str], preds: list[str], params: EvaluateParams) -> dic
     }
 
 
-def evaluation_report(examples: list[Example], probs: np.ndarray, test_loss: float, params: EvaluateParams) -> dict:
-    """The run's metrics JSON: headline keys on top, both decision rules and calibration nested."""
-    labels = [e.label for e in examples]
-    decisions = decide(probs, params)
-    by_rule = {rule: headline(labels, preds, params) for rule, preds in decisions.items()}
+def set_metrics(scored: ScoredSet, params: EvaluateParams, threshold: EdThreshold) -> dict:
+    """Metrics of one scored set: the headline rule's keys on top, every rule, calibration, subgroups."""
+    labels = scored.labels
+    decisions = decide(scored.probs, params, threshold)
+    by_rule = {rule: rule_metrics(labels, preds, params) for rule, preds in decisions.items()}
+    by_rule.setdefault("ed_threshold", {"applicable": False, "reason": threshold.reason})
+    by_rule["ed_threshold"] |= threshold.describe()
     top = by_rule[params.decision]
-    subgroups = {
-        attr: m.subgroup_rates(labels, decisions[params.decision], [e.attrs.get(attr) for e in examples])
-        for attr in sorted({key for e in examples for key in e.attrs if key in ("age_band", "sex")})
-    }
+    attrs = sorted({key for e in scored.examples for key in e.attrs if key in SUBGROUP_ATTRS})
     return {
         "decision": params.decision,
-        **{key: top[key] for key in ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_fn", "safe")},
-        **{key: top[key] for key in ("gates", "ci95", "gates_hold_at_pessimistic_end")},
-        "test_loss": test_loss,
-        "perplexity": math.exp(test_loss),
-        "n_cases": len(examples),
-        "calibration": {"ece": m.expected_calibration_error(probs, labels),
-                        "brier": m.brier_score(probs, labels)},
+        **{key: top[key] for key in (*HEADLINE, "gates", "ci95", "gates_hold_at_pessimistic_end")},
+        "test_loss": scored.loss,
+        "perplexity": math.exp(scored.loss),
+        "n_cases": len(labels),
+        "calibration": {"ece": m.expected_calibration_error(scored.probs, labels),
+                        "brier": m.brier_score(scored.probs, labels)},
         **by_rule,
-        "subgroups": subgroups,
+        "subgroups": {
+            attr: m.subgroup_rates(labels, decisions[params.decision], [e.attrs.get(attr) for e in scored.examples])
+            for attr in attrs
+        },
     }
 
 
-def prediction_rows(examples: list[Example], probs: np.ndarray, params: EvaluateParams) -> list[dict]:
+def prediction_rows(scored: ScoredSet, params: EvaluateParams, threshold: EdThreshold) -> list[dict]:
     """One row per case for the confusion plot and for audit."""
-    decisions = decide(probs, params)
+    decisions = decide(scored.probs, params, threshold)
     return [
         {"id": e.id, "label": e.label, "pred": decisions[params.decision][i],
-         "argmax": decisions["argmax"][i], "cost_aware": decisions["cost_aware"][i],
-         **{f"p_{label}": round(float(probs[i, j]), 6) for j, label in enumerate(LABELS)},
+         **{rule: preds[i] for rule, preds in decisions.items()},
+         **{f"p_{label}": round(float(scored.probs[i, j]), 6) for j, label in enumerate(LABELS)},
          **e.attrs}
-        for i, e in enumerate(examples)
+        for i, e in enumerate(scored.examples)
     ]
+
+
+# --------------------------------------------------------------------------- #
+# MC dropout
+# --------------------------------------------------------------------------- #
+
+
+def adapter_dropout(adapter: Path | None) -> float | None:
+    """The LoRA dropout an adapter was trained with (after `lora:` overrides); None without an adapter."""
+    if adapter is None:
+        return None
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    return float(config["lora_parameters"]["dropout"])
+
+
+def mc_not_applicable(dropout: float | None) -> str | None:
+    """Why MC dropout cannot run for this model, or None when it can."""
+    if dropout is None:
+        return "no adapter (zero-shot baseline): the base model has no dropout to sample"
+    if dropout == 0:
+        return "the adapter was trained with LoRA dropout 0: every sample would give the same answer"
+    return None
+
+
+class _FanOut(nn.Module):
+    """A transformer block that runs on ``copies`` repeats of its one-row input."""
+
+    def __init__(self, block: nn.Module, copies: int):
+        super().__init__()
+        self.block = block
+        self.copies = copies
+
+    def __call__(self, x: mx.array, *args, **kwargs) -> mx.array:
+        return self.block(mx.broadcast_to(x, (self.copies, *x.shape[1:])), *args, **kwargs)
+
+    def __getattr__(self, key: str):
+        # Model loops read per-block flags (llama's `use_sliding`); answer for the wrapped block.
+        if key != "block" and "block" in self and key not in self:
+            return getattr(self["block"], key)
+        return super().__getattr__(key)
+
+
+def first_random_block(model: nn.Module) -> int:
+    """Index of the lowest transformer block holding a dropout layer (0 when there is none)."""
+    for index, block in enumerate(model.model.layers):
+        if any(isinstance(module, nn.Dropout) for _, module in block.named_modules()):
+            return index
+    return 0
+
+
+@contextmanager
+def shared_lower_blocks(model: nn.Module, copies: int) -> Iterator[int]:
+    """Compute the blocks below the first dropout layer once instead of once per sample.
+
+    Dropout lives only in the LoRA layers of the top blocks, so every sample
+    sees the same activations below them. Inside the context the first random
+    block repeats its input ``copies`` times: the caller feeds the number of
+    rows yielded (1, or ``copies`` when nothing can be shared) and gets
+    ``copies`` rows out. The dropout masks are drawn with the same shapes in
+    the same order as for a plain batch, so a seeded run gives the same samples.
+    """
+    layers = model.model.layers
+    first = first_random_block(model)
+    if first == 0:
+        yield copies
+        return
+    original = layers[first]
+    layers[first] = _FanOut(original, copies)
+    try:
+        yield 1
+    finally:
+        layers[first] = original
+
+
+def mc_dropout_votes(model: nn.Module, fmt: ChatFormat, examples: list[Example], samples: int, seed: int) -> np.ndarray:
+    """(n_cases, samples) label indices with the LoRA dropout on; each sample votes for its most probable label.
+
+    The samples of a case are one batch; the seed makes the dropout masks, and so the votes, reproducible.
+    """
+    mx.random.seed(seed)
+    model.train()
+    votes = []
+    try:
+        with shared_lower_blocks(model, samples) as rows:
+            for example in examples:
+                scores = label_log_probs(model, fmt, example.prompt, copies=rows)
+                votes.append(np.array(mx.argmax(scores, axis=1), dtype=np.int64))
+    finally:
+        model.eval()
+    return np.stack(votes)
+
+
+@dataclass(frozen=True)
+class McDropout:
+    """MC-dropout metrics for the run's JSON, plus per-case vote rows (all cases; ``flagged`` marks review)."""
+
+    metrics: dict
+    cases: list[dict]
+
+
+def mc_dropout(
+    model: nn.Module, fmt: ChatFormat, scored: ScoredSet, headline_preds: list[str],
+    params: EvaluateParams, dropout: float,
+) -> McDropout:
+    """Votes, majority, confidence and uncertainty per case, and the share flagged for review."""
+    started = time.perf_counter()
+    votes = mc_dropout_votes(model, fmt, scored.examples, params.mc_samples, params.seed)
+    seconds = time.perf_counter() - started
+    summary = m.vote_summary(votes)
+    flags = m.flag_uncertain(summary["uncertainty"], params.uncertainty_threshold)
+    majority = m.classification_metrics(scored.labels, summary["majority"])
+    cases = [
+        {"id": e.id, "label": e.label, "pred": headline_preds[i], "vote": summary["majority"][i],
+         "votes": dict(zip(LABELS, summary["counts"][i])), "confidence": summary["confidence"][i],
+         "uncertainty": summary["uncertainty"][i], "flagged": flags["flags"][i]}
+        for i, e in enumerate(scored.examples)
+    ]
+    # The misses that matter most: true ED answered otherwise by the headline rule.
+    missed_ed = [case for case in cases if case["label"] == "ED" and case["pred"] != "ED"]
+    metrics = {
+        "applicable": True,
+        "dropout": dropout,
+        "samples": params.mc_samples,
+        "seed": params.seed,
+        "vote": "each sample votes for its most probable label",
+        "mean_confidence": float(np.mean(summary["confidence"])),
+        "mean_uncertainty": float(np.mean(summary["uncertainty"])),
+        "uncertainty_threshold": params.uncertainty_threshold,
+        "n_flagged": flags["n_flagged"],
+        "flagged_rate": flags["rate"],
+        "ed_misses": len(missed_ed),
+        "ed_misses_flagged": sum(case["flagged"] for case in missed_ed),
+        "majority_vote": {key: majority[key] for key in ("accuracy", "macro_f1", "ed_recall", "ed_fnr", "ed_fn")},
+        "blocks_shared_across_samples": first_random_block(model),
+        "seconds_per_case": round(seconds / len(cases), 4),
+    }
+    return McDropout(metrics, cases)
+
+
+# --------------------------------------------------------------------------- #
+# One run's evaluation
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What the evaluate stage writes: the metrics JSON, the predictions rows and the review rows."""
+
+    metrics: dict
+    predictions: list[dict]
+    review: list[dict]
+
+
+def evaluate_model(
+    model: nn.Module, fmt: ChatFormat, data_dir: Path, params: EvaluateParams, max_len: int,
+    target: tuple[float, str], dropout: float | None,
+) -> Evaluation:
+    """Freeze the ED threshold on ``valid.jsonl``, then score ``test.jsonl`` and the extra sets.
+
+    ``target`` is the ED recall the threshold aims for and where it comes from
+    (see ``ed_recall_target``); ``dropout`` is the adapter's (``adapter_dropout``).
+    """
+    valid_path = data_dir / "valid.jsonl"
+    valid = read_examples(valid_path)
+    threshold = freeze_ed_threshold(valid, label_probabilities(model, fmt, valid), *target)
+    if params.decision == "ed_threshold" and threshold.value is None:
+        raise DataError(valid_path, None, "label", "no ED case: evaluate.decision ed_threshold needs one to tune on")
+
+    test_path = data_dir / "test.jsonl"
+    test = score_set(model, fmt, read_examples(test_path), str(test_path), max_len, params.batch_size)
+    metrics = set_metrics(test, params, threshold)
+    predictions = prediction_rows(test, params, threshold)
+
+    reason = mc_not_applicable(dropout)
+    review: list[dict] = []
+    if reason is None:
+        mc = mc_dropout(model, fmt, test, [row["pred"] for row in predictions], params, dropout)
+        metrics["mc_dropout"] = mc.metrics
+        for row, case in zip(predictions, mc.cases):
+            row |= {"mc_vote": case["vote"], "mc_confidence": case["confidence"],
+                    "mc_uncertainty": case["uncertainty"]}
+        review = [{k: v for k, v in case.items() if k != "flagged"} for case in mc.cases if case["flagged"]]
+    else:
+        metrics["mc_dropout"] = {"applicable": False, "reason": reason}
+
+    metrics["extra_sets"] = {}
+    for spec in params.extra_sets:
+        examples = read_extra_set(spec)
+        scored = score_set(model, fmt, examples, spec.path, max_len, params.batch_size)
+        metrics["extra_sets"][spec.name] = {"path": spec.path, "format": spec.format,
+                                            **set_metrics(scored, params, threshold)}
+    return Evaluation(metrics, predictions, review)

@@ -106,6 +106,8 @@ def _jsonl_records(source: _Source) -> list[tuple[int, dict]]:
             # A stray byte outside a JSON string breaks parsing; name the encoding, not the syntax.
             source.checked(number, None, line)
             raise source.error(number, None, f"invalid JSON: {err.msg} at column {err.colno}") from None
+        except RecursionError:
+            raise source.error(number, None, "invalid JSON: nested too deeply to read") from None
         if not isinstance(record, dict):
             raise source.error(number, None, f"expected a JSON object, got {_type_name(record)}")
         records.append((number, record))

@@ -1,0 +1,334 @@
+"""Evaluation on the tiny model: metrics keys, frozen ED threshold, MC dropout, extra sets."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import yaml
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm import load
+
+from conftest import ROOT, SHARED_DATA
+from triage.backend import optimize_quantized_matmul
+from triage.config import ExtraSet, LoraConfig, ParamsError, load_params
+from triage.evaluation import (
+    EdThreshold, ScoredSet, adapter_dropout, completion_loss, evaluate_model, first_random_block,
+    freeze_ed_threshold, mc_dropout_votes, read_extra_set, score_set, set_metrics,
+    shared_lower_blocks,
+)
+from triage.importers import KTAS_TEXT_COLUMNS
+from triage.io import write_jsonl
+from triage.lm import ChatFormat, label_log_probs, tokenize_split
+from triage.schema import LABELS, DataError, Example, render_prompt
+from triage.synth import generate
+from triage.training import add_lora, save_adapter
+
+HEADLINE = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_fn", "safe", "test_loss")
+RULES = ("argmax", "cost_aware", "ed_threshold")
+MIX = {"ED": 0.3, "GP": 0.45, "HOME": 0.25}
+SAMPLES = 20
+TARGET = (0.96, "configs.balanced_safe.target_ed_recall")
+# A KTAS-format export: door-side columns plus the expert's level, ';'-separated, decimal commas.
+KTAS_ROWS = [
+    ("2", "71", "3", "1", "right ocular pain", "1", "1", "2", "160", "100", "84", "18", "36,6", "100", "2"),
+    ("1", "8", "1", "2", "fall from bicycle", "1", "1", "5", "100", "60", "110", "22", "36,9", "99", "4"),
+    ("1", "45", "2", "1", "chest pain", "2", "1", "8", "90", "50", "130", "28", "37,2", "88", "1"),
+    ("2", "30", "1", "1", "sore throat", "1", "0", "#BOŞ!", "120", "80", "76", "16", "37,8", "??", "5"),
+    ("2", "82", "3", "1", "dizziness", "1", "0", "#BOŞ!", "140", "90", "66", "18", "36,5", "97", "4"),
+    ("1", "15", "1", "2", "ankle sprain", "1", "1", "3", "110", "70", "80", "18", "36,7", "99", "5"),
+]
+
+
+def write_ktas_csv(path: Path, rows: list[tuple[str, ...]] = KTAS_ROWS) -> Path:
+    lines = [";".join((*KTAS_TEXT_COLUMNS, "KTAS_expert"))] + [";".join(row) for row in rows]
+    path.write_bytes(("\n".join(lines) + "\n").encode("cp1254"))
+    return path
+
+
+def write_adapter(directory: Path, model_dir: Path, dropout: float, num_layers: int = 1) -> Path:
+    """A LoRA adapter on the top ``num_layers`` blocks with random (non-zero) lora_b, saved like train does."""
+    model, _ = load(str(model_dir))
+    config = LoraConfig(kind="standard", learning_rate=1.0e-5, batch_size=2, rank=8, scale=20.0,
+                        dropout=dropout, iters=1)
+    lora = add_lora(model, config, num_layers)
+    mx.random.seed(0)
+    weights = [(k, mx.random.normal(v.shape)) for k, v in tree_flatten(model.trainable_parameters())
+               if k.endswith("lora_b")]
+    model.update(tree_unflatten(weights))
+    save_adapter(directory, model, lora["adapter_config"])
+    return directory
+
+
+def load_decisive(model_dir: Path, adapter: Path | None = None):
+    """The tiny model (plus adapter) as the stage loads it, with its logits sharpened tenfold.
+
+    Random weights give near-uniform next-token logits, so the two-token labels
+    always lose to the one-token label; sharper logits let dropout flip answers.
+    """
+    model, tokenizer = load(str(model_dir), adapter_path=str(adapter) if adapter else None)
+    model.model.norm.weight = model.model.norm.weight * 10.0
+    optimize_quantized_matmul(model)
+    return model, ChatFormat(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir / "4bit"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    examples = generate(20, MIX, seed=5)
+    directory = tmp_path_factory.mktemp("prepared")
+    write_jsonl(directory / "valid.jsonl", [e.to_json() for e in examples[::2]])
+    write_jsonl(directory / "test.jsonl", [e.to_json() for e in examples[1::2]])
+    assert {e.label for e in examples[::2]} == set(LABELS) == {e.label for e in examples[1::2]}
+    return directory
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, model_dir) -> dict[float, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {dropout: write_adapter(root / f"dropout-{dropout}", model_dir, dropout) for dropout in (0.0, 0.3)}
+
+
+@pytest.fixture(scope="module")
+def params(tmp_path_factory):
+    ktas = write_ktas_csv(tmp_path_factory.mktemp("raw") / "ktas.csv")
+    evaluate = load_params(ROOT / "params.yaml").evaluate
+    return replace(evaluate, mc_samples=SAMPLES,
+                   extra_sets=[ExtraSet(name="ktas", path=str(ktas), format="ktas")])
+
+
+@pytest.fixture(scope="module")
+def evaluation(model_dir, adapters, data_dir, params):
+    """One evaluation with a dropout adapter, as the evaluate stage runs it."""
+    model, fmt = load_decisive(model_dir, adapters[0.3])
+    return evaluate_model(model, fmt, data_dir, params, 2048, TARGET, adapter_dropout(adapters[0.3]))
+
+
+def test_metrics_json_has_every_key(evaluation, params):
+    metrics = evaluation.metrics
+    json.dumps(metrics, allow_nan=False)
+    assert set(HEADLINE) <= set(metrics)
+    assert metrics["decision"] == params.decision
+    assert math.isclose(metrics["perplexity"], math.exp(metrics["test_loss"]))
+    assert set(metrics["calibration"]) == {"ece", "brier"}
+    assert set(metrics["gates"]) == {"ed_recall", "ed_f2", "ed_fnr"}
+    for rule in RULES:
+        assert set(HEADLINE) - {"test_loss"} <= set(metrics[rule]), rule
+    assert metrics["ed_recall"] == metrics[params.decision]["ed_recall"]
+    threshold = metrics["ed_threshold"]
+    assert threshold["tuned_on"] == "valid" and 0.0 <= threshold["threshold"] <= 1.0
+    assert (threshold["target_recall"], threshold["target_from"]) == TARGET
+    for attr in ("age_band", "sex"):
+        groups = metrics["subgroups"][attr]
+        assert groups and all({"ed_recall", "over_triage_rate", "n"} <= set(g) for g in groups.values())
+    mc = metrics["mc_dropout"]
+    assert mc["applicable"] is True and mc["samples"] == SAMPLES and mc["dropout"] == 0.3
+    assert {"mean_confidence", "mean_uncertainty", "n_flagged", "flagged_rate", "seconds_per_case"} <= set(mc)
+
+
+def test_predictions_have_the_required_fields(evaluation, data_dir, params):
+    rows = evaluation.predictions
+    test_ids = [json.loads(line)["id"] for line in (data_dir / "test.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in rows] == test_ids
+    for row in rows:
+        assert {"id", "label", "pred", "p_ED", "p_GP", "p_HOME", *RULES} <= set(row)
+        assert row["pred"] == row[params.decision] and row["label"] in LABELS
+        assert sum(row[f"p_{label}"] for label in LABELS) == pytest.approx(1.0, abs=1e-5)
+        assert {"mc_vote", "mc_uncertainty", "age_band", "sex"} <= set(row)
+
+
+def test_mc_dropout_votes_vary_and_the_uncertain_cases_go_to_review(evaluation, params):
+    mc = evaluation.metrics["mc_dropout"]
+    uncertainty = [row["mc_uncertainty"] for row in evaluation.predictions]
+    assert mc["mean_uncertainty"] > 0 and max(uncertainty) > params.uncertainty_threshold
+    assert mc["mean_confidence"] < 1.0
+    flagged = {row["id"] for row in evaluation.predictions if row["mc_uncertainty"] > params.uncertainty_threshold}
+    assert {row["id"] for row in evaluation.review} == flagged and mc["n_flagged"] == len(flagged)
+    for row in evaluation.review:
+        assert {"id", "label", "votes", "uncertainty"} <= set(row)
+        assert sum(row["votes"].values()) == SAMPLES and max(row["votes"].values()) < SAMPLES
+
+
+def test_the_same_seed_draws_the_same_votes(model_dir, adapters, data_dir):
+    model, fmt = load_decisive(model_dir, adapters[0.3])
+    examples = [Example(**json.loads(line)) for line in (data_dir / "test.jsonl").read_text().splitlines()][:4]
+    first = mc_dropout_votes(model, fmt, examples, SAMPLES, seed=7)
+    again = mc_dropout_votes(model, fmt, examples, SAMPLES, seed=7)
+    other = mc_dropout_votes(model, fmt, examples, SAMPLES, seed=8)
+    assert first.shape == (4, SAMPLES)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_shared_lower_blocks_give_the_plain_batch_result(model_dir, adapters):
+    model, fmt = load_decisive(model_dir, adapters[0.3])
+    prompt = render_prompt("Crushing chest pain for an hour, sweating and short of breath.")
+    assert first_random_block(model) == 1  # LoRA (and so dropout) only on the top block of two
+    model.train()
+    mx.random.seed(3)
+    plain = label_log_probs(model, fmt, prompt, copies=SAMPLES)
+    mx.random.seed(3)
+    with shared_lower_blocks(model, SAMPLES) as rows:
+        shared = label_log_probs(model, fmt, prompt, copies=rows)
+    assert rows == 1 and shared.shape == plain.shape == (SAMPLES, len(LABELS))
+    assert len({tuple(np.round(np.array(row), 3)) for row in plain}) > 1  # dropout is really on
+    np.testing.assert_allclose(np.array(shared), np.array(plain), atol=1e-3)
+    assert type(model.model.layers[1]).__name__ == "TransformerBlock"  # the block is restored
+
+
+def evaluate_without_extras(model_dir: Path, adapter: Path | None, data_dir: Path, params):
+    model, fmt = load_decisive(model_dir, adapter)
+    return evaluate_model(model, fmt, data_dir, replace(params, extra_sets=[]), 2048, TARGET, adapter_dropout(adapter))
+
+
+@pytest.fixture(scope="module")
+def baseline(model_dir, data_dir, params):
+    """The zero-shot evaluation: no adapter, so no dropout."""
+    return evaluate_without_extras(model_dir, None, data_dir, params)
+
+
+def test_dropout_zero_and_the_baseline_report_not_applicable(model_dir, adapters, data_dir, params, baseline):
+    for result in (evaluate_without_extras(model_dir, adapters[0.0], data_dir, params), baseline):
+        mc = result.metrics["mc_dropout"]
+        assert mc["applicable"] is False and mc["reason"] and set(mc) == {"applicable", "reason"}
+        assert result.review == [] and "mc_vote" not in result.predictions[0]
+
+
+def test_the_ed_threshold_is_tuned_on_the_validation_split_only(model_dir, data_dir, params, baseline, tmp_path):
+    def threshold_with(valid: str, test: str) -> float:
+        directory = tmp_path / f"{valid}-{test}"
+        directory.mkdir()
+        for name, source in (("valid", valid), ("test", test)):
+            (directory / f"{name}.jsonl").write_text((data_dir / f"{source}.jsonl").read_text())
+        return evaluate_without_extras(model_dir, None, directory, params).metrics["ed_threshold"]["threshold"]
+
+    reference = baseline.metrics["ed_threshold"]["threshold"]
+    assert threshold_with("valid", "valid") == reference  # other test cases, same threshold
+    assert threshold_with("test", "test") != reference    # other validation cases move it
+
+
+def test_a_validation_split_without_ed_cannot_drive_the_ed_threshold_rule(model_dir, data_dir, params, tmp_path):
+    model, fmt = load_decisive(model_dir)
+    rows = [json.loads(line) for line in (data_dir / "valid.jsonl").read_text().splitlines()]
+    write_jsonl(tmp_path / "valid.jsonl", [row for row in rows if row["label"] != "ED"])
+    (tmp_path / "test.jsonl").write_text((data_dir / "test.jsonl").read_text())
+    with pytest.raises(DataError, match="valid.jsonl.*no ED case"):
+        evaluate_model(model, fmt, tmp_path, replace(params, decision="ed_threshold", extra_sets=[]),
+                       2048, TARGET, None)
+
+
+def synthetic_set(labels: list[str], probs: list[list[float]]) -> ScoredSet:
+    examples = [Example(f"c{i}", render_prompt("x"), label, label, attrs={"age_band": "adult", "sex": "female"})
+                for i, label in enumerate(labels)]
+    return ScoredSet(examples, np.array(probs), loss=0.5)
+
+
+def test_a_class_missing_from_the_test_split_gives_none_and_na_gates(params):
+    scored = synthetic_set(["GP", "HOME", "GP"], [[0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.6, 0.3, 0.1]])
+    threshold = EdThreshold(0.5, 0.95, "evaluate.ed_threshold_target", 10)
+    metrics = set_metrics(scored, params, threshold)
+    json.dumps(metrics, allow_nan=False)
+    assert metrics["ed_recall"] is None and metrics["ed_fnr"] is None and metrics["safe"] is False
+    # ED F2 stays defined (0) once a case is predicted ED; recall and FNR have no ED case to count.
+    assert metrics["gates"]["ed_recall"]["state"] == metrics["gates"]["ed_fnr"]["state"] == "n/a"
+    assert metrics["ci95"]["ed_recall"] == {"low": None, "high": None}
+    assert metrics["subgroups"]["sex"]["female"]["ed_recall"] is None
+    assert all(metrics[rule]["ed_recall"] is None for rule in RULES)
+
+
+def test_ed_threshold_as_the_headline_rule_and_when_it_cannot_be_tuned(params):
+    scored = synthetic_set(["ED", "GP", "HOME"], [[0.3, 0.6, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7]])
+    threshold = freeze_ed_threshold(scored.examples, scored.probs, 0.95, "evaluate.ed_threshold_target")
+    assert threshold.value == pytest.approx(0.3)  # the lowest p(ED) of a true ED case reaching the target
+    metrics = set_metrics(scored, replace(params, decision="ed_threshold"), threshold)
+    assert metrics["ed_recall"] == 1.0 and metrics["argmax"]["ed_recall"] == 0.0
+    untuned = freeze_ed_threshold(scored.examples[1:], scored.probs[1:], 0.95, "evaluate.ed_threshold_target")
+    block = set_metrics(scored, params, untuned)["ed_threshold"]
+    assert block["applicable"] is False and "no ED case" in block["reason"] and block["threshold"] is None
+
+
+def test_the_test_loss_counts_every_case(model_dir, data_dir):
+    model, fmt = load_decisive(model_dir)
+    examples = [Example(**json.loads(line)) for line in (data_dir / "test.jsonl").read_text().splitlines()][:5]
+    cases = tokenize_split(fmt, examples, "test.jsonl", 2048)
+    # Five cases in batches of four: a batcher that drops the remainder would differ from batches of one.
+    assert completion_loss(model, cases, 4) == pytest.approx(completion_loss(model, cases, 1), rel=1e-4)
+    assert completion_loss(model, cases, 4) != pytest.approx(completion_loss(model, cases[:4], 4), rel=1e-4)
+
+
+def test_extra_sets_get_the_test_split_metrics(evaluation, params):
+    extra = evaluation.metrics["extra_sets"]["ktas"]
+    assert extra["n_cases"] == len(KTAS_ROWS) and extra["format"] == "ktas"
+    assert set(HEADLINE) <= set(extra) and set(extra["gates"]) == {"ed_recall", "ed_f2", "ed_fnr"}
+    assert set(extra["calibration"]) == {"ece", "brier"} and set(RULES) <= set(extra)
+    # The same frozen threshold applies to every set.
+    assert extra["ed_threshold"]["threshold"] == evaluation.metrics["ed_threshold"]["threshold"]
+    assert set(extra["subgroups"]["age_band"]) == {"adult", "child", "elderly"}
+    assert set(extra["subgroups"]["sex"]) == {"female", "male"}
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "ktas" / "data.csv").exists(), reason="KTAS data not present")
+def test_the_real_ktas_file_as_an_extra_set(model_dir, params):
+    model, fmt = load_decisive(model_dir)
+    spec = ExtraSet(name="ktas", path=str(SHARED_DATA / "ktas" / "data.csv"), format="ktas", limit=24)
+    examples = read_extra_set(spec)
+    assert len(examples) == 24 and examples[0].id == "ktas-1"
+    threshold = EdThreshold(0.4, 0.95, "evaluate.ed_threshold_target", 10)
+    metrics = set_metrics(score_set(model, fmt, examples, spec.path, 2048, params.batch_size), params, threshold)
+    assert metrics["n_cases"] == 24 and set(HEADLINE) <= set(metrics)
+    assert {"age_band", "sex"} <= set(metrics["subgroups"])
+
+
+def test_csv_extra_sets_map_labels_and_keep_attribute_columns(tmp_path):
+    path = tmp_path / "clinic.csv"
+    path.write_text("msg,urgency,age_band\nchest pain,emergent,adult\ncough,routine,child\n", encoding="utf-8")
+    spec = ExtraSet(name="clinic", path=str(path), format="csv", text_field="msg", label_field="urgency",
+                    label_map={"emergent": "ED", "routine": "HOME"}, attr_fields=["age_band"])
+    examples = read_extra_set(spec)
+    assert [(e.label, e.attrs) for e in examples] == [("ED", {"age_band": "adult"}), ("HOME", {"age_band": "child"})]
+    assert len(read_extra_set(replace(spec, limit=1))) == 1
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"name": "x", "path": "a.csv", "format": "csv", "label_field": "y"}, "missing key.*text_field"),
+    ({"name": "x", "path": "a.csv", "format": "ktas", "label_map": {"a": "ED"}}, "label_map.*only applies"),
+    ({"name": "x y", "path": "a.jsonl", "format": "chat"}, "name"),
+    ({"name": "x", "path": "a.jsonl", "format": "chat", "limit": 0}, "limit"),
+])
+def test_bad_extra_set_entries_are_named(tmp_path, entry, message):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["evaluate"]["extra_sets"] = [entry]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=message):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_the_stage_writes_metrics_predictions_and_review(model_dir, adapters, data_dir, tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["evaluate"]["mc_samples"] = 4
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "stages/evaluate.py"), "--run", "tiny-4bit-balanced_safe",
+               "--config", "balanced_safe", "--model-dir", str(model_dir), "--adapter", str(adapters[0.3]),
+               "--data", str(data_dir), "--metrics", str(out / "eval.json"),
+               "--predictions", str(out / "predictions.jsonl"), "--review", str(out / "review.jsonl")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "eval.json").read_text())
+    assert metrics["run"] == "tiny-4bit-balanced_safe" and metrics["adapter"] is True
+    assert metrics["ed_threshold"]["target_from"] == "configs.balanced_safe.target_ed_recall"
+    assert metrics["mc_dropout"]["samples"] == 4 and (out / "review.jsonl").is_file()
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 10
