@@ -21,6 +21,7 @@ TINY_PROFILE = {
     "data": {"n_examples": 240},
     "lora": {"iters": 20, "batch_size": 2},
     "train": {"steps_per_report": 5, "steps_per_eval": 10, "steps_per_save": 10, "val_batches": 2},
+    "evaluate": {"mc_samples": 10},
 }
 
 

@@ -11,12 +11,23 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def remove_stale(directory: Path, pattern: str) -> None:
+    """Delete temp files or directories a killed earlier attempt left behind (no handler runs on SIGKILL)."""
+    for leftover in directory.glob(pattern):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temp file in the same directory and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path.parent, f".{path.name}.*.tmp")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; outputs are meant to be shared
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -50,6 +61,7 @@ def staged_directory(final: Path) -> Iterator[Path]:
     A killed or failed stage then leaves no half-written model for DVC to cache.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(final.parent, f".{final.name}.*")
     work = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
         yield work / "out"

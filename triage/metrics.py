@@ -308,7 +308,7 @@ def vote_summary(votes: np.ndarray | Sequence[Sequence[int]]) -> dict:
     counts = (arr[:, :, None] == np.arange(N_CLASSES)).sum(axis=1)
     share = counts / arr.shape[1]
     with np.errstate(divide="ignore", invalid="ignore"):
-        entropy = -np.sum(np.where(share > 0, share * np.log(share), 0.0), axis=1)
+        entropy = 0.0 - np.sum(np.where(share > 0, share * np.log(share), 0.0), axis=1)  # 0.0 - x: no -0.0
     return {
         "majority": [LABELS[k] for k in counts.argmax(axis=1)],
         "confidence": share.max(axis=1).tolist(),
