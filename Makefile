@@ -1,11 +1,12 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up .venv and run a bounded demo of the study
 #   make test   set up .venv and run the test suite
+#   make bench  set up .venv and measure CPU speed (bench/README.md)
 VENV ?= .venv
 PYTHON ?= python3
 BIN = $(VENV)/bin
 
-.PHONY: setup demo test
+.PHONY: setup demo test bench
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt requirements-models.txt pyproject.toml
 	bash scripts/system-deps.sh
@@ -22,3 +23,6 @@ demo: setup
 
 test: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/run.py

