@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 
 from triage.config import load_params
-from triage.io import atomic_write_text, write_json
-from triage.report import HEADLINE, collect_rows, memory_points, report_markdown, summary
+from triage.io import atomic_write_text, staged_directory, write_json
+from triage.report import (HEADLINE, collect_rows, mc_uncertainties, memory_points, report_markdown, summary,
+                           uncertainty_histogram)
 from triage.stage import run_stage
 
 
@@ -22,6 +23,16 @@ def read_baselines(directory: Path, models: list[str], bits: list[str]) -> dict[
     return found
 
 
+def write_uncertainty_plots(directory: Path, runs: Path, rows: list[dict]) -> None:
+    """One histogram per run evaluated with MC dropout, named after the run."""
+    with staged_directory(directory) as staged:
+        staged.mkdir(parents=True)
+        for row in rows:
+            values = mc_uncertainties(runs / row["run"] / "predictions.jsonl")
+            if values:
+                write_json(staged / f"{row['run']}.json", uncertainty_histogram(values))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=Path, required=True)
@@ -30,6 +41,7 @@ def main() -> None:
     parser.add_argument("--summary", type=Path, required=True)
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--memory-plot", type=Path, required=True)
+    parser.add_argument("--uncertainty-plots", type=Path, required=True)
     args = parser.parse_args()
 
     params = load_params()
@@ -38,6 +50,7 @@ def main() -> None:
     study = summary(rows, missing, baselines)
     write_json(args.summary, study)
     write_json(args.memory_plot, memory_points(rows))
+    write_uncertainty_plots(args.uncertainty_plots, args.runs, rows)
     gates = {"ed_recall": params.evaluate.gates.ed_recall_min, "ed_f2": params.evaluate.gates.ed_f2_min,
              "ed_fnr": params.evaluate.gates.ed_fnr_max}
     report = report_markdown(study, gates)

@@ -16,7 +16,7 @@ from mlx_lm import load
 from triage.backend import optimize_quantized_matmul
 from triage.config import load_params
 from triage.evaluation import adapter_dropout, ed_recall_target, evaluate_model
-from triage.io import write_json, write_jsonl
+from triage.io import write_csv, write_json, write_jsonl
 from triage.lm import ChatFormat, check_supported
 from triage.stage import run_stage
 
@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="directory with valid.jsonl and test.jsonl")
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--predictions", type=Path, required=True)
+    parser.add_argument("--confusion", type=Path, required=True,
+                        help="CSV of id, label, pred for DVC's confusion plot (DVC plots cannot read JSONL)")
     parser.add_argument("--review", type=Path, help="JSONL of the cases MC dropout flags as uncertain")
     args = parser.parse_args()
 
@@ -51,6 +53,7 @@ def main() -> None:
         ed_recall_target(params, args.config), adapter_dropout(args.adapter),
     )
     write_jsonl(args.predictions, result.predictions)
+    write_csv(args.confusion, result.predictions, ("id", "label", "pred"))
     if args.review:
         write_jsonl(args.review, result.review)
     write_json(args.metrics, {"run": args.run, "adapter": bool(args.adapter), **result.metrics})

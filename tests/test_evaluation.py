@@ -323,7 +323,8 @@ def test_the_stage_writes_metrics_predictions_and_review(model_dir, adapters, da
     command = [sys.executable, str(ROOT / "stages/evaluate.py"), "--run", "tiny-4bit-balanced_safe",
                "--config", "balanced_safe", "--model-dir", str(model_dir), "--adapter", str(adapters[0.3]),
                "--data", str(data_dir), "--metrics", str(out / "eval.json"),
-               "--predictions", str(out / "predictions.jsonl"), "--review", str(out / "review.jsonl")]
+               "--predictions", str(out / "predictions.jsonl"), "--confusion", str(out / "confusion.csv"),
+               "--review", str(out / "review.jsonl")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -331,4 +332,8 @@ def test_the_stage_writes_metrics_predictions_and_review(model_dir, adapters, da
     assert metrics["run"] == "tiny-4bit-balanced_safe" and metrics["adapter"] is True
     assert metrics["ed_threshold"]["target_from"] == "configs.balanced_safe.target_ed_recall"
     assert metrics["mc_dropout"]["samples"] == 4 and (out / "review.jsonl").is_file()
-    assert len((out / "predictions.jsonl").read_text().splitlines()) == 10
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 10
+    confusion = (out / "confusion.csv").read_text().splitlines()
+    assert confusion[0] == "id,label,pred"
+    assert confusion[1:] == [f"{p['id']},{p['label']},{p['pred']}" for p in predictions]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import yaml
@@ -84,6 +85,36 @@ def test_export_fuses_the_adapter_into_a_loadable_model(reproduced):
     assert not any("lora" in name for name, _ in model.named_modules())
 
 
+def test_uncertainty_histograms_only_for_runs_with_mc_dropout(reproduced):
+    plots = reproduced / "metrics/plots/uncertainty"
+    assert [p.name for p in plots.iterdir()] == ["tiny-4bit-balanced_safe.json"]  # medical_fast has dropout 0
+    bins = json.loads((plots / "tiny-4bit-balanced_safe.json").read_text())
+    cases = (reproduced / "metrics/runs/tiny-4bit-balanced_safe/predictions.jsonl").read_text().splitlines()
+    assert sum(b["cases"] for b in bins) == len(cases)
+
+
+def test_dvc_plots_show_renders_every_plot(reproduced):
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], reproduced).stdout)
+    assert not shown.get("errors"), shown.get("errors")
+    ids = set(shown["data"])
+    assert all(render[0]["content"]["data"]["values"] for render in shown["data"].values())
+    for name in RUNS:
+        assert f"metrics/runs/{name}/confusion.csv" in ids
+        assert f"metrics/runs/{name}/curves/train.tsv" in ids
+    assert "metrics/baseline/tiny-4bit/confusion.csv" in ids
+    assert "metrics/plots/ed_recall_vs_memory.json" in ids
+    assert "metrics/plots/uncertainty/tiny-4bit-balanced_safe.json" in ids
+
+
+def test_dvc_metrics_show_has_every_runs_headline(reproduced):
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], reproduced).stdout)
+    files = next(iter(shown.values()))["data"]
+    for name in RUNS:
+        evaluation = files[f"metrics/runs/{name}/eval.json"]["data"]
+        summary_row = files["metrics/summary.json"]["data"]["runs"][name]
+        assert {key: evaluation[key] for key in HEADLINE} == {key: summary_row[key] for key in HEADLINE}
+
+
 def test_lora_rank_override_reaches_the_adapter(reproduced):
     run(["dvc", "exp", "run", "-S", "lora.rank=16", "-S", "run.configs=[medical_fast]"], reproduced)
     config = json.loads((reproduced / "runs/tiny-4bit-medical_fast/adapter/adapter_config.json").read_text())
@@ -93,3 +124,37 @@ def test_lora_rank_override_reaches_the_adapter(reproduced):
     weights = mx.load(str(reproduced / "runs/tiny-4bit-medical_fast/adapter/adapters.safetensors"))
     ranks = {v.shape[-1] for k, v in weights.items() if k.endswith("lora_a")}
     assert ranks == {16}
+
+
+def queue_settled(project) -> bool:
+    status = run(["dvc", "queue", "status"], project).stdout
+    return not any(word in status for word in ("Queued", "Running"))
+
+
+def test_queued_experiments_run_two_at_a_time(reproduced):
+    """`dvc exp run --queue` + `dvc queue start -j 2`; each retrains only the run its change touches."""
+    run(["git", "checkout", "--", "params.yaml"], reproduced)  # both configs, no rank override
+    names = {rank: f"queued-rank-{rank}" for rank in (4, 12)}
+    for rank, name in names.items():
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"configs.medical_fast.rank={rank}"], reproduced)
+    run(["dvc", "queue", "start", "-j", "2"], reproduced)
+    try:
+        deadline = time.monotonic() + 900
+        while not queue_settled(reproduced) and time.monotonic() < deadline:
+            time.sleep(3)
+    finally:
+        run(["dvc", "queue", "stop"], reproduced, check=False)
+    status = run(["dvc", "queue", "status"], reproduced).stdout
+    assert all(f"{name}" in status for name in names.values()) and "Failed" not in status, status
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], reproduced).stdout)
+    experiments = {exp["name"]: exp["data"] for base in shown for group in base.get("experiments") or []
+                   for exp in group["revs"]}
+    for rank, name in names.items():
+        data = experiments[name]
+        assert data["params"]["params.yaml"]["data"]["configs"]["medical_fast"]["rank"] == rank
+        runs = data["metrics"]["metrics/summary.json"]["data"]["runs"]
+        assert set(runs) == set(RUNS)
+        logs = run(["dvc", "queue", "logs", name], reproduced).stdout
+        assert "Stage 'train@tiny-4bit-balanced_safe' is cached" in logs, logs
+        assert "Running stage 'train@tiny-4bit-medical_fast'" in logs, logs

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from triage.config import RunSelection
-from triage.report import collect_rows, failed_gates, memory_points, report_markdown, summary
+from triage.report import (collect_rows, failed_gates, mc_uncertainties, memory_points, report_markdown, summary,
+                           uncertainty_histogram)
 
 GATES = {"ed_recall": 0.95, "ed_f2": 0.90, "ed_fnr": 0.05}
 
@@ -78,3 +80,20 @@ def test_memory_points_one_per_run(tmp_path):
     points = memory_points(list(study(tmp_path)["runs"].values()))
     assert [p["run"] for p in points] == ["m-4bit-safe", "m-4bit-std", "m-8bit-std"]
     assert points[0] == {"run": "m-4bit-safe", "peak_memory_mb": 310.0, "ed_recall": 0.99}
+
+
+def test_uncertainty_histogram_counts_every_case_in_its_bin():
+    # 0 (unanimous), two cases in 0.3-0.4, and ln 3 (a three-way tie) in the closed last bin
+    bins = uncertainty_histogram([0.0, 0.31, 0.35, 0.69, math.log(3)])
+    assert [b["uncertainty"] for b in bins][:2] == ["0.0-0.1", "0.1-0.2"] and bins[-1]["uncertainty"] == "1.0-1.1"
+    assert {b["uncertainty"]: b["cases"] for b in bins if b["cases"]} == {"0.0-0.1": 1, "0.3-0.4": 2, "0.6-0.7": 1,
+                                                                         "1.0-1.1": 1}
+    assert sum(b["cases"] for b in uncertainty_histogram([])) == 0
+
+
+def test_mc_uncertainties_read_from_predictions(tmp_path):
+    with_mc, without_mc = tmp_path / "mc.jsonl", tmp_path / "plain.jsonl"
+    with_mc.write_text('{"id": "a", "mc_uncertainty": 0.5}\n{"id": "b", "mc_uncertainty": 0.0}\n')
+    without_mc.write_text('{"id": "a", "pred": "GP"}\n')
+    assert mc_uncertainties(with_mc) == [0.5, 0.0]
+    assert mc_uncertainties(without_mc) == [] and mc_uncertainties(tmp_path / "absent.jsonl") == []

@@ -1,12 +1,14 @@
-"""Atomic file writes and JSONL reading: a killed stage never leaves half a file."""
+"""Atomic file writes (JSON, JSONL, CSV) and JSONL reading: a killed stage never leaves half a file."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,6 +46,15 @@ def write_json(path: str | Path, data: object) -> None:
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def write_csv(path: str | Path, rows: Iterable[dict], fields: Sequence[str]) -> None:
+    """``fields`` of each row as CSV with a header line, written atomically."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:

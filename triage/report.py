@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from statistics import mean
+from typing import Sequence
 
+import numpy as np
 from tabulate import tabulate
 
 from triage.config import RunSelection
+from triage.io import iter_jsonl
 
 HEADLINE = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_fn", "safe", "test_loss")
 GATE_TEXT = {"ed_recall": "ED recall >= {:.0%}", "ed_f2": "ED F2 >= {:.0%}", "ed_fnr": "ED FNR <= {:.0%}"}
@@ -66,6 +70,20 @@ def memory_points(rows: list[dict]) -> list[dict]:
     """One point per run for the ED recall vs peak memory plot."""
     return [{"run": r["run"], "peak_memory_mb": r["peak_memory_mb"], "ed_recall": r["ed_recall"]}
             for r in sorted(rows, key=lambda r: r["run"]) if r["ed_recall"] is not None]
+
+
+def mc_uncertainties(predictions: Path) -> list[float]:
+    """The MC-dropout vote entropy of every test case; empty when the run had no MC dropout."""
+    if not predictions.is_file():
+        return []
+    return [row["mc_uncertainty"] for _, row in iter_jsonl(predictions) if "mc_uncertainty" in row]
+
+
+def uncertainty_histogram(uncertainties: Sequence[float], width: float = 0.1) -> list[dict]:
+    """Cases per bin of vote entropy (nats, 0 to ln 3); every bin is listed so runs line up."""
+    edges = np.arange(math.ceil(math.log(3) / width) + 1) * width
+    counts, _ = np.histogram(np.asarray(uncertainties, dtype=float), bins=edges)
+    return [{"uncertainty": f"{low:.1f}-{low + width:.1f}", "cases": int(n)} for low, n in zip(edges, counts)]
 
 
 def summary(rows: list[dict], missing: list[str], baselines: dict[str, dict]) -> dict:
