@@ -24,7 +24,7 @@ from triage import metrics as m
 from triage.batches import collate
 from triage.config import EvaluateParams, ExtraSet, Params
 from triage.importers import read_chat_jsonl, read_ktas_csv, read_prompt_completion_jsonl, read_table
-from triage.lm import ChatFormat, TokenizedCase, label_log_probs, tokenize_split
+from triage.lm import ChatFormat, TokenizedCase, batch_label_log_probs, label_log_probs, tokenize_split
 from triage.losses import plain_loss
 from triage.schema import LABELS, DataError, Example, read_examples
 
@@ -39,14 +39,20 @@ SUBGROUP_ATTRS = ("age_band", "sex")
 # --------------------------------------------------------------------------- #
 
 
-def label_probabilities(model: nn.Module, fmt: ChatFormat, examples: list[Example]) -> np.ndarray:
-    """(n, 3) probabilities of the label options, normalised over the three, dropout off."""
+def label_probabilities(model: nn.Module, fmt: ChatFormat, examples: list[Example], batch_size: int) -> np.ndarray:
+    """(n, 3) probabilities of the label options, normalised over the three, dropout off.
+
+    Cases go through in batches of similar prompt length, so little compute goes to padding.
+    """
     model.eval()
-    rows = []
-    for example in examples:
-        scores = label_log_probs(model, fmt, example.prompt)
-        rows.append(mx.softmax(scores, axis=-1)[0])
-    return np.array(mx.stack(rows), dtype=np.float64)
+    prompts = [fmt.prompt_tokens(example.prompt) for example in examples]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    probabilities = np.zeros((len(prompts), len(LABELS)))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        scores = batch_label_log_probs(model, fmt, [prompts[i] for i in chunk])
+        probabilities[chunk] = np.array(mx.softmax(scores, axis=-1), dtype=np.float64)
+    return probabilities
 
 
 def completion_loss(model: nn.Module, cases: list[TokenizedCase], batch_size: int) -> float:
@@ -84,7 +90,8 @@ def score_set(
 ) -> ScoredSet:
     """Label probabilities and completion loss of ``examples``; an over-long case is an error naming ``source``."""
     cases = tokenize_split(fmt, examples, source, max_len)
-    return ScoredSet(examples, label_probabilities(model, fmt, examples), completion_loss(model, cases, batch_size))
+    return ScoredSet(examples, label_probabilities(model, fmt, examples, batch_size),
+                     completion_loss(model, cases, batch_size))
 
 
 def read_extra_set(spec: ExtraSet) -> list[Example]:
@@ -370,7 +377,7 @@ def evaluate_model(
     """
     valid_path = data_dir / "valid.jsonl"
     valid = read_examples(valid_path)
-    threshold = freeze_ed_threshold(valid, label_probabilities(model, fmt, valid), *target)
+    threshold = freeze_ed_threshold(valid, label_probabilities(model, fmt, valid, params.batch_size), *target)
     if params.decision == "ed_threshold" and threshold.value is None:
         raise DataError(valid_path, None, "label", "no ED case: evaluate.decision ed_threshold needs one to tune on")
 

@@ -103,13 +103,47 @@ def label_log_probs(model: nn.Module, fmt: ChatFormat, prompt: str, copies: int 
 
     cache = make_prompt_cache(model)
     prompt_ids = mx.array([fmt.prompt_tokens(prompt)] * copies)
+    return _score_labels_after(model, fmt, prompt_ids, cache)
+
+
+def batch_label_log_probs(model: nn.Module, fmt: ChatFormat, prompts: list[list[int]]) -> mx.array:
+    """``label_log_probs`` of several tokenised prompts in one forward pass: shape (len(prompts), 3).
+
+    The prompts are left-padded to one length, so every row's next token sits in
+    the last column; the batch cache masks the padding and shifts each row's
+    positions, which makes the scores those of the prompts one at a time.
+    """
+    width = max(map(len, prompts))
+    padding = [width - len(tokens) for tokens in prompts]
+    prompt_ids = mx.array([[0] * pad + tokens for pad, tokens in zip(padding, prompts)])
+    return _score_labels_after(model, fmt, prompt_ids, batch_prompt_cache(model, padding))
+
+
+def batch_prompt_cache(model: nn.Module, left_padding: list[int]) -> list:
+    """mlx-lm's batch KV caches, one per layer, in the kinds the model's own cache uses."""
+    from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache, make_prompt_cache
+
+    caches = []
+    for layer in make_prompt_cache(model):
+        if isinstance(layer, RotatingKVCache):  # sliding-window layers (Gemma 3)
+            caches.append(BatchRotatingKVCache(layer.max_size, left_padding))
+        elif isinstance(layer, KVCache):
+            caches.append(BatchKVCache(left_padding))
+        else:
+            raise TypeError(f"no batched cache for {type(layer).__name__}; score the prompts one at a time")
+    return caches
+
+
+def _score_labels_after(model: nn.Module, fmt: ChatFormat, prompt_ids: mx.array, cache: list) -> mx.array:
+    """Run the prompt rows into ``cache``, then score each label's tokens after them; (rows out, 3)."""
+    rows = prompt_ids.shape[0]
     last = hidden_states(model, prompt_ids, cache)[:, -1:, :]
     first = nn.log_softmax(project(model, last)[:, 0, :].astype(mx.float32), axis=-1)
     scores = []
     for ids in fmt.label_tokens:
         score = first[:, ids[0]]
         if len(ids) > 1:
-            rest = mx.array([ids] * copies)
+            rest = mx.array([ids] * rows)
             hidden = hidden_states(model, rest[:, :-1], cache)
             logprobs = nn.log_softmax(project(model, hidden).astype(mx.float32), axis=-1)
             score = score + mx.take_along_axis(logprobs, rest[:, 1:, None], axis=-1).sum(axis=(1, 2))
