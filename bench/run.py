@@ -36,13 +36,15 @@ import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from triage.backend import matmul_peak_gflops, optimize_quantized_matmul  # noqa: E402
+from triage.backend import (  # noqa: E402
+    THREADS_ENV, cpu_streams, matmul_peak_gflops, optimize_for_device, optimize_quantized_matmul, set_blas_threads,
+)
 from triage.batches import make_iterate_batches  # noqa: E402
 from triage.config import LoraConfig  # noqa: E402
 from triage.evaluation import shared_lower_blocks  # noqa: E402
 from triage.io import write_json  # noqa: E402
 from triage.lm import ChatFormat, TokenizedCase, batch_label_log_probs, check_supported, label_log_probs  # noqa: E402
-from triage.losses import plain_loss  # noqa: E402
+from triage.losses import plain_loss, sharded  # noqa: E402
 from triage.schema import Example  # noqa: E402
 from triage.training import add_lora  # noqa: E402
 
@@ -83,6 +85,7 @@ class Setup:
     eval_batch_size: int = 8  # evaluate.batch_size in params.yaml
     generation_cases: int = 2
     mc_copies: int = 50
+    cpu_streams: int = 2  # train.cpu_streams in params.yaml
     mc_sequential_variant: str = "q4"  # 50 sequential passes cost ~a minute per variant: one variant
     torch: bool = True
 
@@ -213,6 +216,9 @@ def lora_config(setup: Setup) -> LoraConfig:
 def train_step_seconds(model, cases: list[TokenizedCase], setup: Setup, scratch: Path) -> list[float]:
     """Per-step wall time of mlx-lm's own ``train`` (compiled step, AdamW) with the project's loss and batches.
 
+    As the train stage runs it: the batch split over ``setup.cpu_streams`` CPU streams, BLAS threads
+    divided among them; the BLAS thread count is restored afterwards for the scoring measurements.
+
     mlx-lm times each step from after the batch is built to after the update is
     evaluated and reports it through the callback as iterations per second.
     """
@@ -233,9 +239,14 @@ def train_step_seconds(model, cases: list[TokenizedCase], setup: Setup, scratch:
     )
     callback = StepTimes()
     optimizer = optim.AdamW(learning_rate=1e-5, weight_decay=0.01)
-    with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm's progress lines would break our table
-        train(model, optimizer, cases, None, args, loss=plain_loss,
-              iterate_batches=make_iterate_batches(mask_prompt=True, seed=0), training_callback=callback)
+    threads = blas_threads()
+    loss = sharded(plain_loss, cpu_streams(setup.cpu_streams))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm's progress lines would break our table
+            train(model, optimizer, cases, None, args, loss=loss,
+                  iterate_batches=make_iterate_batches(mask_prompt=True, seed=0), training_callback=callback)
+    finally:
+        set_blas_threads(threads)
     return callback.times
 
 
@@ -306,6 +317,7 @@ def measure_variant(name: str, path: Path, train_cases: list[TokenizedCase], pro
     model, tokenizer = load(str(path))
     check_supported(model)
     switched = optimize_quantized_matmul(model)
+    optimize_for_device(model)  # and the fast attention and SwiGLU, as every stage does
     add_lora(model, lora_config(setup), setup.num_layers)
     fmt = ChatFormat(tokenizer)
     tokens = setup.batch_size * setup.seq_len
@@ -348,6 +360,13 @@ def measure_variant(name: str, path: Path, train_cases: list[TokenizedCase], pro
 # --------------------------------------------------------------------------
 
 
+def mlx_cores(setup: Setup) -> int:
+    """Cores MLX's training uses: BLAS threads times CPU streams, so that PyTorch gets as many."""
+    streams = setup.cpu_streams if setup.cpu_streams > 1 else 1
+    per_stream = int(os.environ.get(THREADS_ENV, "0") or 0) or max(1, (os.cpu_count() or 1) // streams)
+    return min(os.cpu_count() or 1, per_stream * streams) if streams > 1 else blas_threads()
+
+
 def blas_threads() -> int:
     """Threads of the BLAS MLX multiplies with, so that PyTorch gets as many (else the core count)."""
     import ctypes
@@ -388,7 +407,7 @@ def run_torch(python: Path, hf_dir: Path, train_cases: list[TokenizedCase], setu
                "--batches", str(batches), "--out", str(out), "--rank", str(setup.rank),
                "--scale", str(setup.scale), "--dropout", str(setup.dropout),
                "--num-layers", str(setup.num_layers), "--warmup", str(setup.warmup_steps),
-               "--steps", str(setup.steps), "--threads", str(blas_threads())]
+               "--steps", str(setup.steps), "--threads", str(mlx_cores(setup))]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise RuntimeError(f"torch_peft.py failed ({done.returncode}): {done.stderr.strip()[-2000:]}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import triage  # selects the fast BLAS before MLX loads
 from mlx_lm import load
 
-from triage.backend import optimize_quantized_matmul
+from triage.backend import optimize_for_device
 from triage.config import load_params
 from triage.evaluation import adapter_dropout, ed_recall_target, evaluate_model
 from triage.io import write_csv, write_json, write_jsonl
@@ -45,8 +45,7 @@ def main() -> None:
                   "so DVC will not notice when it changes")
     model, tokenizer = load(str(args.model_dir), adapter_path=str(args.adapter) if args.adapter else None)
     check_supported(model)
-    switched = optimize_quantized_matmul(model)
-    print(f"[evaluate] BLAS: {triage.BLAS}; {switched} quantized layers dequantize per call on CPU")
+    print(f"[evaluate] BLAS: {triage.BLAS}; {optimize_for_device(model)}")
 
     result = evaluate_model(
         model, ChatFormat(tokenizer), args.data, params.evaluate, params.train.max_seq_length,

@@ -14,7 +14,7 @@ import triage  # selects the fast BLAS before MLX loads
 import mlx.core as mx
 from mlx_lm import load
 
-from triage.backend import optimize_quantized_matmul
+from triage.backend import optimize_for_device
 from triage.config import load_params
 from triage.io import atomic_write_text, write_json
 from triage.lm import ChatFormat, check_supported, tokenize_split
@@ -48,8 +48,7 @@ def main() -> None:
     mx.random.seed(params.train.seed)
     model, tokenizer = load(str(args.model_dir))
     check_supported(model)
-    switched = optimize_quantized_matmul(model)
-    print(f"[train] BLAS: {triage.BLAS}; {switched} quantized layers dequantize per call on CPU")
+    print(f"[train] BLAS: {triage.BLAS}; {optimize_for_device(model)}")
     fmt = ChatFormat(tokenizer)
     max_len = params.train.max_seq_length
     splits = {name: args.data / f"{name}.jsonl" for name in ("train", "valid")}

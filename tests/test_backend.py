@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes.util
+import os
 import platform
 import sys
 
@@ -173,6 +174,27 @@ def test_optimize_keeps_native_kernels_on_gpu(monkeypatch):
     assert backend.optimize_quantized_matmul(model) == 0
     monkeypatch.setattr(backend, "cpu_needs_dequantized_matmul", lambda: True)
     assert backend.optimize_quantized_matmul(model) == N_QUANTIZED
+
+
+def test_optimize_for_device_switches_layers_and_activations_only_on_cpu(monkeypatch):
+    from mlx_lm.models import gemma3_text, llama
+
+    for module, name in ((llama, "scaled_dot_product_attention"), (gemma3_text, "scaled_dot_product_attention"),
+                         (llama, "swiglu")):
+        monkeypatch.setattr(module, name, getattr(module, name))  # undone after the test
+    blas_threads = []
+    monkeypatch.setattr(backend, "set_blas_threads", blas_threads.append)
+    monkeypatch.delenv(backend.THREADS_ENV, raising=False)
+    model = tiny_quantized_llama(4)
+    monkeypatch.setattr(backend, "cpu_needs_dequantized_matmul", lambda: False)
+    assert backend.optimize_for_device(model) == "GPU: MLX's native kernels"
+    assert not hasattr(llama.scaled_dot_product_attention, "fast_cpu")
+    assert backend.cpu_streams(2) == []
+    monkeypatch.setattr(backend, "cpu_needs_dequantized_matmul", lambda: True)
+    assert f"{N_QUANTIZED} quantized layers" in backend.optimize_for_device(model)
+    assert llama.scaled_dot_product_attention.fast_cpu and gemma3_text.scaled_dot_product_attention.fast_cpu
+    assert len(backend.cpu_streams(2)) == 2 and backend.cpu_streams(1) == []
+    assert blas_threads == [max(1, os.cpu_count() // 2)]  # the cores shared out among the streams
 
 
 @pytest.mark.parametrize("bits", [4, 8])

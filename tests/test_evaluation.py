@@ -135,7 +135,7 @@ def test_metrics_json_has_every_key(evaluation, params):
         assert groups and all({"ed_recall", "over_triage_rate", "n"} <= set(g) for g in groups.values())
     mc = metrics["mc_dropout"]
     assert mc["applicable"] is True and mc["samples"] == SAMPLES and mc["dropout"] == 0.3
-    assert {"mean_confidence", "mean_uncertainty", "n_flagged", "flagged_rate", "seconds_per_case"} <= set(mc)
+    assert {"mean_confidence", "mean_uncertainty", "n_flagged", "flagged_rate"} <= set(mc)
 
 
 def test_predictions_have_the_required_fields(evaluation, data_dir, params):

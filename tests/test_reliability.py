@@ -42,9 +42,9 @@ PROFILE = deep_update(copy.deepcopy(QUICK), {"run": {"configs": ["balanced_safe"
 RUN = "tiny-4bit-balanced_safe"
 WORK_DIRS = ("data", "models", "runs", "metrics")
 USER_FILES = ("params.yaml", "data/raw")
-MEASURED_KEYS = frozenset({"seconds", "train_seconds", "seconds_per_case", "tokens_per_s", "peak_memory_mb"})
+MEASURED_KEYS = frozenset({"seconds", "train_seconds", "tokens_per_s", "peak_memory_mb"})
 """What a run measures about itself rather than computes: wall-clock training time (train.json, and
-summary.json's copy), MC-dropout time per case (eval.json), training throughput and MLX's peak memory
+summary.json's copy), training throughput and MLX's peak memory
 (train.json, summary.json, the columns of curves/train.tsv, the memory plot). Peak memory moves by a
 few kB between identical runs: MLX evaluates lazily on a worker stream, so when buffers are freed
 depends on timing."""

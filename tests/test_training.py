@@ -15,7 +15,7 @@ from mlx_lm import load
 from triage.batches import collate
 from triage.config import LoraConfig, TrainParams
 from triage.lm import ChatFormat, TokenizedCase
-from triage.losses import complement_log_probs, make_safety_loss, plain_loss, safety_objective
+from triage.losses import complement_log_probs, make_safety_loss, plain_loss, safety_objective, sharded
 from triage.schema import LABELS, Example
 from triage.training import TrainingDiverged, add_lora, learning_rate_schedule, run_training, should_stop
 
@@ -116,7 +116,8 @@ def short_cases(fmt: ChatFormat, n: int, ed_share: float, seed: int) -> list[Tok
 def train_params(**changes) -> TrainParams:
     base = dict(weight_decay=0.01, warmup_ratio=0.1, schedule="cosine", num_layers=16, max_seq_length=512,
                 seed=42, steps_per_report=10, steps_per_eval=20, steps_per_save=10, val_batches=2,
-                grad_checkpoint=False, mask_prompt=True, early_stopping_patience=0, early_stopping_min_delta=0.0)
+                grad_checkpoint=False, mask_prompt=True, early_stopping_patience=0, early_stopping_min_delta=0.0,
+                cpu_streams=2)
     return TrainParams(**{**base, **changes})
 
 
@@ -144,6 +145,24 @@ def test_safety_loss_on_a_real_model_is_plain_ce_times_weight_plus_cost(tiny):
     z = completion_logits(model, batch[0], batch[2])[:, 0, :][:, mx.array(fmt.label_first_tokens)]
     cost_term = -(mx.array([0.0, 100.0, 100.0]) * complement_log_probs(z)[0]).sum()
     assert float(loss_s) == pytest.approx(float(5 * loss_p + cost_term / ntoks), rel=1e-4)
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_sharded_loss_and_gradients_equal_the_whole_batch(tiny, shards):
+    """Row shards on separate CPU streams: same value, same gradients, plain and safety loss."""
+    model, fmt = fresh(tiny, lora_config(dropout=0.0))
+    cases = [fmt.case(Example(str(i), text, completion, completion.split()[0]))
+             for i, (text, completion) in enumerate([("chest pain", "ED - now"), ("a cough for a week", "GP"),
+                                                     ("sore throat", "HOME - rest"), ("I fainted", "ED"),
+                                                     ("rash", "GP - soon")])]
+    batch = collate(cases, mask_prompt=True)
+    streams = [mx.new_stream(mx.cpu) for _ in range(shards)]
+    for loss in (plain_loss, make_safety_loss(fmt.label_first_tokens, WEIGHTS, COST)):
+        (whole, n_whole), grads_whole = nn.value_and_grad(model, loss)(model, *batch)
+        (split, n_split), grads_split = nn.value_and_grad(model, sharded(loss, streams))(model, *batch)
+        assert int(n_split) == int(n_whole) and float(split) == pytest.approx(float(whole), rel=1e-5)
+        for (name, a), (_, b) in zip(tree_flatten(grads_whole), tree_flatten(grads_split)):
+            np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-3, atol=1e-6, err_msg=name)
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine():

@@ -463,3 +463,44 @@ def optimize_quantized_matmul(model: "nn.Module") -> int:
     Returns the number of layers switched (0 on Metal/CUDA).
     """
     return use_cpu_dequantized_matmul(model) if cpu_needs_dequantized_matmul() else 0
+
+
+def set_blas_threads(threads: int) -> bool:
+    """Set the preloaded OpenBLAS's thread count now; False when no OpenBLAS was preloaded."""
+    for lib in _BLAS_HANDLES:
+        if hasattr(lib, "openblas_set_num_threads"):
+            lib.openblas_set_num_threads(threads)
+            return True
+    return False
+
+
+def cpu_streams(count: int) -> list:
+    """``count`` new MLX CPU streams (one thread each) for data-parallel shards; [] on Metal/CUDA or count < 2.
+
+    MLX runs every op but the BLAS matmul on its stream's single thread, so
+    shards on separate streams are what put a second core to work on softmax,
+    SiLU, norms, RoPE and dropout. Unless ``TRIAGE_BLAS_THREADS`` says otherwise,
+    OpenBLAS then gets the cores divided among the streams, so the shards'
+    matmuls do not fight over them.
+    """
+    import mlx.core as mx
+
+    if count < 2 or not cpu_needs_dequantized_matmul():
+        return []
+    if not os.environ.get(THREADS_ENV, "").strip():
+        set_blas_threads(max(1, (os.cpu_count() or 1) // count))
+    return [mx.new_stream(mx.cpu) for _ in range(count)]
+
+
+def optimize_for_device(model: "nn.Module") -> str:
+    """On a CPU: dequantizing layers, and mlx-lm's attention and SwiGLU without MLX's slow exp.
+
+    Returns a phrase for the log saying what was switched. Metal and CUDA keep MLX's own kernels.
+    """
+    if not cpu_needs_dequantized_matmul():
+        return "GPU: MLX's native kernels"
+    from triage import fastmath
+
+    layers = use_cpu_dequantized_matmul(model)
+    fastmath.install()
+    return f"CPU: {layers} quantized layers dequantize per call; attention and SwiGLU use triage.fastmath"

@@ -75,6 +75,7 @@ class TrainParams:
     mask_prompt: bool
     early_stopping_patience: int
     early_stopping_min_delta: float
+    cpu_streams: int
 
 
 @dataclass(frozen=True)
@@ -290,7 +291,7 @@ def _check_semantics(params: Params) -> None:
     _check_evaluate(params.evaluate)
     if not 0.0 <= params.train.warmup_ratio < 1.0:
         raise ParamsError("'train.warmup_ratio' must be in [0, 1)")
-    for key in ("steps_per_report", "steps_per_eval", "steps_per_save", "max_seq_length"):
+    for key in ("steps_per_report", "steps_per_eval", "steps_per_save", "max_seq_length", "cpu_streams"):
         if getattr(params.train, key) < 1:
             raise ParamsError(f"'train.{key}' must be at least 1")
     # Validation and checkpoints happen at report steps, where mlx-lm hands us control.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -318,9 +317,7 @@ def mc_dropout(
     params: EvaluateParams, dropout: float,
 ) -> McDropout:
     """Votes, majority, confidence and uncertainty per case, and the share flagged for review."""
-    started = time.perf_counter()
     votes = mc_dropout_votes(model, fmt, scored.examples, params.mc_samples, params.seed)
-    seconds = time.perf_counter() - started
     summary = m.vote_summary(votes)
     flags = m.flag_uncertain(summary["uncertainty"], params.uncertainty_threshold)
     majority = m.classification_metrics(scored.labels, summary["majority"])
@@ -347,7 +344,6 @@ def mc_dropout(
         "ed_misses_flagged": sum(case["flagged"] for case in missed_ed),
         "majority_vote": {key: majority[key] for key in ("accuracy", "macro_f1", "ed_recall", "ed_fnr", "ed_fn")},
         "blocks_shared_across_samples": first_random_block(model),
-        "seconds_per_case": round(seconds / len(cases), 4),
     }
     return McDropout(metrics, cases)
 

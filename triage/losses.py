@@ -55,6 +55,31 @@ def plain_loss(model: nn.Module, tokens, labels, positions, mask) -> tuple[mx.ar
     return token_cross_entropy(logits, tokens, positions, mask).sum() / ntoks, ntoks
 
 
+def sharded(loss: Loss, streams: list) -> Loss:
+    """``loss`` of the whole batch, computed as row shards, each on its own MLX stream.
+
+    Every loss here is (sum over the batch) / (completion tokens), so the
+    token-weighted mean of the shards' values is the whole batch's loss, up to
+    the order of summation. Gradients follow: MLX builds each shard's backward
+    pass on the stream of its forward ops. No streams: ``loss`` unchanged.
+    """
+    if len(streams) < 2:
+        return loss
+
+    def sharded_loss(model: nn.Module, *batch) -> tuple[mx.array, mx.array]:
+        rows = batch[0].shape[0]
+        bounds = [round(rows * k / len(streams)) for k in range(len(streams) + 1)]
+        total = count = mx.array(0.0)
+        for stream, start, stop in zip(streams, bounds, bounds[1:]):
+            if start < stop:
+                with mx.stream(stream):
+                    value, ntoks = loss(model, *(part[start:stop] for part in batch))
+                total, count = total + value * ntoks, count + ntoks
+        return total / count, count
+
+    return sharded_loss
+
+
 def complement_log_probs(option_logits: mx.array) -> mx.array:
     """log(1 - p_j) for each option j, computed stably as log sum_{m != j} p_m."""
     n = option_logits.shape[-1]

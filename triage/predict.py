@@ -11,7 +11,7 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from triage import metrics
-from triage.backend import optimize_quantized_matmul
+from triage.backend import optimize_for_device
 from triage.config import EvaluateParams
 from triage.lm import ChatFormat, label_log_probs
 from triage.schema import LABELS, render_prompt
@@ -55,7 +55,7 @@ class Triager:
         from mlx_lm import load
 
         self.model, tokenizer = load(str(paths.model_dir), adapter_path=str(paths.adapter_dir) if paths.adapter_dir else None)
-        optimize_quantized_matmul(self.model)
+        optimize_for_device(self.model)
         self.fmt = ChatFormat(tokenizer)
         self.params = params
         self.dropout = _adapter_dropout(paths.adapter_dir)

@@ -23,7 +23,8 @@ from triage.batches import make_iterate_batches
 from triage.config import LoraConfig, TrainParams
 from triage.io import atomic_write_text, write_json
 from triage.lm import TokenizedCase
-from triage.losses import Loss, plain_loss
+from triage.backend import cpu_streams
+from triage.losses import Loss, plain_loss, sharded
 
 NEVER = 10**9  # an interval mlx-lm's trainer never reaches: we evaluate and save ourselves
 BEST_ADAPTER = "best_adapters.safetensors"
@@ -203,6 +204,7 @@ def run_training(
     config: LoraConfig, params: TrainParams, loss: Loss, checkpoint_dir: Path, run_fingerprint: str,
 ) -> TrainResult:
     """Train ``model`` (already wrapped with LoRA) for ``config.iters`` steps, resuming if possible."""
+    streams = cpu_streams(params.cpu_streams)
     schedule = learning_rate_schedule(config.learning_rate, config.iters, params.warmup_ratio, params.schedule)
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=params.weight_decay)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -219,7 +221,7 @@ def run_training(
 
     def validation_loss(loss_fn: Loss = loss) -> float:
         return evaluate(model, val_cases, config.batch_size, params.val_batches,
-                        loss=loss_fn, iterate_batches=validation_batches)
+                        loss=sharded(loss_fn, streams), iterate_batches=validation_batches)
 
     if not state.val_rows:
         state.val_rows.append({"step": 0, "val_loss": validation_loss()})
@@ -229,7 +231,7 @@ def run_training(
     stopped_at = None
     try:
         if args.iters > 0:
-            train(model, optimizer, train_cases, None, args, loss=loss,
+            train(model, optimizer, train_cases, None, args, loss=sharded(loss, streams),
                   iterate_batches=make_iterate_batches(params.mask_prompt, params.seed, skip=state.step),
                   training_callback=monitor)
     except EarlyStop as stop:
