@@ -13,7 +13,7 @@ from pathlib import Path
 import triage  # selects the fast BLAS before MLX loads
 from mlx_lm import load
 
-from triage.backend import optimize_for_device
+from triage.backend import cpu_streams, optimize_for_device
 from triage.config import load_params
 from triage.evaluation import adapter_dropout, ed_recall_target, evaluate_model
 from triage.io import write_csv, write_json, write_jsonl
@@ -49,7 +49,7 @@ def main() -> None:
 
     result = evaluate_model(
         model, ChatFormat(tokenizer), args.data, params.evaluate, params.train.max_seq_length,
-        ed_recall_target(params, args.config), adapter_dropout(args.adapter),
+        ed_recall_target(params, args.config), adapter_dropout(args.adapter), cpu_streams(params.train.cpu_streams),
     )
     write_jsonl(args.predictions, result.predictions)
     write_csv(args.confusion, result.predictions, ("id", "label", "pred"))

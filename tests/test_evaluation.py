@@ -22,7 +22,7 @@ from triage.backend import optimize_quantized_matmul
 from triage.config import ExtraSet, LoraConfig, ParamsError, load_params
 from triage.evaluation import (
     EdThreshold, ScoredSet, adapter_dropout, completion_loss, evaluate_model, first_random_block,
-    freeze_ed_threshold, mc_dropout_votes, read_extra_set, score_set, set_metrics,
+    freeze_ed_threshold, label_probabilities, mc_dropout_votes, read_extra_set, score_set, set_metrics,
     shared_lower_blocks,
 )
 from triage.importers import KTAS_TEXT_COLUMNS
@@ -170,6 +170,16 @@ def test_the_same_seed_draws_the_same_votes(model_dir, adapters, data_dir):
     assert first.shape == (4, SAMPLES)
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other)
+
+
+def test_cases_on_two_cpu_streams_score_exactly_as_on_one(model_dir, adapters, data_dir):
+    model, fmt = load_decisive(model_dir, adapters[0.3])
+    examples = [Example(**json.loads(line)) for line in (data_dir / "test.jsonl").read_text().splitlines()][:5]
+    streams = [mx.new_stream(mx.cpu) for _ in range(2)]
+    np.testing.assert_array_equal(label_probabilities(model, fmt, examples, 2, streams),
+                                  label_probabilities(model, fmt, examples, 2))
+    np.testing.assert_array_equal(mc_dropout_votes(model, fmt, examples, SAMPLES, 7, streams),
+                                  mc_dropout_votes(model, fmt, examples, SAMPLES, 7))
 
 
 def test_shared_lower_blocks_give_the_plain_batch_result(model_dir, adapters):

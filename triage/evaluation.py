@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -38,7 +39,26 @@ SUBGROUP_ATTRS = ("age_band", "sex")
 # --------------------------------------------------------------------------- #
 
 
-def label_probabilities(model: nn.Module, fmt: ChatFormat, examples: list[Example], batch_size: int) -> np.ndarray:
+def on_streams(tasks: list[Callable[[], mx.array]], streams: Sequence = ()) -> list[mx.array]:
+    """The tasks' results, in order; each round of tasks (one per stream) is built on the streams and evaluated together.
+
+    On a CPU every MLX stream is a thread, so a round of independent cases runs
+    in parallel; without streams the tasks run one at a time on the default stream.
+    """
+    lanes = list(streams) or [mx.default_stream(mx.default_device())]
+    results: list[mx.array] = []
+    for start in range(0, len(tasks), len(lanes)):
+        round_ = []
+        for task, stream in zip(tasks[start : start + len(lanes)], lanes):
+            with mx.stream(stream):
+                round_.append(task())
+        mx.eval(round_)
+        results.extend(round_)
+    return results
+
+
+def label_probabilities(model: nn.Module, fmt: ChatFormat, examples: list[Example], batch_size: int,
+                        streams: Sequence = ()) -> np.ndarray:
     """(n, 3) probabilities of the label options, normalised over the three, dropout off.
 
     Cases go through in batches of similar prompt length, so little compute goes to padding.
@@ -46,11 +66,14 @@ def label_probabilities(model: nn.Module, fmt: ChatFormat, examples: list[Exampl
     model.eval()
     prompts = [fmt.prompt_tokens(example.prompt) for example in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+    def score(chunk: list[int]) -> mx.array:
+        return mx.softmax(batch_label_log_probs(model, fmt, [prompts[i] for i in chunk]), axis=-1)
+
     probabilities = np.zeros((len(prompts), len(LABELS)))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        scores = batch_label_log_probs(model, fmt, [prompts[i] for i in chunk])
-        probabilities[chunk] = np.array(mx.softmax(scores, axis=-1), dtype=np.float64)
+    for chunk, scores in zip(chunks, on_streams([partial(score, chunk) for chunk in chunks], streams)):
+        probabilities[chunk] = np.array(scores, dtype=np.float64)
     return probabilities
 
 
@@ -85,11 +108,12 @@ class ScoredSet:
 
 
 def score_set(
-    model: nn.Module, fmt: ChatFormat, examples: list[Example], source: str, max_len: int, batch_size: int
+    model: nn.Module, fmt: ChatFormat, examples: list[Example], source: str, max_len: int, batch_size: int,
+    streams: Sequence = (),
 ) -> ScoredSet:
     """Label probabilities and completion loss of ``examples``; an over-long case is an error naming ``source``."""
     cases = tokenize_split(fmt, examples, source, max_len)
-    return ScoredSet(examples, label_probabilities(model, fmt, examples, batch_size),
+    return ScoredSet(examples, label_probabilities(model, fmt, examples, batch_size, streams),
                      completion_loss(model, cases, batch_size))
 
 
@@ -286,22 +310,26 @@ def shared_lower_blocks(model: nn.Module, copies: int) -> Iterator[int]:
         layers[first] = original
 
 
-def mc_dropout_votes(model: nn.Module, fmt: ChatFormat, examples: list[Example], samples: int, seed: int) -> np.ndarray:
+def mc_dropout_votes(model: nn.Module, fmt: ChatFormat, examples: list[Example], samples: int, seed: int,
+                     streams: Sequence = ()) -> np.ndarray:
     """(n_cases, samples) label indices with the LoRA dropout on; each sample votes for its most probable label.
 
-    The samples of a case are one batch; the seed makes the dropout masks, and so the votes, reproducible.
+    The samples of a case are one batch; the seed makes the dropout masks, and so
+    the votes, reproducible: masks are drawn case by case as the graphs are built,
+    whichever stream then runs them.
     """
     mx.random.seed(seed)
     model.train()
-    votes = []
     try:
         with shared_lower_blocks(model, samples) as rows:
-            for example in examples:
-                scores = label_log_probs(model, fmt, example.prompt, copies=rows)
-                votes.append(np.array(mx.argmax(scores, axis=1), dtype=np.int64))
+
+            def vote(prompt: str) -> mx.array:
+                return mx.argmax(label_log_probs(model, fmt, prompt, copies=rows), axis=1)
+
+            votes = on_streams([partial(vote, example.prompt) for example in examples], streams)
     finally:
         model.eval()
-    return np.stack(votes)
+    return np.stack([np.array(v, dtype=np.int64) for v in votes])
 
 
 @dataclass(frozen=True)
@@ -314,10 +342,10 @@ class McDropout:
 
 def mc_dropout(
     model: nn.Module, fmt: ChatFormat, scored: ScoredSet, headline_preds: list[str],
-    params: EvaluateParams, dropout: float,
+    params: EvaluateParams, dropout: float, streams: Sequence = (),
 ) -> McDropout:
     """Votes, majority, confidence and uncertainty per case, and the share flagged for review."""
-    votes = mc_dropout_votes(model, fmt, scored.examples, params.mc_samples, params.seed)
+    votes = mc_dropout_votes(model, fmt, scored.examples, params.mc_samples, params.seed, streams)
     summary = m.vote_summary(votes)
     flags = m.flag_uncertain(summary["uncertainty"], params.uncertainty_threshold)
     majority = m.classification_metrics(scored.labels, summary["majority"])
@@ -364,28 +392,30 @@ class Evaluation:
 
 def evaluate_model(
     model: nn.Module, fmt: ChatFormat, data_dir: Path, params: EvaluateParams, max_len: int,
-    target: tuple[float, str], dropout: float | None,
+    target: tuple[float, str], dropout: float | None, streams: Sequence = (),
 ) -> Evaluation:
     """Freeze the ED threshold on ``valid.jsonl``, then score ``test.jsonl`` and the extra sets.
 
     ``target`` is the ED recall the threshold aims for and where it comes from
-    (see ``ed_recall_target``); ``dropout`` is the adapter's (``adapter_dropout``).
+    (see ``ed_recall_target``); ``dropout`` is the adapter's (``adapter_dropout``);
+    ``streams`` (``triage.backend.cpu_streams``) score independent cases in parallel.
     """
     valid_path = data_dir / "valid.jsonl"
     valid = read_examples(valid_path)
-    threshold = freeze_ed_threshold(valid, label_probabilities(model, fmt, valid, params.batch_size), *target)
+    threshold = freeze_ed_threshold(valid, label_probabilities(model, fmt, valid, params.batch_size, streams),
+                                    *target)
     if params.decision == "ed_threshold" and threshold.value is None:
         raise DataError(valid_path, None, "label", "no ED case: evaluate.decision ed_threshold needs one to tune on")
 
     test_path = data_dir / "test.jsonl"
-    test = score_set(model, fmt, read_examples(test_path), str(test_path), max_len, params.batch_size)
+    test = score_set(model, fmt, read_examples(test_path), str(test_path), max_len, params.batch_size, streams)
     metrics = set_metrics(test, params, threshold)
     predictions = prediction_rows(test, params, threshold)
 
     reason = mc_not_applicable(dropout)
     review: list[dict] = []
     if reason is None:
-        mc = mc_dropout(model, fmt, test, [row["pred"] for row in predictions], params, dropout)
+        mc = mc_dropout(model, fmt, test, [row["pred"] for row in predictions], params, dropout, streams)
         metrics["mc_dropout"] = mc.metrics
         for row, case in zip(predictions, mc.cases):
             row |= {"mc_vote": case["vote"], "mc_confidence": case["confidence"],
@@ -397,7 +427,7 @@ def evaluate_model(
     metrics["extra_sets"] = {}
     for spec in params.extra_sets:
         examples = read_extra_set(spec)
-        scored = score_set(model, fmt, examples, spec.path, max_len, params.batch_size)
+        scored = score_set(model, fmt, examples, spec.path, max_len, params.batch_size, streams)
         metrics["extra_sets"][spec.name] = {"path": spec.path, "format": spec.format,
                                             **set_metrics(scored, params, threshold)}
     return Evaluation(metrics, predictions, review)
