@@ -41,9 +41,9 @@ from triage.backend import (  # noqa: E402
 )
 from triage.batches import make_iterate_batches  # noqa: E402
 from triage.config import LoraConfig  # noqa: E402
-from triage.evaluation import shared_lower_blocks  # noqa: E402
+from triage.evaluation import label_probabilities, mc_dropout_votes  # noqa: E402
 from triage.io import write_json  # noqa: E402
-from triage.lm import ChatFormat, TokenizedCase, batch_label_log_probs, check_supported, label_log_probs  # noqa: E402
+from triage.lm import ChatFormat, TokenizedCase, check_supported, label_log_probs  # noqa: E402
 from triage.losses import plain_loss, sharded  # noqa: E402
 from triage.schema import Example  # noqa: E402
 from triage.training import add_lora  # noqa: E402
@@ -134,13 +134,13 @@ def median_completion_tokens(cases: list[TokenizedCase]) -> int:
     return int(statistics.median(len(c.tokens) - c.prompt_length for c in cases))
 
 
-def typical_prompts(examples: list[Example], cases: list[TokenizedCase], n: int) -> list[str]:
-    """``n`` prompts whose token lengths lie around the median, the median one first."""
+def typical_examples(examples: list[Example], cases: list[TokenizedCase], n: int) -> list[Example]:
+    """``n`` examples whose prompt lengths in tokens lie around the median, the median one first."""
     order = sorted(range(len(cases)), key=lambda i: cases[i].prompt_length)
     start = max(0, len(order) // 2 - n // 2)
     picked = order[start : start + n]
     median = order[len(order) // 2]
-    return [examples[i].prompt for i in [median] + [i for i in picked if i != median]][:n]
+    return [examples[i] for i in [median] + [i for i in picked if i != median]][:n]
 
 
 def fixed_length_cases(cases: list[TokenizedCase], seq_len: int, completion: int, n: int) -> list[TokenizedCase]:
@@ -250,40 +250,45 @@ def train_step_seconds(model, cases: list[TokenizedCase], setup: Setup, scratch:
     return callback.times
 
 
-def scoring_seconds_per_case(model, fmt: ChatFormat, prompts: list[str], batch_size: int) -> float:
-    """Label scoring as evaluation does it: left-padded batches of ``batch_size`` cases, dropout off."""
-    model.eval()
-    tokens = [fmt.prompt_tokens(p) for p in prompts]
-    batches = [tokens[i : i + batch_size] for i in range(0, len(tokens), batch_size)]
-    mx.eval(batch_label_log_probs(model, fmt, batches[0]))  # warm-up
-    return sum(seconds(lambda b=b: batch_label_log_probs(model, fmt, b)) for b in batches) / len(prompts)
+def scoring_seconds_per_case(model, fmt: ChatFormat, examples: list[Example], batch_size: int, streams: list) -> float:
+    """Label scoring as evaluation does it: left-padded batches of ``batch_size`` cases on the CPU streams."""
+    label_probabilities(model, fmt, examples[:batch_size], batch_size, streams)  # warm-up
+    start = time.perf_counter()
+    label_probabilities(model, fmt, examples, batch_size, streams)
+    return (time.perf_counter() - start) / len(examples)
 
 
-def generation_seconds_per_case(model, tokenizer, fmt: ChatFormat, prompts: list[str], max_tokens: int) -> float:
+def generation_seconds_per_case(model, tokenizer, fmt: ChatFormat, examples: list[Example], max_tokens: int) -> float:
     """Greedy ``mlx_lm.generate`` of up to ``max_tokens`` answer tokens per case, dropout off."""
     from mlx_lm import generate
 
     model.eval()
-    generate(model, tokenizer, fmt.prompt_tokens(prompts[0]), max_tokens=1)  # warm-up
+    generate(model, tokenizer, fmt.prompt_tokens(examples[0].prompt), max_tokens=1)  # warm-up
     total = 0.0
-    for prompt in prompts:
-        ids = fmt.prompt_tokens(prompt)
+    for example in examples:
+        ids = fmt.prompt_tokens(example.prompt)
         start = time.perf_counter()
         generate(model, tokenizer, ids, max_tokens=max_tokens)  # returns text: evaluated
         total += time.perf_counter() - start
-    return total / len(prompts)
+    return total / len(examples)
 
 
-def mc_seconds(model, fmt: ChatFormat, prompt: str, copies: int, sequential: bool) -> float:
-    """MC-dropout scoring of one case: ``copies`` samples as one batch, or as single passes.
+def mc_batch_seconds_per_case(model, fmt: ChatFormat, examples: list[Example], copies: int, streams: list) -> float:
+    """MC dropout as evaluation runs it: ``copies`` samples of a case as one batch (the blocks below the
+    first adapter once), one case per CPU stream at a time."""
+    mc_dropout_votes(model, fmt, examples[:1], 2, seed=0)  # warm-up
+    start = time.perf_counter()
+    mc_dropout_votes(model, fmt, examples, copies, seed=0, streams=streams)
+    return (time.perf_counter() - start) / len(examples)
 
-    The batch runs as evaluation runs it: the blocks below the first adapter once, fanned out to the samples.
-    """
-    model.train()  # LoRA dropout on: every row draws its own mask
-    if sequential:
+
+def mc_sequential_seconds(model, fmt: ChatFormat, prompt: str, copies: int) -> float:
+    """The same samples as ``copies`` single passes, one after the other (how a loop over generate would)."""
+    model.train()  # LoRA dropout on: every pass draws its own mask
+    try:
         return sum(seconds(lambda: label_log_probs(model, fmt, prompt)) for _ in range(copies))
-    with shared_lower_blocks(model, copies) as rows:
-        return seconds(lambda: label_log_probs(model, fmt, prompt, copies=rows))
+    finally:
+        model.eval()
 
 
 def per_element_ns(n: int = 1 << 20) -> dict:
@@ -309,7 +314,7 @@ def per_element_ns(n: int = 1 << 20) -> dict:
     return result
 
 
-def measure_variant(name: str, path: Path, train_cases: list[TokenizedCase], prompts: list[str],
+def measure_variant(name: str, path: Path, train_cases: list[TokenizedCase], examples: list[Example],
                     setup: Setup, flops: FlopModel, completion: int, peak: float, scratch: Path) -> dict:
     """Training, scoring, generation and MC-dropout numbers of one model variant."""
     from mlx_lm import load
@@ -328,13 +333,23 @@ def measure_variant(name: str, path: Path, train_cases: list[TokenizedCase], pro
     best = min(steps[setup.warmup_steps :])
     step_flops = flops.train_step(tokens, setup.batch_size * completion, setup.num_layers)
 
-    scoring = scoring_seconds_per_case(model, fmt, prompts[: setup.eval_cases], setup.eval_batch_size)
-    gen_prompts = prompts[: setup.generation_cases]
-    generation = generation_seconds_per_case(model, tokenizer, fmt, gen_prompts, max_tokens=completion)
-    label_only = generation_seconds_per_case(model, tokenizer, fmt, gen_prompts, max_tokens=1)
-    mc_prompt = prompts[0]
-    mc_seconds(model, fmt, mc_prompt, 1, sequential=True)  # warm-up with dropout on
-    mc_batch = mc_seconds(model, fmt, mc_prompt, setup.mc_copies, sequential=False)
+    # Inference as evaluate and predict run it (on a CPU: weights dequantized to fp32 once). The
+    # one-at-a-time references first, with every BLAS thread, as a generate loop would run them;
+    # then scoring and MC dropout as evaluate runs them, on the CPU streams.
+    optimize_for_device(model, inference=True)
+    generated = examples[: setup.generation_cases]
+    generation = generation_seconds_per_case(model, tokenizer, fmt, generated, max_tokens=completion)
+    label_only = generation_seconds_per_case(model, tokenizer, fmt, generated, max_tokens=1)
+    sequential = None
+    if name == setup.mc_sequential_variant:
+        sequential = mc_sequential_seconds(model, fmt, examples[0].prompt, setup.mc_copies)
+    threads = blas_threads()
+    try:
+        streams = cpu_streams(setup.cpu_streams)
+        scoring = scoring_seconds_per_case(model, fmt, examples[: setup.eval_cases], setup.eval_batch_size, streams)
+        mc_batch = mc_batch_seconds_per_case(model, fmt, examples[: max(1, len(streams))], setup.mc_copies, streams)
+    finally:
+        set_blas_threads(threads)
     result = {
         "quantized_layers_dequantized_per_call": switched,
         "train_step_seconds": [round(s, 3) for s in steps],
@@ -350,8 +365,8 @@ def measure_variant(name: str, path: Path, train_cases: list[TokenizedCase], pro
         "generation_label_only_s_per_case": label_only,
         "mc_batch_s": mc_batch,
     }
-    if name == setup.mc_sequential_variant:
-        result["mc_sequential_s"] = mc_seconds(model, fmt, mc_prompt, setup.mc_copies, sequential=True)
+    if sequential is not None:
+        result["mc_sequential_s"] = sequential
     return result
 
 
@@ -498,14 +513,14 @@ def benchmark(setup: Setup, cache: Path, torch_interpreter: Path | None) -> dict
     cases = [fmt.case(e) for e in examples]
     completion = median_completion_tokens(cases)
     train_cases = fixed_length_cases(cases, setup.seq_len, completion, 2 * setup.batch_size)
-    prompts = typical_prompts(examples, cases, max(setup.eval_cases, setup.generation_cases))
+    typical = typical_examples(examples, cases, max(setup.eval_cases, setup.generation_cases))
     flops = flop_model(paths["float"])
     tokens = setup.batch_size * setup.seq_len
     report["setup"] = {
         **asdict(setup), "completion_positions": completion,
         "completion_positions_note": "C: median completion length in tokens of the generated study data "
                                      "('LABEL - reason' + end of turn); also generation's max_tokens",
-        "mc_prompt_tokens": len(fmt.prompt_tokens(prompts[0])),
+        "mc_prompt_tokens": len(fmt.prompt_tokens(typical[0].prompt)),
         "timing": "train_tokens_per_s and train_gflops use the fastest timed step (like the matmul peak: "
                   "on a shared machine the rest is other load); every step time is listed",
     }
@@ -520,7 +535,7 @@ def benchmark(setup: Setup, cache: Path, torch_interpreter: Path | None) -> dict
     with tempfile.TemporaryDirectory() as scratch:
         for name in VARIANTS:
             print(f"[bench] {name}: training, scoring, generation, MC dropout", flush=True)
-            report[name] = measure_variant(name, paths[name], train_cases, prompts, setup, flops, completion,
+            report[name] = measure_variant(name, paths[name], train_cases, typical, setup, flops, completion,
                                            report["matmul_peak_gflops"], Path(scratch))
         report["torch_peft"] = torch_reference(setup, cache, torch_interpreter, paths["hf"], train_cases,
                                                completion, Path(scratch))

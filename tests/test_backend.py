@@ -198,6 +198,24 @@ def test_optimize_for_device_switches_layers_and_activations_only_on_cpu(monkeyp
 
 
 @pytest.mark.parametrize("bits", [4, 8])
+def test_inference_weights_dequantized_once_give_the_per_call_logits(bits, monkeypatch):
+    from mlx_lm.models import gemma3_text, llama
+
+    for module, name in ((llama, "scaled_dot_product_attention"), (gemma3_text, "scaled_dot_product_attention"),
+                         (llama, "swiglu")):
+        monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.setattr(backend, "cpu_needs_dequantized_matmul", lambda: True)
+    model = tiny_quantized_llama(bits)
+    add_lora(model)
+    backend.use_cpu_dequantized_matmul(model)
+    per_call = model(tokens())
+    assert "dequantized to fp32 once" in backend.optimize_for_device(model, inference=True)
+    assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    assert isinstance(model.model.layers[0].self_attn.q_proj, LoRALinear)  # adapters (and their dropout) stay
+    np.testing.assert_allclose(np.array(model(tokens())), np.array(per_call), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
 def test_logits_match_native(bits, request):
     model = tiny_quantized_llama(bits)
     x = tokens()

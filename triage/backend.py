@@ -492,15 +492,28 @@ def cpu_streams(count: int) -> list:
     return [mx.new_stream(mx.cpu) for _ in range(count)]
 
 
-def optimize_for_device(model: "nn.Module") -> str:
-    """On a CPU: dequantizing layers, and mlx-lm's attention and SwiGLU without MLX's slow exp.
+def optimize_for_device(model: "nn.Module", inference: bool = False) -> str:
+    """On a CPU: mlx-lm's attention and SwiGLU without MLX's slow exp, and fast quantized layers.
 
-    Returns a phrase for the log saying what was switched. Metal and CUDA keep MLX's own kernels.
+    For training the quantized layers dequantize per call (the weights stay
+    quantized in memory); for ``inference`` they are dequantized to fp32 once,
+    the same numbers without paying the dequantization on every forward pass
+    (for a 135M model, 0.5 GB instead of 0.08 GB resident). Returns a phrase for
+    the log saying what was switched. Metal and CUDA keep MLX's own kernels.
     """
     if not cpu_needs_dequantized_matmul():
         return "GPU: MLX's native kernels"
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.utils import dequantize_model
+
     from triage import fastmath
 
-    layers = use_cpu_dequantized_matmul(model)
     fastmath.install()
-    return f"CPU: {layers} quantized layers dequantize per call; attention and SwiGLU use triage.fastmath"
+    activations = "attention and SwiGLU use triage.fastmath"
+    if inference:
+        layers = sum(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+        dequantize_model(model)
+        model.set_dtype(mx.float32)
+        return f"CPU: {layers} quantized layers dequantized to fp32 once for inference; {activations}"
+    return f"CPU: {use_cpu_dequantized_matmul(model)} quantized layers dequantize per call; {activations}"

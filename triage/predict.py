@@ -55,7 +55,7 @@ class Triager:
         from mlx_lm import load
 
         self.model, tokenizer = load(str(paths.model_dir), adapter_path=str(paths.adapter_dir) if paths.adapter_dir else None)
-        optimize_for_device(self.model)
+        optimize_for_device(self.model, inference=True)
         self.fmt = ChatFormat(tokenizer)
         self.params = params
         self.dropout = _adapter_dropout(paths.adapter_dir)
