@@ -180,6 +180,8 @@ def test_cases_on_two_cpu_streams_score_exactly_as_on_one(model_dir, adapters, d
                                   label_probabilities(model, fmt, examples, 2))
     np.testing.assert_array_equal(mc_dropout_votes(model, fmt, examples, SAMPLES, 7, streams),
                                   mc_dropout_votes(model, fmt, examples, SAMPLES, 7))
+    cases = tokenize_split(fmt, examples, "test", 2048)
+    assert completion_loss(model, cases, 2, streams) == completion_loss(model, cases, 2)
 
 
 def test_shared_lower_blocks_give_the_plain_batch_result(model_dir, adapters):

@@ -77,7 +77,7 @@ def label_probabilities(model: nn.Module, fmt: ChatFormat, examples: list[Exampl
     return probabilities
 
 
-def completion_loss(model: nn.Module, cases: list[TokenizedCase], batch_size: int) -> float:
+def completion_loss(model: nn.Module, cases: list[TokenizedCase], batch_size: int, streams: Sequence = ()) -> float:
     """Mean cross-entropy per completion token over every case (the study's test loss).
 
     Batches are cut from the length-sorted cases here rather than by the
@@ -86,12 +86,15 @@ def completion_loss(model: nn.Module, cases: list[TokenizedCase], batch_size: in
     """
     model.eval()
     ordered = sorted(cases, key=lambda case: len(case.tokens))
-    total = tokens = 0.0
-    for start in range(0, len(ordered), batch_size):
-        loss, ntoks = plain_loss(model, *collate(ordered[start : start + batch_size], mask_prompt=True))
-        total += loss.item() * ntoks.item()
-        tokens += ntoks.item()
-    return total / tokens
+
+    def summed(batch: list[TokenizedCase]) -> mx.array:
+        loss, ntoks = plain_loss(model, *collate(batch, mask_prompt=True))
+        return mx.stack([loss * ntoks, ntoks.astype(loss.dtype)])
+
+    batches = [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
+    total, tokens = np.sum([np.array(pair, dtype=np.float64) for pair in on_streams(
+        [partial(summed, batch) for batch in batches], streams)], axis=0)
+    return float(total / tokens)
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ def score_set(
     """Label probabilities and completion loss of ``examples``; an over-long case is an error naming ``source``."""
     cases = tokenize_split(fmt, examples, source, max_len)
     return ScoredSet(examples, label_probabilities(model, fmt, examples, batch_size, streams),
-                     completion_loss(model, cases, batch_size))
+                     completion_loss(model, cases, batch_size, streams))
 
 
 def read_extra_set(spec: ExtraSet) -> list[Example]:
