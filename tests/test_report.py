@@ -43,7 +43,7 @@ def study(tmp_path: Path) -> dict:
         (tmp_path / "models" / f"m-{bits}.json").write_text(json.dumps(
             {"disk_mb": mb, "bits_per_weight": 5.0 if bits == "4bit" else 9.0, "source_precision": "Q4_1"}))
     selection = RunSelection(models=["m"], bits=["4bit", "8bit"], configs=["std", "safe"])
-    baselines = {"m-4bit": {"accuracy": 0.40, "ed_recall": 0.50}}
+    baselines = {"m-4bit": {"accuracy": 0.40, "ed_recall": 0.50, "test_loss": 5.25}}
     rows, missing = collect_rows(selection, tmp_path / "runs", tmp_path / "models", baselines)
     return summary(rows, missing, baselines)
 
@@ -69,6 +69,8 @@ def test_report_sections_and_numbers(tmp_path):
     assert leaderboard.index("m-4bit-safe") < leaderboard.index("m-8bit-std") < leaderboard.index("m-4bit-std")
     assert "0.800 vs 0.820 (-0.020)" in text
     assert "+0.400" in text  # 4-bit standard run: 0.80 fine-tuned vs 0.40 zero-shot
+    baseline_row = next(line for line in text.split("## Zero-shot baseline")[1].splitlines() if "m-4bit-std" in line)
+    assert "5.25" in baseline_row and baseline_row.rstrip(" |").endswith("0.5")  # test loss: zero-shot, fine-tuned
 
 
 def test_failed_gates_say_by_how_much(tmp_path):

@@ -170,9 +170,13 @@ def _kinds_comparison(rows: list[dict]) -> str | None:
 def _baseline_comparison(rows: list[dict], baselines: dict[str, dict]) -> str | None:
     if not baselines:
         return None
-    lines = [[r["run"], _fmt(baselines.get(f"{r['model']}-{r['bits']}", {}).get("accuracy")), _fmt(r["accuracy"]),
-              _signed(r["gain_accuracy"]), _signed(r["gain_ed_recall"])] for r in sorted(rows, key=lambda r: r["run"])]
-    return _table(lines, ("run", "zero-shot accuracy", "fine-tuned accuracy", "gain", "ED recall gain"))
+    lines = []
+    for r in sorted(rows, key=lambda r: r["run"]):
+        baseline = baselines.get(f"{r['model']}-{r['bits']}", {})
+        lines.append([r["run"], _fmt(baseline.get("accuracy")), _fmt(r["accuracy"]), _signed(r["gain_accuracy"]),
+                      _signed(r["gain_ed_recall"]), _fmt(baseline.get("test_loss")), _fmt(r["test_loss"])])
+    return _table(lines, ("run", "zero-shot accuracy", "fine-tuned accuracy", "gain", "ED recall gain",
+                          "zero-shot test loss", "fine-tuned test loss"))
 
 
 def _sources(rows: list[dict]) -> str | None:
