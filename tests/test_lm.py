@@ -1,4 +1,4 @@
-"""Label scoring against a plain forward pass over prompt + label, one prompt or a left-padded batch."""
+"""Label scoring against a plain forward pass over prompt + label: one prompt, or a batch after a shared prefix."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlx_lm.models import gemma3_text, llama
 
-from triage.lm import batch_label_log_probs, label_log_probs
+from triage.lm import batch_label_log_probs, label_log_probs, shared_prefix
 
 VOCAB = 40
 # Labels of one, two and three tokens: the longer ones continue from the prompt's cache and trim it.
@@ -63,3 +63,36 @@ def test_copies_of_one_prompt_score_alike():
     model.eval()
     rows = np.array(label_log_probs(model, FMT, PROMPTS[2], copies=3))
     np.testing.assert_allclose(rows, np.repeat(rows[:1], 3, axis=0), atol=1e-6)
+
+
+# A shared prefix of 10 tokens (longer than Gemma's window of 8), then suffixes of 1 to 6 tokens.
+PREFIXED = [list(range(20, 30)) + suffix for suffix in ([1], [4, 12, 13, 14, 15, 16], [2, 31, 6])]
+
+
+@pytest.mark.parametrize("build", [llama_model, gemma_model], ids=["llama", "gemma3"])
+def test_scores_after_a_shared_prefix_equal_the_plain_forward_pass(build):
+    mx.random.seed(5)
+    model = build()
+    model.eval()
+    prefix = shared_prefix(model, PREFIXED)
+    assert prefix.tokens == tuple(range(20, 30))
+    expected = np.array([reference_scores(model, prompt) for prompt in PREFIXED])
+    np.testing.assert_allclose(np.array(batch_label_log_probs(model, FMT, PREFIXED, prefix)), expected, atol=2e-4)
+    # The prefix's cache is reused, not consumed: a second batch after it scores the same.
+    np.testing.assert_allclose(np.array(batch_label_log_probs(model, FMT, PREFIXED[1:], prefix)), expected[1:], atol=2e-4)
+
+
+def test_a_prompt_that_does_not_continue_the_prefix_is_refused():
+    model = llama_model()
+    prefix = shared_prefix(model, PREFIXED)
+    with pytest.raises(ValueError, match="shared prefix"):
+        batch_label_log_probs(model, FMT, [[1, 2, 3]], prefix)
+    with pytest.raises(ValueError, match="shared prefix"):
+        batch_label_log_probs(model, FMT, [list(range(20, 30))], prefix)
+
+
+def test_every_prompt_keeps_a_token_of_its_own():
+    model = llama_model()
+    assert shared_prefix(model, [[1, 2, 3], [1, 2, 3]]).tokens == (1, 2)
+    assert shared_prefix(model, [[1, 2, 3]]).tokens == (1, 2)
+    assert shared_prefix(model, [[1, 2], [3, 4]]).tokens == ()

@@ -24,7 +24,9 @@ from triage import metrics as m
 from triage.batches import collate
 from triage.config import EvaluateParams, ExtraSet, Params
 from triage.importers import read_chat_jsonl, read_ktas_csv, read_prompt_completion_jsonl, read_table
-from triage.lm import ChatFormat, TokenizedCase, batch_label_log_probs, label_log_probs, tokenize_split
+from triage.lm import (
+    ChatFormat, TokenizedCase, batch_label_log_probs, label_log_probs, shared_prefix, tokenize_split,
+)
 from triage.losses import plain_loss
 from triage.schema import LABELS, DataError, Example, read_examples
 
@@ -61,15 +63,17 @@ def label_probabilities(model: nn.Module, fmt: ChatFormat, examples: list[Exampl
                         streams: Sequence = ()) -> np.ndarray:
     """(n, 3) probabilities of the label options, normalised over the three, dropout off.
 
-    Cases go through in batches of similar prompt length, so little compute goes to padding.
+    Cases go through in batches of similar prompt length, so little compute goes
+    to padding, after the tokens all prompts share have run once.
     """
     model.eval()
     prompts = [fmt.prompt_tokens(example.prompt) for example in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    prefix = shared_prefix(model, prompts)
 
     def score(chunk: list[int]) -> mx.array:
-        return mx.softmax(batch_label_log_probs(model, fmt, [prompts[i] for i in chunk]), axis=-1)
+        return mx.softmax(batch_label_log_probs(model, fmt, [prompts[i] for i in chunk], prefix), axis=-1)
 
     probabilities = np.zeros((len(prompts), len(LABELS)))
     for chunk, scores in zip(chunks, on_streams([partial(score, chunk) for chunk in chunks], streams)):
