@@ -37,7 +37,7 @@ import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from triage.backend import (  # noqa: E402
-    THREADS_ENV, cpu_streams, matmul_peak_gflops, optimize_for_device, optimize_quantized_matmul, set_blas_threads,
+    THREADS_ENV, cpu_streams, matmul_peak_gflops, optimize_for_device, set_blas_threads,
 )
 from triage.batches import make_iterate_batches  # noqa: E402
 from triage.config import LoraConfig  # noqa: E402
@@ -321,9 +321,8 @@ def measure_variant(name: str, path: Path, train_cases: list[TokenizedCase], exa
 
     model, tokenizer = load(str(path))
     check_supported(model)
-    switched = optimize_quantized_matmul(model)
-    optimize_for_device(model)  # and the fast attention and SwiGLU, as every stage does
     add_lora(model, lora_config(setup), setup.num_layers)
+    cpu_path = optimize_for_device(model)  # as the train stage does
     fmt = ChatFormat(tokenizer)
     tokens = setup.batch_size * setup.seq_len
 
@@ -351,7 +350,7 @@ def measure_variant(name: str, path: Path, train_cases: list[TokenizedCase], exa
     finally:
         set_blas_threads(threads)
     result = {
-        "quantized_layers_dequantized_per_call": switched,
+        "cpu_path": cpu_path,
         "train_step_seconds": [round(s, 3) for s in steps],
         "train_tokens_per_s": tokens / best,
         "train_tokens_per_s_median": tokens / statistics.median(steps[setup.warmup_steps :]),
@@ -498,7 +497,7 @@ def machine() -> dict:
         print(f"[bench] WARNING: load average {load[0]:.1f} on {cpus} cores: other processes compete, so the "
               "numbers will be low and noisy (TRIAGE_BLAS_THREADS=1 is steadier on a busy machine)", flush=True)
     return {"platform": platform.platform(), "processor": platform.processor(), "cpus": cpus,
-            "blas": triage.BLAS, "blas_threads": blas_threads(), "mlx": mx.__version__,
+            "blas": triage.BLAS, "allocator": triage.ALLOCATOR, "blas_threads": blas_threads(), "mlx": mx.__version__,
             "load_average_start": list(load)}
 
 

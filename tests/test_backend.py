@@ -288,3 +288,11 @@ def test_lora_grads_under_compile_match_native():
     mx.eval(loss, grads)
     assert loss.item() == pytest.approx(native_loss, rel=1e-5)
     assert_grads_close(dict(tree_flatten(grads)), native_grads)
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="glibc's mallopt: Linux only")
+def test_importing_triage_keeps_freed_buffers_for_reuse_on_linux():
+    import triage
+
+    assert triage.ALLOCATOR == "glibc malloc keeping freed buffers for reuse"
+    assert backend.keep_freed_buffers() == triage.ALLOCATOR  # idempotent

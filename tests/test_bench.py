@@ -6,6 +6,7 @@ Not a timing test: the numbers of a tiny random model on a shared machine mean n
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,8 @@ def test_smoke_run_writes_every_key(tmp_path):
         assert VARIANT_KEYS <= set(report[variant]), variant
         assert report[variant]["train_tokens_per_s"] > 0
         assert report[variant]["train_mfu"] == report[variant]["train_gflops"] / report["matmul_peak_gflops"]
-    assert report["q4"]["quantized_layers_dequantized_per_call"] > 0  # the CPU QLoRA path was measured
+    # The CPU QLoRA path was measured: quantized layers dequantizing per call.
+    assert re.search(r"CPU: [1-9]\d* quantized layers dequantize per call", report["q4"]["cpu_path"])
     assert "mc_sequential_s" in report["q4"]
     assert "completion positions" in report["flops"]["formula"]
     assert report["flops"]["C"] == report["setup"]["completion_positions"] > 0

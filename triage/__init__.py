@@ -1,9 +1,11 @@
 """Triage QLoRA study: shared logic for the DVC stages in ``stages/``.
 
-Importing the package first selects a fast BLAS for MLX on Linux (see
-``triage.backend``), which only works before anything imports ``mlx``.
+Importing the package first selects a fast BLAS for MLX on Linux, which only
+works before anything imports ``mlx``, and has glibc keep freed buffers for
+reuse (see ``triage.backend``).
 """
 
-from triage.backend import load_fast_blas
+from triage.backend import keep_freed_buffers, load_fast_blas
 
 BLAS = load_fast_blas()
+ALLOCATOR = keep_freed_buffers()
