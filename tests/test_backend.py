@@ -296,3 +296,15 @@ def test_importing_triage_keeps_freed_buffers_for_reuse_on_linux():
 
     assert triage.ALLOCATOR == "glibc malloc keeping freed buffers for reuse"
     assert backend.keep_freed_buffers() == triage.ALLOCATOR  # idempotent
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = MallInfo2
+    before = mallinfo2().hblkhd
+    block = bytearray(40 << 20)  # far above glibc's largest mmap threshold (32 MB)
+    assert mallinfo2().hblkhd == before  # served from the heap, not a fresh mapping
+    del block

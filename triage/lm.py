@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from copy import copy as shallow_copy
 from dataclasses import dataclass
+from os.path import commonprefix
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -124,15 +125,12 @@ def shared_prefix(model: nn.Module, prompts: list[list[int]]) -> SharedPrefix:
     """
     from mlx_lm.models.cache import make_prompt_cache
 
-    first, shortest = prompts[0], min(map(len, prompts))
-    length = 0
-    while length < shortest - 1 and all(prompt[length] == first[length] for prompt in prompts):
-        length += 1
+    common = commonprefix(prompts)[: min(map(len, prompts)) - 1]  # works on lists of tokens too
     cache = make_prompt_cache(model)
-    if length:
-        hidden_states(model, mx.array([first[:length]]), cache)
+    if common:
+        hidden_states(model, mx.array([common]), cache)
         mx.eval([(layer.keys, layer.values) for layer in cache])
-    return SharedPrefix(tuple(first[:length]), cache)
+    return SharedPrefix(tuple(common), cache)
 
 
 def _fork(cache: list, rows: int) -> list:
