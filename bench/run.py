@@ -80,7 +80,7 @@ class Setup:
     dropout: float = 0.1  # > 0 so that MC dropout has something to sample; training uses it too
     num_layers: int = 16
     warmup_steps: int = 1
-    steps: int = 3
+    steps: int = 5  # the best of these is reported: other load on a shared machine only ever slows a step
     eval_cases: int = 16
     eval_batch_size: int = 8  # evaluate.batch_size in params.yaml
     generation_cases: int = 2
@@ -497,7 +497,7 @@ def machine() -> dict:
         print(f"[bench] WARNING: load average {load[0]:.1f} on {cpus} cores: other processes compete, so the "
               "numbers will be low and noisy (TRIAGE_BLAS_THREADS=1 is steadier on a busy machine)", flush=True)
     return {"platform": platform.platform(), "processor": platform.processor(), "cpus": cpus,
-            "blas": triage.BLAS, "allocator": triage.ALLOCATOR, "blas_threads": blas_threads(), "mlx": mx.__version__,
+            "blas": triage.BLAS, "allocator": triage.ALLOCATOR, "schedule": triage.SCHEDULE, "blas_threads": blas_threads(), "mlx": mx.__version__,
             "load_average_start": list(load)}
 
 

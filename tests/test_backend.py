@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ctypes.util
+import importlib.util
 import os
 import platform
+import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -215,7 +218,7 @@ def test_inference_weights_dequantized_once_give_the_per_call_logits(bits, monke
     np.testing.assert_allclose(np.array(model(tokens())), np.array(per_call), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [3, 4, 6, 8])  # 3 and 6 do not pack evenly: mx.dequantize unpacks them
 def test_logits_match_native(bits, request):
     model = tiny_quantized_llama(bits)
     x = tokens()
@@ -227,6 +230,17 @@ def test_logits_match_native(bits, request):
     assert fast.dtype == native.dtype == mx.float32
     np.testing.assert_allclose(np.array(fast), np.array(native), **TOL)
     assert float(mx.abs(native).max()) > 0.1  # not trivially equal
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_unpacking_gives_mx_dequantize_exactly(bits, dtype):
+    weight = mx.random.normal((96, 192), key=mx.random.key(7)).astype(getattr(mx, dtype))
+    packed, scales, biases = mx.quantize(weight, group_size=64, bits=bits)
+    expected = mx.dequantize(packed, scales, biases, group_size=64, bits=bits, dtype=mx.float32)
+    unpacked = backend._unpack_affine(bits, 64)(packed, scales, biases)
+    assert unpacked.dtype == mx.float32 and unpacked.shape == (96, 192)
+    assert mx.array_equal(unpacked, expected).item()
 
 
 def test_few_rows_use_native_kernel(monkeypatch):
@@ -308,3 +322,37 @@ def test_importing_triage_keeps_freed_buffers_for_reuse_on_linux():
     block = bytearray(40 << 20)  # far above glibc's largest mmap threshold (32 MB)
     assert mallinfo2().hblkhd == before  # served from the heap, not a fresh mapping
     del block
+
+
+def test_widen_schedule_respects_the_user_and_builds_without_mlx_cpu(monkeypatch):
+    monkeypatch.setenv(backend.SCHEDULE_ENV, "7")
+    assert backend.widen_schedule() == "MLX_BFS_MAX_WIDTH=7 (set by the user)"
+    assert os.environ[backend.SCHEDULE_ENV] == "7"
+    monkeypatch.delenv(backend.SCHEDULE_ENV)
+
+    def absent(name):
+        raise backend.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(backend.metadata, "distribution", absent)
+    assert "MLX's default evaluation order" in backend.widen_schedule()
+    assert backend.SCHEDULE_ENV not in os.environ
+
+
+def test_importing_triage_widens_the_schedule_before_mlx_evaluates():
+    env = {k: v for k, v in os.environ.items() if k != "MLX_BFS_MAX_WIDTH"}
+    code = "import triage, os; print(triage.SCHEDULE); print(os.environ.get('MLX_BFS_MAX_WIDTH'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout.splitlines()
+    if importlib.util.find_spec("mlx") and _has_distribution("mlx-cpu"):
+        assert out == [f"MLX_BFS_MAX_WIDTH={backend.WIDE_SCHEDULE}: CPU streams are scheduled side by side",
+                       str(backend.WIDE_SCHEDULE)]
+    else:
+        assert out[1] == "None"
+
+
+def _has_distribution(name: str) -> bool:
+    try:
+        backend.metadata.distribution(name)
+    except backend.metadata.PackageNotFoundError:
+        return False
+    return True
