@@ -171,14 +171,6 @@ def test_swap_count_idempotence_and_undo():
     assert type(model.model.embed_tokens) is nn.QuantizedEmbedding
 
 
-def test_optimize_keeps_native_kernels_on_gpu(monkeypatch):
-    model = tiny_quantized_llama(4)
-    monkeypatch.setattr(backend, "cpu_needs_dequantized_matmul", lambda: False)
-    assert backend.optimize_quantized_matmul(model) == 0
-    monkeypatch.setattr(backend, "cpu_needs_dequantized_matmul", lambda: True)
-    assert backend.optimize_quantized_matmul(model) == N_QUANTIZED
-
-
 def test_optimize_for_device_switches_layers_and_activations_only_on_cpu(monkeypatch):
     from mlx_lm.models import gemma3_text, llama
 

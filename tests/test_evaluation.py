@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm import load
 
 from conftest import ROOT, SHARED_DATA
-from triage.backend import optimize_quantized_matmul
+from triage.backend import use_cpu_dequantized_matmul
 from triage.config import ExtraSet, LoraConfig, ParamsError, load_params
 from triage.evaluation import (
     EdThreshold, ScoredSet, adapter_dropout, completion_loss, evaluate_model, first_random_block,
@@ -76,7 +76,7 @@ def load_decisive(model_dir: Path, adapter: Path | None = None):
     """
     model, tokenizer = load(str(model_dir), adapter_path=str(adapter) if adapter else None)
     model.model.norm.weight = model.model.norm.weight * 10.0
-    optimize_quantized_matmul(model)
+    use_cpu_dequantized_matmul(model)  # the fast CPU layers; numerically the native ones
     return model, ChatFormat(tokenizer)
 
 

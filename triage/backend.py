@@ -543,14 +543,6 @@ def use_native_quantized_matmul(model: "nn.Module") -> int:
     return _swap(model, {linear: nn.QuantizedLinear, embedding: nn.QuantizedEmbedding})
 
 
-def optimize_quantized_matmul(model: "nn.Module") -> int:
-    """Use the dequantizing layers if matmuls run on the CPU; else keep native.
-
-    Returns the number of layers switched (0 on Metal/CUDA).
-    """
-    return use_cpu_dequantized_matmul(model) if cpu_needs_dequantized_matmul() else 0
-
-
 def set_blas_threads(threads: int) -> bool:
     """Set the preloaded OpenBLAS's thread count now; False when no OpenBLAS was preloaded."""
     for lib in _BLAS_HANDLES:
