@@ -93,3 +93,24 @@ def test_install_swaps_once_and_models_still_compute_the_same(monkeypatch):
     assert len(fastmath.install()) == 3
     assert fastmath.install() == []
     close(model(tokens), before, rtol=1e-4, atol=1e-5)
+
+
+def test_custom_function_runs_its_vjp_on_the_forward_stream():
+    seen = []
+
+    def backward(primals, cotangent, output):
+        seen.append(fastmath.calling_stream())  # MLX calls this while it builds the backward graph
+        return (2 * cotangent,)
+
+    double = fastmath.custom_function(lambda x: 2 * x, backward)
+    shard = mx.new_stream(mx.cpu)
+
+    def loss(x):
+        with mx.stream(shard):
+            return double(x).sum()
+
+    grad = mx.grad(loss)(mx.array([1.0, 2.0]))  # taken outside the shard's stream context
+    assert seen == [shard]
+    assert grad.tolist() == [2.0, 2.0]
+    mx.grad(lambda x: double(x).sum())(mx.array([1.0]))
+    assert seen[1] == mx.default_stream(mx.cpu)

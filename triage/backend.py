@@ -404,19 +404,18 @@ def _unpack_affine(bits: int, group_size: int) -> Callable[..., "mx.array"]:
 
 
 @functools.lru_cache(maxsize=None)
-def _dequantized_matmul_fn(
-    group_size: int, bits: int, mode: str, has_biases: bool, stream: "mx.Stream"
-) -> Callable[..., "mx.array"]:
-    """x @ dequantize(w).T in fp32, with a VJP that re-dequantizes on ``stream``.
+def _dequantized_matmul_fn(group_size: int, bits: int, mode: str, has_biases: bool) -> Callable[..., "mx.array"]:
+    """x @ dequantize(w).T in fp32, with a VJP that re-dequantizes.
 
     A custom VJP so that backward does not keep every layer's fp32 weight
     alive from forward to backward (that would hold a full fp32 copy of the
     model during a training step); it recomputes it (~1 ms per layer).
-    No cotangent is produced for the (frozen) quantized weight. Built per
-    stream so that the VJP runs where the forward did (see
-    ``triage.fastmath.calling_stream``).
+    No cotangent is produced for the (frozen) quantized weight. The VJP runs
+    on the forward's stream (``triage.fastmath.custom_function``).
     """
     import mlx.core as mx
+
+    from triage.fastmath import custom_function
 
     def weight(w: mx.array, scales: mx.array, biases: mx.array | None) -> mx.array:
         if mode == "affine" and biases is not None and 32 % bits == 0:
@@ -425,20 +424,17 @@ def _dequantized_matmul_fn(
             w, scales, biases, group_size=group_size, bits=bits, mode=mode, dtype=mx.float32
         )
 
-    @mx.custom_function
     def matmul(x: mx.array, w: mx.array, scales: mx.array, *biases: mx.array) -> mx.array:
         out = x.astype(mx.float32) @ weight(w, scales, biases[0] if has_biases else None).T
         return out.astype(x.dtype)
 
-    @matmul.vjp
     def matmul_vjp(primals: tuple, cotangent: mx.array, output: mx.array) -> tuple:
         x, w, scales, *biases = primals
-        with mx.stream(stream):
-            dx = cotangent.astype(mx.float32) @ weight(w, scales, biases[0] if has_biases else None)
-            frozen = tuple(mx.zeros_like(p) for p in (w, scales, *biases))  # lazy: never evaluated
-            return (dx.astype(x.dtype), *frozen)
+        dx = cotangent.astype(mx.float32) @ weight(w, scales, biases[0] if has_biases else None)
+        frozen = tuple(mx.zeros_like(p) for p in (w, scales, *biases))  # lazy: never evaluated
+        return (dx.astype(x.dtype), *frozen)
 
-    return matmul
+    return custom_function(matmul, matmul_vjp)
 
 
 NATIVE_MAX_ROWS = 3
@@ -455,9 +451,7 @@ def dequantized_matmul(x: "mx.array", layer: "nn.Module") -> "mx.array":
     """``x @ W.T`` for a quantized layer's weight W, via fp32 dequantization."""
     biases = layer.get("biases")
     mode = getattr(layer, "mode", "affine")  # older layers predate modes
-    from triage.fastmath import calling_stream
-
-    fn = _dequantized_matmul_fn(layer.group_size, layer.bits, mode, biases is not None, calling_stream())
+    fn = _dequantized_matmul_fn(layer.group_size, layer.bits, mode, biases is not None)
     args = (layer["weight"], layer["scales"]) + ((biases,) if biases is not None else ())
     return fn(x, *args)
 
