@@ -497,7 +497,8 @@ def machine() -> dict:
         print(f"[bench] WARNING: load average {load[0]:.1f} on {cpus} cores: other processes compete, so the "
               "numbers will be low and noisy (TRIAGE_BLAS_THREADS=1 is steadier on a busy machine)", flush=True)
     return {"platform": platform.platform(), "processor": platform.processor(), "cpus": cpus,
-            "blas": triage.BLAS, "allocator": triage.ALLOCATOR, "schedule": triage.SCHEDULE, "blas_threads": blas_threads(), "mlx": mx.__version__,
+            "blas": triage.BLAS, "allocator": triage.ALLOCATOR, "schedule": triage.SCHEDULE,
+            "blas_threads": blas_threads(), "mlx": mx.__version__,
             "load_average_start": list(load)}
 
 

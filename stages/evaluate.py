@@ -45,7 +45,7 @@ def main() -> None:
                   "so DVC will not notice when it changes")
     model, tokenizer = load(str(args.model_dir), adapter_path=str(args.adapter) if args.adapter else None)
     check_supported(model)
-    print(f"[evaluate] BLAS: {triage.BLAS}; {triage.ALLOCATOR}; {triage.SCHEDULE}; {optimize_for_device(model, inference=True)}")
+    print(f"[evaluate] {triage.RUNTIME}; {optimize_for_device(model, inference=True)}")
 
     result = evaluate_model(
         model, ChatFormat(tokenizer), args.data, params.evaluate, params.train.max_seq_length,

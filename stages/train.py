@@ -54,7 +54,7 @@ def main() -> None:
     train_cases, val_cases = (tokenize_split(fmt, read_examples(p), str(p), max_len) for p in splits.values())
 
     lora = add_lora(model, config, params.train.num_layers)
-    print(f"[train] BLAS: {triage.BLAS}; {triage.ALLOCATOR}; {triage.SCHEDULE}; {optimize_for_device(model)}")
+    print(f"[train] {triage.RUNTIME}; {optimize_for_device(model)}")
     print(f"[train] {args.config} ({config.kind}): rank {config.rank}, scale {config.scale}, "
           f"dropout {config.dropout}, lr {config.learning_rate}, batch {config.batch_size}, "
           f"{config.iters} iters; {lora['trainable_params']:,} trainable parameters "

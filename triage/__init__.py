@@ -11,3 +11,4 @@ from triage.backend import keep_freed_buffers, load_fast_blas, widen_schedule
 BLAS = load_fast_blas()
 ALLOCATOR = keep_freed_buffers()
 SCHEDULE = widen_schedule()
+RUNTIME = f"BLAS: {BLAS}; {ALLOCATOR}; {SCHEDULE}"  # what the stages log about the above
