@@ -4,32 +4,44 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
+from scipy.stats import beta, binom
 from sklearn.metrics import (
     accuracy_score,
+    average_precision_score,
     confusion_matrix,
     f1_score,
     fbeta_score,
     precision_recall_fscore_support,
+    recall_score,
+    roc_auc_score,
 )
 
 from triage.metrics import (
     argmax_decision,
-    bootstrap_interval,
+    binomial_interval,
+    bootstrap_intervals,
+    bootstrap_weights,
     brier_score,
     classification_metrics,
+    cluster_ids,
     cost_aware_decision,
+    ed_discrimination,
+    ed_recall_intervals,
     expected_calibration_error,
     flag_uncertain,
     gate_holds_at_bound,
+    mcnemar_exact,
+    paired_comparison,
     safety_gates,
     subgroup_rates,
     threshold_decision,
+    triage_rates,
     tune_ed_threshold,
     vote_summary,
+    weighted_scores,
 )
 from triage.schema import LABELS
 
@@ -205,54 +217,181 @@ def _bootstrap_case(n: int = 400, seed: int = 7) -> tuple[list[str], list[str | 
     return labels, preds
 
 
-def test_bootstrap_reproducible_and_contains_estimate() -> None:
-    labels, preds = _bootstrap_case()
-    first = bootstrap_interval(labels, preds, "ed_recall", n_resamples=500, seed=3)
-    assert first == bootstrap_interval(labels, preds, "ed_recall", n_resamples=500, seed=3)
-    assert first != bootstrap_interval(labels, preds, "ed_recall", n_resamples=500, seed=4)
-    assert first["estimate"] == pytest.approx(classification_metrics(labels, preds)["ed_recall"])
-    assert first["low"] < first["estimate"] < first["high"]
-    assert (first["n_resamples"], first["level"], first["n_valid"]) == (500, 0.95, 500)
-    fnr = bootstrap_interval(labels, preds, "ed_fnr", n_resamples=500, seed=3)
-    assert fnr["low"] < fnr["estimate"] < fnr["high"]
-    # Same draws, complementary statistic: the FNR interval mirrors the recall one.
-    assert fnr["low"] == pytest.approx(1 - first["high"]) and fnr["high"] == pytest.approx(1 - first["low"])
+@pytest.mark.parametrize("k, n", [(12, 12), (36, 36), (7, 12), (0, 5), (40, 41)])
+def test_binomial_interval_is_clopper_pearson(k: int, n: int) -> None:
+    # The definition: beta quantiles (scipy.stats.beta), independent of binomtest's code path.
+    interval = binomial_interval(k, n)
+    low = 0.0 if k == 0 else beta.ppf(0.025, k, n - k + 1)
+    high = 1.0 if k == n else beta.ppf(0.975, k + 1, n - k)
+    assert (interval["low"], interval["high"]) == pytest.approx((low, high), abs=1e-9)
 
 
-def test_bootstrap_agrees_with_naive_case_resampling() -> None:
-    labels, preds = _bootstrap_case(n=300)
-    ours = bootstrap_interval(labels, preds, "ed_recall", n_resamples=4000, level=0.9, seed=1)
-    is_ed = np.array(labels) == "ED"
-    hit = is_ed & (np.array(preds, dtype=object) == "ED")
-    idx = np.random.default_rng(2).integers(0, len(labels), size=(4000, len(labels)))
-    naive = np.quantile(hit[idx].sum(axis=1) / is_ed[idx].sum(axis=1), [0.05, 0.95])
-    assert ours["low"] == pytest.approx(naive[0], abs=0.015)
-    assert ours["high"] == pytest.approx(naive[1], abs=0.015)
-    assert ours["high"] - ours["low"] < 0.25
+def test_twelve_of_twelve_is_not_certainty() -> None:
+    labels = ["ED"] * 12 + ["GP"] * 20
+    intervals = ed_recall_intervals(labels, labels)
+    assert intervals["ed_recall"]["low"] <= 0.76 and intervals["ed_recall"]["high"] == 1.0
+    assert intervals["ed_recall"]["low"] == pytest.approx(0.7354, abs=1e-4)
+    assert intervals["ed_fnr"] == pytest.approx({"low": 0.0, "high": 1 - intervals["ed_recall"]["low"]})
+    assert gate_holds_at_bound(intervals["ed_recall"], 0.95, at_least=True) is False
+    assert gate_holds_at_bound(intervals["ed_fnr"], 0.05, at_least=False) is False
+    big = ed_recall_intervals(["ED"] * 36, ["ED"] * 36)["ed_recall"]
+    assert big["low"] == pytest.approx(0.9026, abs=1e-4)
 
 
-def test_bootstrap_is_fast() -> None:
-    labels, preds = _bootstrap_case(n=5000)
-    start = time.perf_counter()
-    bootstrap_interval(labels, preds, "ed_fnr", n_resamples=5000)
-    assert time.perf_counter() - start < 2.0
-
-
-def test_bootstrap_without_ed_cases_and_bad_statistic() -> None:
-    interval = bootstrap_interval(["GP", "HOME"], ["GP", "GP"], "ed_recall", n_resamples=50)
-    assert interval["low"] is None and interval["high"] is None and interval["n_valid"] == 0
-    assert gate_holds_at_bound(interval, 0.95) is None
-    with pytest.raises(ValueError):
-        bootstrap_interval(["ED"], ["ED"], "accuracy")
+def test_without_ed_cases_recall_intervals_are_not_applicable() -> None:
+    intervals = ed_recall_intervals(["GP", "HOME"], ["GP", "ED"])
+    assert intervals == {"ed_recall": {"low": None, "high": None}, "ed_fnr": {"low": None, "high": None}}
+    assert gate_holds_at_bound(intervals["ed_recall"], 0.95, at_least=True) is None
 
 
 def test_gate_holds_at_pessimistic_end() -> None:
-    recall = {"statistic": "ed_recall", "low": 0.94, "high": 0.99}
-    fnr = {"statistic": "ed_fnr", "low": 0.01, "high": 0.06}
-    assert gate_holds_at_bound(recall, 0.95) is False
-    assert gate_holds_at_bound(recall, 0.94) is True
-    assert gate_holds_at_bound(fnr, 0.05) is False
-    assert gate_holds_at_bound(fnr, 0.06) is True
+    recall = {"low": 0.94, "high": 0.99}
+    fnr = {"low": 0.01, "high": 0.06}
+    assert gate_holds_at_bound(recall, 0.95, at_least=True) is False
+    assert gate_holds_at_bound(recall, 0.94, at_least=True) is True
+    assert gate_holds_at_bound(fnr, 0.05, at_least=False) is False
+    assert gate_holds_at_bound(fnr, 0.06, at_least=False) is True
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_triage_rates_match_sklearn_confusion(seed: int) -> None:
+    labels, preds = _random_case(seed)
+    rates = triage_rates(labels, preds)
+    mapped = [p if p in LABELS else "UNK" for p in preds]
+    cm = confusion_matrix(labels, mapped, labels=[*LABELS, "UNK"])[:3, :3]  # rows true, columns predicted
+    n = len(labels)
+    assert rates["under_triage_rate"] == pytest.approx(np.triu(cm, 1).sum() / n)
+    assert rates["over_triage_rate"] == pytest.approx(np.tril(cm, -1).sum() / n)
+    assert rates["unsafe_rate"] == pytest.approx(cm[0, 2] / n)
+
+
+def _scores_case(seed: int, n: int = 150) -> tuple[list[str], list[str | None], np.ndarray]:
+    labels, preds = _random_case(seed, n)
+    rng = np.random.default_rng(seed + 100)
+    # Rounded scores tie often, which is where AUROC implementations differ.
+    p_ed = np.round(np.clip(0.3 * (np.array(labels) == "ED") + rng.random(n) * 0.7, 0, 1), 1)
+    return labels, preds, p_ed
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 5])
+def test_ed_discrimination_matches_sklearn(seed: int) -> None:
+    labels, _, p_ed = _scores_case(seed)
+    result = ed_discrimination(labels, p_ed, [0.2, 0.4])
+    is_ed = np.array(labels) == "ED"
+    assert result["ed_auroc"] == pytest.approx(roc_auc_score(is_ed, p_ed))
+    assert result["ed_ap"] == pytest.approx(average_precision_score(is_ed, p_ed))
+    for key, budget in (("non_ed_to_ed_20", 0.2), ("non_ed_to_ed_40", 0.4)):
+        # Brute force over every threshold: the best recall whose share of non-ED sent to ED fits the budget.
+        fits = [np.mean(p_ed[is_ed] >= t) for t in np.unique(np.append(p_ed, np.inf))
+                if np.mean(p_ed[~is_ed] >= t) <= budget]
+        assert result["ed_recall_at_budget"][key] == pytest.approx(max(fits))
+
+
+def test_ed_discrimination_without_both_classes_is_not_applicable() -> None:
+    result = ed_discrimination(["GP", "HOME"], [0.3, 0.1], [0.2])
+    assert result == {"ed_auroc": None, "ed_ap": None, "ed_recall_at_budget": {"non_ed_to_ed_20": None}}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_weighted_scores_match_sklearn_sample_weight(seed: int) -> None:
+    labels, preds, p_ed = _scores_case(seed)
+    weights = np.random.default_rng(seed).integers(0, 4, size=(6, len(labels))).astype(float)
+    scores = weighted_scores(weights, labels, preds, p_ed)
+    mapped = [p if p in LABELS else "UNK" for p in preds]
+    is_ed = np.array(labels) == "ED"
+    kw = {"labels": list(LABELS), "zero_division": np.nan}
+    for row, w in enumerate(weights):
+        assert scores["accuracy"][row] == pytest.approx(accuracy_score(labels, mapped, sample_weight=w))
+        assert scores["macro_f1"][row] == pytest.approx(f1_score(labels, mapped, average="macro", sample_weight=w, **kw),
+                                                        nan_ok=True)
+        assert scores["ed_f2"][row] == pytest.approx(
+            fbeta_score(labels, mapped, beta=2, average=None, sample_weight=w, **kw)[0], nan_ok=True)
+        if is_ed.any() and not is_ed.all():
+            assert scores["ed_auroc"][row] == pytest.approx(roc_auc_score(is_ed, p_ed, sample_weight=w))
+            assert scores["ed_recall"][row] == pytest.approx(
+                recall_score(labels, mapped, labels=["ED"], average=None, sample_weight=w)[0])
+    # Unit weights are the plain metrics.
+    plain = weighted_scores(np.ones((1, len(labels))), labels, preds, p_ed)
+    assert plain["macro_f1"][0] == pytest.approx(_none_to_nan(classification_metrics(labels, preds)["macro_f1"]),
+                                                 nan_ok=True)
+
+
+def test_cluster_bootstrap_draws_whole_groups() -> None:
+    groups = ["a", "a", "a", "b", "b", "c", ""]
+    clusters = cluster_ids(groups)
+    assert len(set(clusters)) == 4  # three groups and a case without one, on its own
+    weights = bootstrap_weights(clusters, n_resamples=200, seed=1)
+    assert weights.shape == (200, 7)
+    # Cases of one group always carry the same weight; the draws sum to the number of clusters.
+    assert (weights[:, 0] == weights[:, 1]).all() and (weights[:, 3] == weights[:, 4]).all()
+    assert not (weights[:, 0] == weights[:, 3]).all()
+    np.testing.assert_array_equal(weights[:, [0, 3, 5, 6]].sum(axis=1), 4)
+    np.testing.assert_array_equal(weights, bootstrap_weights(clusters, n_resamples=200, seed=1))
+
+
+def test_cluster_bootstrap_is_wider_than_case_bootstrap_for_clustered_errors() -> None:
+    # 20 presentations of 6 paraphrases each: a presentation is answered right or wrong as a whole.
+    rng = np.random.default_rng(3)
+    right = np.repeat(rng.random(20) < 0.6, 6)
+    labels = ["GP"] * 120
+    preds = ["GP" if r else "HOME" for r in right]
+    groups = [f"g{i // 6}" for i in range(120)]
+    width = {}
+    for name, grouping in (("cluster", groups), ("case", [""] * 120)):
+        weights = bootstrap_weights(cluster_ids(grouping))
+        interval = bootstrap_intervals(weights, labels, preds, np.zeros(120))["accuracy"]
+        width[name] = interval["high"] - interval["low"]
+    assert width["cluster"] > 1.8 * width["case"]
+
+
+def test_mcnemar_exact_is_the_binomial_test_on_discordant_pairs() -> None:
+    a = np.array([True] * 10 + [False] * 2 + [True] * 5 + [False] * 3)
+    b = np.array([False] * 10 + [True] * 2 + [True] * 5 + [False] * 3)
+    # 10 cases only a gets right, 2 only b: p = 2 * P(X <= 2), X ~ Bin(12, 1/2).
+    assert mcnemar_exact(a, b) == pytest.approx(2 * binom.cdf(2, 12, 0.5))
+    assert mcnemar_exact(a, a) == 1.0
+
+
+def test_paired_comparison_verdicts() -> None:
+    labels, _, p_ed = _scores_case(1, n=200)
+    groups = [f"g{i // 4}" for i in range(200)]
+    perfect = (labels, np.where(np.array(labels) == "ED", 1.0, 0.0))
+    flipped = ([{"ED": "HOME", "GP": "ED", "HOME": "GP"}[x] for x in labels], 1 - perfect[1])
+    better = {row["metric"]: row for row in paired_comparison(labels, groups, perfect, flipped)}
+    assert all(row["verdict"] == "better" and row["low"] > 0 for row in better.values())
+    assert better["accuracy"]["diff"] == 1.0 and better["ed_auroc"]["diff"] == 1.0
+    assert better["accuracy"]["p_value"] == pytest.approx(2 * 0.5 ** 200)
+    assert better["ed_auroc"]["p_value"] is None
+    worse = {row["metric"]: row for row in paired_comparison(labels, groups, flipped, perfect)}
+    assert all(row["verdict"] == "worse" and row["high"] < 0 for row in worse.values())
+    same = paired_comparison(labels, groups, (labels, p_ed), (labels, p_ed))
+    assert all(row["verdict"] == "no detectable difference" and row["diff"] == 0.0 for row in same)
+    # A difference whose interval straddles 0 is no detectable difference.
+    one_off = list(labels)
+    one_off[0] = "GP" if labels[0] != "GP" else "HOME"
+    close = {row["metric"]: row for row in paired_comparison(labels, groups, (labels, p_ed), (one_off, p_ed))}
+    assert close["accuracy"]["low"] <= 0 <= close["accuracy"]["high"]
+    assert close["accuracy"]["verdict"] == "no detectable difference"
+
+
+def test_paired_interval_matches_resampling_the_groups_by_hand() -> None:
+    labels, preds, p_ed = _scores_case(2, n=120)
+    groups = [f"g{i // 5}" for i in range(120)]
+    other = list(reversed(preds))
+    ours = {row["metric"]: row for row in paired_comparison(labels, groups, (preds, p_ed), (other, p_ed))}
+    # Independent reference: draw 24 group indices with replacement, concatenate their cases, use sklearn.
+    rng = np.random.default_rng(11)
+    members = [list(range(g * 5, g * 5 + 5)) for g in range(24)]
+    mapped_a = np.array([p if p in LABELS else "UNK" for p in preds], dtype=object)
+    mapped_b = np.array([p if p in LABELS else "UNK" for p in other], dtype=object)
+    y = np.array(labels, dtype=object)
+    diffs = []
+    for _ in range(3000):
+        idx = np.concatenate([members[g] for g in rng.integers(0, 24, 24)])
+        diffs.append(accuracy_score(y[idx], mapped_a[idx]) - accuracy_score(y[idx], mapped_b[idx]))
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    assert ours["accuracy"]["low"] == pytest.approx(low, abs=0.02)
+    assert ours["accuracy"]["high"] == pytest.approx(high, abs=0.02)
 
 
 CALIB_PROBS = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.65, 0.15], [0.1, 0.05, 0.85]])

@@ -136,6 +136,7 @@ class EvaluateParams:
     mc_samples: int
     uncertainty_threshold: float
     seed: int
+    over_triage_budgets: list[float]
     extra_sets: list[ExtraSet]
 
 
@@ -352,6 +353,8 @@ def _check_evaluate(evaluate: EvaluateParams) -> None:
         raise ParamsError("'evaluate.ed_threshold_target' must be in (0, 1]")
     if evaluate.uncertainty_threshold < 0:
         raise ParamsError("'evaluate.uncertainty_threshold' must be >= 0 (vote entropy in nats)")
+    if not evaluate.over_triage_budgets or not all(0 < b < 1 for b in evaluate.over_triage_budgets):
+        raise ParamsError("'evaluate.over_triage_budgets' must list shares in (0, 1), e.g. [0.2, 0.4]")
     names = [extra.name for extra in evaluate.extra_sets]
     for i, extra in enumerate(evaluate.extra_sets):
         key = f"evaluate.extra_sets[{i}]"

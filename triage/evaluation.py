@@ -1,9 +1,11 @@
 """Evaluate a (possibly adapted) model on labelled cases: label scores to safety metrics.
 
-One evaluation reads the validation split only to freeze the ED threshold, then
-scores the test split and every extra set with the same three decision rules,
-threshold and gates. Runs whose adapter has LoRA dropout also get MC-dropout
-votes on the test split; the cases whose votes disagree most go to review.
+One evaluation scores the validation split first: it freezes the ED threshold
+and gives the metrics that runs are ranked and chosen on (never the test
+split's). Then it scores the test split and every extra set with the same
+three decision rules, threshold and gates. Runs whose adapter has LoRA dropout
+also get MC-dropout votes on the test split, cast with the headline rule; the
+cases whose votes disagree most go to review.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from scipy.special import logsumexp, softmax
 
 from triage import metrics as m
 from triage.batches import collate
@@ -30,9 +33,9 @@ from triage.lm import (
 from triage.losses import plain_loss
 from triage.schema import LABELS, DataError, Example, read_examples
 
-BOOTSTRAP_RESAMPLES = 2000
-BOOTSTRAP_SEED = 0
-HEADLINE = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_fn", "safe")
+HEADLINE = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_fn", "safe",
+            "under_triage_rate", "over_triage_rate", "unsafe_rate")
+DISCRIMINATION = ("ed_auroc", "ed_ap", "ed_recall_at_budget")
 SUBGROUP_ATTRS = ("age_band", "sex")
 
 
@@ -59,9 +62,9 @@ def on_streams(tasks: list[Callable[[], mx.array]], streams: Sequence = ()) -> l
     return results
 
 
-def label_probabilities(model: nn.Module, fmt: ChatFormat, examples: list[Example], batch_size: int,
-                        streams: Sequence = ()) -> np.ndarray:
-    """(n, 3) probabilities of the label options, normalised over the three, dropout off.
+def label_log_likelihoods(model: nn.Module, fmt: ChatFormat, examples: list[Example], batch_size: int,
+                          streams: Sequence = ()) -> np.ndarray:
+    """(n, 3) log-probabilities of the label options as the answer, not renormalised, dropout off.
 
     Cases go through in batches of similar prompt length, so little compute goes
     to padding, after the tokens all prompts share have run once.
@@ -73,12 +76,18 @@ def label_probabilities(model: nn.Module, fmt: ChatFormat, examples: list[Exampl
     prefix = shared_prefix(model, prompts)
 
     def score(chunk: list[int]) -> mx.array:
-        return mx.softmax(batch_label_log_probs(model, fmt, [prompts[i] for i in chunk], prefix), axis=-1)
+        return batch_label_log_probs(model, fmt, [prompts[i] for i in chunk], prefix)
 
-    probabilities = np.zeros((len(prompts), len(LABELS)))
-    for chunk, scores in zip(chunks, on_streams([partial(score, chunk) for chunk in chunks], streams)):
-        probabilities[chunk] = np.array(scores, dtype=np.float64)
-    return probabilities
+    scores = np.zeros((len(prompts), len(LABELS)))
+    for chunk, chunk_scores in zip(chunks, on_streams([partial(score, chunk) for chunk in chunks], streams)):
+        scores[chunk] = np.array(chunk_scores, dtype=np.float64)
+    return scores
+
+
+def label_probabilities(model: nn.Module, fmt: ChatFormat, examples: list[Example], batch_size: int,
+                        streams: Sequence = ()) -> np.ndarray:
+    """(n, 3) probabilities of the label options, normalised over the three, dropout off."""
+    return softmax(label_log_likelihoods(model, fmt, examples, batch_size, streams), axis=1)
 
 
 def completion_loss(model: nn.Module, cases: list[TokenizedCase], batch_size: int, streams: Sequence = ()) -> float:
@@ -103,15 +112,25 @@ def completion_loss(model: nn.Module, cases: list[TokenizedCase], batch_size: in
 
 @dataclass(frozen=True)
 class ScoredSet:
-    """One labelled set after scoring: its cases, label probabilities (dropout off) and loss."""
+    """One labelled set after scoring: its cases, label probabilities (dropout off) and loss.
+
+    ``label_mass`` is each case's probability of answering with any of the three
+    labels before they are renormalised: a model that puts its mass on other
+    tokens still gets a decision, and this shows how little it rests on.
+    """
 
     examples: list[Example]
     probs: np.ndarray
     loss: float
+    label_mass: np.ndarray | None = None
 
     @property
     def labels(self) -> list[str]:
         return [example.label for example in self.examples]
+
+    @property
+    def groups(self) -> list[str]:
+        return [example.group for example in self.examples]
 
 
 def score_set(
@@ -120,8 +139,9 @@ def score_set(
 ) -> ScoredSet:
     """Label probabilities and completion loss of ``examples``; an over-long case is an error naming ``source``."""
     cases = tokenize_split(fmt, examples, source, max_len)
-    return ScoredSet(examples, label_probabilities(model, fmt, examples, batch_size, streams),
-                     completion_loss(model, cases, batch_size, streams))
+    log_likelihoods = label_log_likelihoods(model, fmt, examples, batch_size, streams)
+    return ScoredSet(examples, softmax(log_likelihoods, axis=1), completion_loss(model, cases, batch_size, streams),
+                     np.exp(logsumexp(log_likelihoods, axis=1)))
 
 
 def read_extra_set(spec: ExtraSet) -> list[Example]:
@@ -177,30 +197,48 @@ def freeze_ed_threshold(valid: list[Example], probs: np.ndarray, target: float, 
     return EdThreshold(m.tune_ed_threshold(probs, labels, target), target, target_from, len(valid))
 
 
-def decide(probs: np.ndarray, params: EvaluateParams, threshold: EdThreshold) -> dict[str, list[str]]:
-    """Every applicable decision rule, so reports can show what each one changes."""
-    decisions = {"argmax": m.argmax_decision(probs), "cost_aware": m.cost_aware_decision(probs, params.cost_matrix)}
+Rule = Callable[[np.ndarray], list[str]]
+"""A decision rule: (n, 3) label probabilities to one label per row."""
+
+
+def decision_rules(params: EvaluateParams, threshold: EdThreshold) -> dict[str, Rule]:
+    """Every applicable decision rule by name; ``ed_threshold`` only once a threshold is tuned."""
+    rules: dict[str, Rule] = {"argmax": m.argmax_decision,
+                              "cost_aware": partial(m.cost_aware_decision, cost=params.cost_matrix)}
     if threshold.value is not None:
-        decisions["ed_threshold"] = m.threshold_decision(probs, threshold.value)
-    return decisions
+        rules["ed_threshold"] = partial(m.threshold_decision, threshold=threshold.value)
+    return rules
 
 
-def rule_metrics(labels: list[str], preds: list[str], params: EvaluateParams) -> dict:
-    """Scores of one decision rule, gates and bootstrap intervals, flat enough for dvc metrics."""
+def decide(probs: np.ndarray, params: EvaluateParams, threshold: EdThreshold) -> dict[str, list[str]]:
+    """Every applicable decision rule's answers, so reports can show what each one changes."""
+    return {name: rule(probs) for name, rule in decision_rules(params, threshold).items()}
+
+
+CI_METHOD = ("ed_recall, ed_fnr: exact Clopper-Pearson; accuracy, macro_f1, ed_f2, ed_auroc: percentile "
+             f"bootstrap, {m.BOOTSTRAP_RESAMPLES} seeded resamples of presentation groups (of cases without one)")
+
+
+def rule_metrics(scored: ScoredSet, preds: list[str], params: EvaluateParams, weights: np.ndarray) -> dict:
+    """Scores of one decision rule, its gates and 95% intervals, flat enough for dvc metrics.
+
+    ``weights`` are the set's cluster-bootstrap resamples, shared by every rule.
+    """
+    labels, gates_params = scored.labels, params.gates
     scores = m.classification_metrics(labels, preds)
-    gates = m.safety_gates(scores, params.gates.ed_recall_min, params.gates.ed_f2_min, params.gates.ed_fnr_max)
-    intervals = {
-        stat: m.bootstrap_interval(labels, preds, stat, BOOTSTRAP_RESAMPLES, 0.95, BOOTSTRAP_SEED)
-        for stat in ("ed_recall", "ed_fnr")
-    }
+    gates = m.safety_gates(scores, gates_params.ed_recall_min, gates_params.ed_f2_min, gates_params.ed_fnr_max)
+    boot = m.bootstrap_intervals(weights, labels, preds, scored.probs[:, m.ED])
+    intervals = {**m.ed_recall_intervals(labels, preds), **{k: boot[k] for k in ("accuracy", "macro_f1", "ed_f2")}}
     return {
-        **{key: scores[key] for key in HEADLINE if key != "safe"}, "safe": gates["safe"],
+        **{key: scores[key] for key in HEADLINE if key in scores}, "safe": gates["safe"],
+        **m.triage_rates(labels, preds),
         "gates": {name: {k: g[k] for k in ("state", "value", "threshold", "margin")}
                   for name, g in gates["gates"].items()},
-        "ci95": {stat: {"low": iv["low"], "high": iv["high"]} for stat, iv in intervals.items()},
+        "ci95": {"method": CI_METHOD, **intervals},
         "gates_hold_at_pessimistic_end": {
-            "ed_recall": m.gate_holds_at_bound(intervals["ed_recall"], params.gates.ed_recall_min),
-            "ed_fnr": m.gate_holds_at_bound(intervals["ed_fnr"], params.gates.ed_fnr_max),
+            "ed_recall": m.gate_holds_at_bound(intervals["ed_recall"], gates_params.ed_recall_min, at_least=True),
+            "ed_f2": m.gate_holds_at_bound(intervals["ed_f2"], gates_params.ed_f2_min, at_least=True),
+            "ed_fnr": m.gate_holds_at_bound(intervals["ed_fnr"], gates_params.ed_fnr_max, at_least=False),
         },
         "per_class": scores["per_class"],
         "n_unclassified": scores["n_unclassified"],
@@ -208,21 +246,37 @@ def rule_metrics(labels: list[str], preds: list[str], params: EvaluateParams) ->
     }
 
 
+def label_mass_summary(mass: np.ndarray | None) -> dict:
+    """Mean and 10th percentile of the raw probability of answering with one of the labels."""
+    if mass is None:
+        return {"mean": None, "p10": None}
+    return {"mean": float(np.mean(mass)), "p10": float(np.quantile(mass, 0.1))}
+
+
 def set_metrics(scored: ScoredSet, params: EvaluateParams, threshold: EdThreshold) -> dict:
     """Metrics of one scored set: the headline rule's keys on top, every rule, calibration, subgroups."""
     labels = scored.labels
     decisions = decide(scored.probs, params, threshold)
-    by_rule = {rule: rule_metrics(labels, preds, params) for rule, preds in decisions.items()}
+    clusters = m.cluster_ids(scored.groups)
+    weights = m.bootstrap_weights(clusters)
+    by_rule = {rule: rule_metrics(scored, preds, params, weights) for rule, preds in decisions.items()}
     by_rule.setdefault("ed_threshold", {"applicable": False, "reason": threshold.reason})
     by_rule["ed_threshold"] |= threshold.describe()
     top = by_rule[params.decision]
+    discrimination = m.ed_discrimination(labels, scored.probs[:, m.ED], params.over_triage_budgets)
+    auroc_interval = m.bootstrap_intervals(weights, labels, decisions[params.decision], scored.probs[:, m.ED])
     attrs = sorted({key for e in scored.examples for key in e.attrs if key in SUBGROUP_ATTRS})
     return {
         "decision": params.decision,
-        **{key: top[key] for key in (*HEADLINE, "gates", "ci95", "gates_hold_at_pessimistic_end")},
+        **{key: top[key] for key in (*HEADLINE, "gates")},
+        **discrimination,
+        "ci95": {**top["ci95"], "ed_auroc": auroc_interval["ed_auroc"]},
+        "ci95_clusters": int(clusters.max()) + 1,
+        "gates_hold_at_pessimistic_end": top["gates_hold_at_pessimistic_end"],
         "test_loss": scored.loss,
         "perplexity": math.exp(scored.loss),
         "n_cases": len(labels),
+        "label_mass": label_mass_summary(scored.label_mass),
         "calibration": {"ece": m.expected_calibration_error(scored.probs, labels),
                         "brier": m.brier_score(scored.probs, labels)},
         **by_rule,
@@ -237,7 +291,7 @@ def prediction_rows(scored: ScoredSet, params: EvaluateParams, threshold: EdThre
     """One row per case for the confusion plot and for audit."""
     decisions = decide(scored.probs, params, threshold)
     return [
-        {"id": e.id, "label": e.label, "pred": decisions[params.decision][i],
+        {"id": e.id, "group": e.group, "label": e.label, "pred": decisions[params.decision][i],
          **{rule: preds[i] for rule, preds in decisions.items()},
          **{f"p_{label}": round(float(scored.probs[i, j]), 6) for j, label in enumerate(LABELS)},
          **e.attrs}
@@ -318,9 +372,11 @@ def shared_lower_blocks(model: nn.Module, copies: int) -> Iterator[int]:
 
 
 def mc_dropout_votes(model: nn.Module, fmt: ChatFormat, examples: list[Example], samples: int, seed: int,
-                     streams: Sequence = ()) -> np.ndarray:
-    """(n_cases, samples) label indices with the LoRA dropout on; each sample votes for its most probable label.
+                     streams: Sequence = (), rule: Rule = m.argmax_decision) -> np.ndarray:
+    """(n_cases, samples) label indices with the LoRA dropout on; each sample votes with ``rule``.
 
+    ``rule`` is the headline decision rule, so the votes disagree where the
+    headline answer is fragile, and a miss of the headline can be flagged.
     The samples of a case are one batch; the seed makes the dropout masks, and so
     the votes, reproducible: masks are drawn case by case as the graphs are built,
     whichever stream then runs them.
@@ -330,13 +386,13 @@ def mc_dropout_votes(model: nn.Module, fmt: ChatFormat, examples: list[Example],
     try:
         with shared_lower_blocks(model, samples) as rows:
 
-            def vote(prompt: str) -> mx.array:
-                return mx.argmax(label_log_probs(model, fmt, prompt, copies=rows), axis=1)
+            def sample(prompt: str) -> mx.array:
+                return mx.softmax(label_log_probs(model, fmt, prompt, copies=rows), axis=1)
 
-            votes = on_streams([partial(vote, example.prompt) for example in examples], streams)
+            probs = on_streams([partial(sample, example.prompt) for example in examples], streams)
     finally:
         model.eval()
-    return np.stack([np.array(v, dtype=np.int64) for v in votes])
+    return np.stack([[LABELS.index(label) for label in rule(np.array(p, dtype=np.float64))] for p in probs])
 
 
 @dataclass(frozen=True)
@@ -349,10 +405,11 @@ class McDropout:
 
 def mc_dropout(
     model: nn.Module, fmt: ChatFormat, scored: ScoredSet, headline_preds: list[str],
-    params: EvaluateParams, dropout: float, streams: Sequence = (),
+    params: EvaluateParams, threshold: EdThreshold, dropout: float, streams: Sequence = (),
 ) -> McDropout:
-    """Votes, majority, confidence and uncertainty per case, and the share flagged for review."""
-    votes = mc_dropout_votes(model, fmt, scored.examples, params.mc_samples, params.seed, streams)
+    """Votes (by the headline rule), majority, confidence and uncertainty per case, and the share flagged."""
+    rule = decision_rules(params, threshold)[params.decision]
+    votes = mc_dropout_votes(model, fmt, scored.examples, params.mc_samples, params.seed, streams, rule)
     summary = m.vote_summary(votes)
     flags = m.flag_uncertain(summary["uncertainty"], params.uncertainty_threshold)
     majority = m.classification_metrics(scored.labels, summary["majority"])
@@ -369,7 +426,7 @@ def mc_dropout(
         "dropout": dropout,
         "samples": params.mc_samples,
         "seed": params.seed,
-        "vote": "each sample votes for its most probable label",
+        "vote": f"each sample votes with the headline rule ({params.decision})",
         "mean_confidence": float(np.mean(summary["confidence"])),
         "mean_uncertainty": float(np.mean(summary["uncertainty"])),
         "uncertainty_threshold": params.uncertainty_threshold,
@@ -401,28 +458,31 @@ def evaluate_model(
     model: nn.Module, fmt: ChatFormat, data_dir: Path, params: EvaluateParams, max_len: int,
     target: tuple[float, str], dropout: float | None, streams: Sequence = (),
 ) -> Evaluation:
-    """Freeze the ED threshold on ``valid.jsonl``, then score ``test.jsonl`` and the extra sets.
+    """Score ``valid.jsonl`` (freezing the ED threshold there), then ``test.jsonl`` and the extra sets.
+
+    The validation split's metrics go under ``valid``: runs are ranked and
+    chosen on them, so the test split's numbers stay an unbiased report.
 
     ``target`` is the ED recall the threshold aims for and where it comes from
     (see ``ed_recall_target``); ``dropout`` is the adapter's (``adapter_dropout``);
     ``streams`` (``triage.backend.cpu_streams``) score independent cases in parallel.
     """
     valid_path = data_dir / "valid.jsonl"
-    valid = read_examples(valid_path)
-    threshold = freeze_ed_threshold(valid, label_probabilities(model, fmt, valid, params.batch_size, streams),
-                                    *target)
+    valid = score_set(model, fmt, read_examples(valid_path), str(valid_path), max_len, params.batch_size, streams)
+    threshold = freeze_ed_threshold(valid.examples, valid.probs, *target)
     if params.decision == "ed_threshold" and threshold.value is None:
         raise DataError(valid_path, None, "label", "no ED case: evaluate.decision ed_threshold needs one to tune on")
 
     test_path = data_dir / "test.jsonl"
     test = score_set(model, fmt, read_examples(test_path), str(test_path), max_len, params.batch_size, streams)
     metrics = set_metrics(test, params, threshold)
+    metrics["valid"] = set_metrics(valid, params, threshold)
     predictions = prediction_rows(test, params, threshold)
 
     reason = mc_not_applicable(dropout)
     review: list[dict] = []
     if reason is None:
-        mc = mc_dropout(model, fmt, test, [row["pred"] for row in predictions], params, dropout, streams)
+        mc = mc_dropout(model, fmt, test, [row["pred"] for row in predictions], params, threshold, dropout, streams)
         metrics["mc_dropout"] = mc.metrics
         for row, case in zip(predictions, mc.cases):
             row |= {"mc_vote": case["vote"], "mc_confidence": case["confidence"],
