@@ -9,8 +9,8 @@ from pathlib import Path
 
 from triage.config import load_params
 from triage.io import atomic_write_text, staged_directory, write_json
-from triage.report import (HEADLINE, collect_rows, mc_uncertainties, memory_points, report_markdown, summary,
-                           uncertainty_histogram)
+from triage.report import (HEADLINE, baseline_name, collect_rows, comparison_pairs, mc_uncertainties,
+                           memory_points, paired_rows, report_markdown, summary, uncertainty_histogram)
 from triage.stage import run_stage
 
 
@@ -47,7 +47,10 @@ def main() -> None:
     params = load_params()
     baselines = read_baselines(args.baselines, params.run.models, params.run.bits)
     rows, missing = collect_rows(params.run, args.runs, args.models, baselines)
-    study = summary(rows, missing, baselines)
+    contenders = {row["run"]: args.runs / row["run"] / "predictions.jsonl" for row in rows}
+    contenders |= {baseline_name(*variant.rsplit("-", 1)): args.baselines / variant / "predictions.jsonl"
+                   for variant in baselines}
+    study = summary(rows, missing, baselines, paired_rows(comparison_pairs(rows, baselines), contenders))
     write_json(args.summary, study)
     write_json(args.memory_plot, memory_points(rows))
     write_uncertainty_plots(args.uncertainty_plots, args.runs, rows)

@@ -6,9 +6,13 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from triage.config import RunSelection
-from triage.report import (collect_rows, failed_gates, mc_uncertainties, memory_points, report_markdown, summary,
-                           uncertainty_histogram)
+from triage.metrics import paired_comparison
+from triage.report import (collect_rows, comparison_pairs, failed_gates, mc_uncertainties, memory_points,
+                           paired_rows, report_markdown, summary, uncertainty_histogram)
 
 GATES = {"ed_recall": 0.95, "ed_f2": 0.90, "ed_fnr": 0.05}
 
@@ -20,13 +24,22 @@ def gate(value, threshold, at_least=True):
             "threshold": threshold, "margin": margin}
 
 
-def write_run(root: Path, run: str, kind: str, accuracy: float, ed_recall: float, memory: float) -> None:
+def headline(accuracy: float, ed_recall: float) -> dict:
     ed_f2 = ed_recall - 0.02
-    evaluation = {"accuracy": accuracy, "macro_f1": accuracy - 0.05, "ed_recall": ed_recall, "ed_f2": ed_f2,
-                  "ed_fnr": 1 - ed_recall, "ed_fn": round((1 - ed_recall) * 40), "test_loss": 0.5,
-                  "safe": ed_recall >= 0.95 and ed_f2 >= 0.90,
-                  "gates": {"ed_recall": gate(ed_recall, 0.95), "ed_f2": gate(ed_f2, 0.90),
-                            "ed_fnr": gate(1 - ed_recall, 0.05, at_least=False)}}
+    return {"accuracy": accuracy, "macro_f1": accuracy - 0.05, "ed_recall": ed_recall, "ed_f2": ed_f2,
+            "ed_fnr": 1 - ed_recall, "ed_fn": round((1 - ed_recall) * 40), "test_loss": 0.5,
+            "ed_auroc": 0.8, "ed_ap": 0.6, "under_triage_rate": 0.1, "over_triage_rate": 0.2, "unsafe_rate": 0.01,
+            "safe": ed_recall >= 0.95 and ed_f2 >= 0.90,
+            "gates": {"ed_recall": gate(ed_recall, 0.95), "ed_f2": gate(ed_f2, 0.90),
+                      "ed_fnr": gate(1 - ed_recall, 0.05, at_least=False)},
+            "ci95": {"method": "m", "accuracy": {"low": accuracy - 0.1, "high": accuracy + 0.05},
+                     "ed_recall": {"low": ed_recall - 0.2, "high": 1.0}}}
+
+
+def write_run(root: Path, run: str, kind: str, accuracy: float, ed_recall: float, memory: float,
+              valid: tuple[float, float] | None = None) -> None:
+    """A run's eval.json and train.json; ``valid`` (accuracy, ED recall) defaults to the test numbers."""
+    evaluation = {**headline(accuracy, ed_recall), "valid": headline(*(valid or (accuracy, ed_recall)))}
     training = {"kind": kind, "seconds": 10.0, "peak_memory_mb": memory, "tokens_per_s": 100.0,
                 "trainable_params": 1000}
     (root / "runs" / run).mkdir(parents=True)
@@ -38,26 +51,29 @@ def study(tmp_path: Path) -> dict:
     write_run(tmp_path, "m-4bit-std", "standard", 0.80, 0.90, 300.0)
     write_run(tmp_path, "m-8bit-std", "standard", 0.82, 0.93, 500.0)
     write_run(tmp_path, "m-4bit-safe", "safety", 0.70, 0.99, 310.0)
+    # Best on test by every measure, but not on validation: it must not be chosen.
+    write_run(tmp_path, "m-8bit-lucky", "standard", 0.95, 1.0, 500.0, valid=(0.60, 0.80))
     (tmp_path / "models").mkdir()
     for bits, mb in (("4bit", 80.0), ("8bit", 140.0)):
         (tmp_path / "models" / f"m-{bits}.json").write_text(json.dumps(
             {"disk_mb": mb, "bits_per_weight": 5.0 if bits == "4bit" else 9.0, "source_precision": "Q4_1"}))
-    selection = RunSelection(models=["m"], bits=["4bit", "8bit"], configs=["std", "safe"])
+    selection = RunSelection(models=["m"], bits=["4bit", "8bit"], configs=["std", "safe", "lucky"])
     baselines = {"m-4bit": {"accuracy": 0.40, "ed_recall": 0.50, "test_loss": 5.25}}
     rows, missing = collect_rows(selection, tmp_path / "runs", tmp_path / "models", baselines)
-    return summary(rows, missing, baselines)
+    return summary(rows, missing, baselines, [])
 
 
 def test_missing_runs_are_listed_not_dropped(tmp_path):
     result = study(tmp_path)
-    assert result["missing"] == ["m-8bit-safe"]
+    assert result["missing"] == ["m-4bit-lucky", "m-8bit-safe"]
     assert "m-8bit-safe" in report_markdown(result, GATES)
 
 
-def test_best_and_best_safe(tmp_path):
+def test_best_and_best_safe_are_chosen_on_validation(tmp_path):
     result = study(tmp_path)
     assert result["best"]["run"] == "m-4bit-safe" and result["best_safe"]["run"] == "m-4bit-safe"
-    assert result["n_safe"] == 1
+    assert result["best"]["selected_on"] == result["best_safe"]["selected_on"] == "valid"
+    assert result["n_safe"] == 2 and result["n_safe_on_valid"] == 1  # m-8bit-lucky is safe on test only
 
 
 def test_report_sections_and_numbers(tmp_path):
@@ -66,7 +82,9 @@ def test_report_sections_and_numbers(tmp_path):
                   "source precision"):
         assert title in text
     leaderboard = text.split("## Leaderboard")[1].split("##")[0]
-    assert leaderboard.index("m-4bit-safe") < leaderboard.index("m-8bit-std") < leaderboard.index("m-4bit-std")
+    order = ("m-4bit-safe", "m-8bit-std", "m-4bit-std", "m-8bit-lucky")
+    assert [leaderboard.index(run) for run in order] == sorted(leaderboard.index(run) for run in order)
+    assert "0.800 [0.70, 0.85]" in leaderboard  # test accuracy with its interval
     assert "0.800 vs 0.820 (-0.020)" in text
     assert "+0.400" in text  # 4-bit standard run: 0.80 fine-tuned vs 0.40 zero-shot
     baseline_row = next(line for line in text.split("## Zero-shot baseline")[1].splitlines() if "m-4bit-std" in line)
@@ -80,7 +98,7 @@ def test_failed_gates_say_by_how_much(tmp_path):
 
 def test_memory_points_one_per_run(tmp_path):
     points = memory_points(list(study(tmp_path)["runs"].values()))
-    assert [p["run"] for p in points] == ["m-4bit-safe", "m-4bit-std", "m-8bit-std"]
+    assert [p["run"] for p in points] == ["m-4bit-safe", "m-4bit-std", "m-8bit-lucky", "m-8bit-std"]
     assert points[0] == {"run": "m-4bit-safe", "peak_memory_mb": 310.0, "ed_recall": 0.99}
 
 
@@ -99,3 +117,50 @@ def test_mc_uncertainties_read_from_predictions(tmp_path):
     without_mc.write_text('{"id": "a", "pred": "GP"}\n')
     assert mc_uncertainties(with_mc) == [0.5, 0.0]
     assert mc_uncertainties(without_mc) == [] and mc_uncertainties(tmp_path / "absent.jsonl") == []
+
+
+def write_predictions(path: Path, labels: list[str], preds: list[str], p_ed: list[float], groups: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": f"c{i}", "group": g, "label": y, "pred": p, "p_ED": s}
+            for i, (y, p, s, g) in enumerate(zip(labels, preds, p_ed, groups))]
+    path.write_text("".join(json.dumps(row) + "\n" for row in reversed(rows)))  # order must not matter
+    return path
+
+
+def test_comparison_pairs_fine_tuned_vs_zero_shot_and_4_vs_8_bit():
+    rows = [{"run": f"m-{bits}-{config}", "model": "m", "bits": bits, "config": config}
+            for bits in ("4bit", "8bit") for config in ("std", "safe")] + \
+           [{"run": "n-4bit-std", "model": "n", "bits": "4bit", "config": "std"}]
+    baselines = {"m-4bit": {}, "m-8bit": {}, "n-4bit": {}}
+    assert comparison_pairs(rows, baselines) == [
+        ("m-4bit-safe", "m-4bit-zero_shot"), ("m-4bit-std", "m-4bit-zero_shot"),
+        ("m-8bit-safe", "m-8bit-zero_shot"), ("m-8bit-std", "m-8bit-zero_shot"), ("n-4bit-std", "n-4bit-zero_shot"),
+        ("m-4bit-safe", "m-8bit-safe"), ("m-4bit-std", "m-8bit-std"), ("m-4bit-zero_shot", "m-8bit-zero_shot"),
+    ]
+
+
+def test_paired_rows_read_the_predictions_and_say_which_differences_are_real(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = list(rng.choice(["ED", "GP", "HOME"], size=120))
+    groups = [f"g{i // 6}" for i in range(120)]
+    good_p = [0.9 if y == "ED" else 0.1 for y in labels]
+    bad = list(rng.choice(["ED", "GP", "HOME"], size=120))
+    bad_p = list(rng.random(120))
+    contenders = {"run": write_predictions(tmp_path / "run.jsonl", labels, labels, good_p, groups),
+                  "base": write_predictions(tmp_path / "base.jsonl", labels, bad, bad_p, groups)}
+    rows = paired_rows([("run", "base"), ("run", "absent")], contenders)
+    assert [(r["a"], r["b"], r["metric"]) for r in rows] == [("run", "base", m) for m in
+                                                             ("accuracy", "ed_recall", "ed_auroc")]
+    assert all(r["verdict"] == "better" for r in rows)
+    expected = paired_comparison(labels, groups, (labels, good_p), (bad, bad_p))
+    assert [{k: r[k] for k in expected[0]} for r in rows] == expected
+    text = report_markdown({"n_runs": 0, "n_safe": 0, "n_safe_on_valid": 0, "runs": {}, "baselines": {},
+                            "missing": [], "paired": rows}, GATES)
+    assert "## Paired comparisons" in text and text.count("| better") == 3
+
+
+def test_paired_rows_refuse_runs_scored_on_different_cases(tmp_path):
+    a = write_predictions(tmp_path / "a.jsonl", ["ED", "GP"], ["ED", "GP"], [0.9, 0.1], ["", ""])
+    b = write_predictions(tmp_path / "b.jsonl", ["ED"], ["ED"], [0.9], [""])
+    with pytest.raises(ValueError, match="different cases"):
+        paired_rows([("a", "b")], {"a": a, "b": b})

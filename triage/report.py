@@ -1,4 +1,9 @@
-"""The study summary: one row per run, the best runs, and a Markdown report for reviewers."""
+"""The study summary: one row per run, the best runs, paired comparisons and a Markdown report.
+
+Runs are ranked and the best ones chosen on their validation-split metrics;
+the test split's metrics are reported beside them and never used to choose,
+so the published winner's test numbers are not the maximum of many noisy ones.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,15 @@ from typing import Sequence
 import numpy as np
 from tabulate import tabulate
 
+from triage import metrics as m
 from triage.config import RunSelection
 from triage.io import iter_jsonl
 
-HEADLINE = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_fn", "safe", "test_loss")
+HEADLINE = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_fn", "safe", "test_loss",
+            "ed_auroc", "ed_ap", "under_triage_rate", "over_triage_rate", "unsafe_rate")
+SELECTION = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_auroc", "safe")
+"""The validation-split metrics each row carries for ranking and choosing."""
+ZERO_SHOT = "zero_shot"
 GATE_TEXT = {"ed_recall": "ED recall >= {:.0%}", "ed_f2": "ED F2 >= {:.0%}", "ed_fnr": "ED FNR <= {:.0%}"}
 
 
@@ -46,7 +56,8 @@ def collect_rows(selection: RunSelection, runs_dir: Path, models_dir: Path,
         rows.append({
             **run, "kind": training["kind"],
             **{key: evaluation[key] for key in HEADLINE},
-            "gates": evaluation["gates"],
+            "gates": evaluation["gates"], "ci95": evaluation["ci95"],
+            "valid": {key: evaluation["valid"][key] for key in SELECTION},
             "gain_accuracy": _delta(evaluation["accuracy"], baseline.get("accuracy")),
             "gain_ed_recall": _delta(evaluation["ed_recall"], baseline.get("ed_recall")),
             "train_seconds": training["seconds"], "peak_memory_mb": training["peak_memory_mb"],
@@ -62,8 +73,9 @@ def _delta(value: float | None, reference: float | None) -> float | None:
 
 
 def leaderboard_key(row: dict) -> tuple:
-    """Safe runs first, then by ED F2, then accuracy (missing values sort last)."""
-    return (not row["safe"], -(row["ed_f2"] or -1.0), -(row["accuracy"] or -1.0), row["run"])
+    """On the validation split: safe runs first, then by ED F2, then accuracy (missing values sort last)."""
+    valid = row["valid"]
+    return (not valid["safe"], -(valid["ed_f2"] or -1.0), -(valid["accuracy"] or -1.0), row["run"])
 
 
 def memory_points(rows: list[dict]) -> list[dict]:
@@ -86,17 +98,74 @@ def uncertainty_histogram(uncertainties: Sequence[float], width: float = 0.1) ->
     return [{"uncertainty": f"{low:.1f}-{low + width:.1f}", "cases": int(n)} for low, n in zip(edges, counts)]
 
 
-def summary(rows: list[dict], missing: list[str], baselines: dict[str, dict]) -> dict:
+def baseline_name(model: str, bits: str) -> str:
+    """The zero-shot baseline's name in paired comparisons, as the baseline stage names its run."""
+    return f"{model}-{bits}-{ZERO_SHOT}"
+
+
+def comparison_pairs(rows: list[dict], baselines: dict[str, dict]) -> list[tuple[str, str]]:
+    """(a, b) pairs compared on the same test cases, a over b.
+
+    Each fine-tuned run against its variant's zero-shot baseline, then 4-bit
+    against 8-bit of the same model and config (zero-shot included). Another
+    kind of run joins by adding its pairs here and its predictions file to
+    the contenders the compare stage passes to ``paired_rows``.
+    """
+    pairs = [(r["run"], baseline_name(r["model"], r["bits"])) for r in sorted(rows, key=lambda r: r["run"])
+             if f"{r['model']}-{r['bits']}" in baselines]
+    configs = {(r["model"], r["config"]): {} for r in rows}
+    for r in rows:
+        configs[(r["model"], r["config"])][r["bits"]] = r["run"]
+    for model in sorted({r["model"] for r in rows}):
+        if {f"{model}-4bit", f"{model}-8bit"} <= set(baselines):
+            configs[(model, ZERO_SHOT)] = {bits: baseline_name(model, bits) for bits in ("4bit", "8bit")}
+    pairs += [(names["4bit"], names["8bit"]) for _, names in sorted(configs.items())
+              if {"4bit", "8bit"} <= set(names)]
+    return pairs
+
+
+def read_case_predictions(path: Path) -> dict[str, dict]:
+    """A run's predictions.jsonl by case id: label, presentation group, headline decision and p(ED)."""
+    return {row["id"]: row for _, row in iter_jsonl(path)}
+
+
+def paired_rows(pairs: list[tuple[str, str]], contenders: dict[str, Path]) -> list[dict]:
+    """``{a, b, metric, diff, low, high, p_value, verdict}`` for every pair whose predictions exist.
+
+    ``contenders`` maps a name to its predictions file. The two runs must have
+    scored the same cases (the same test split), else the comparison is not paired.
+    """
+    cache: dict[str, dict[str, dict]] = {}
+    out = []
+    for a, b in pairs:
+        if not (contenders.get(a) and contenders[a].is_file() and contenders.get(b) and contenders[b].is_file()):
+            continue
+        left, right = (cache.setdefault(name, read_case_predictions(contenders[name])) for name in (a, b))
+        if set(left) != set(right):
+            raise ValueError(f"{contenders[a]} and {contenders[b]} hold different cases: "
+                             "re-run both evaluations on the same test split")
+        ids = list(left)
+        labels = [left[i]["label"] for i in ids]
+        groups = [left[i].get("group", "") for i in ids]
+        runs = [([side[i]["pred"] for i in ids], [side[i]["p_ED"] for i in ids]) for side in (left, right)]
+        out += [{"a": a, "b": b, **row} for row in m.paired_comparison(labels, groups, *runs)]
+    return out
+
+
+def summary(rows: list[dict], missing: list[str], baselines: dict[str, dict], paired: list[dict]) -> dict:
+    """The study's summary.json; ``best``/``best_safe`` are chosen on the validation split."""
     ranked = sorted(rows, key=leaderboard_key)
-    safe = [row for row in ranked if row["safe"]]
+    safe = [row for row in ranked if row["valid"]["safe"]]
     return {
         "n_runs": len(rows),
-        "n_safe": len(safe),
-        "best": ranked[0] if ranked else None,
-        "best_safe": safe[0] if safe else None,
+        "n_safe": sum(row["safe"] for row in rows),
+        "n_safe_on_valid": len(safe),
+        "best": {**ranked[0], "selected_on": "valid"} if ranked else None,
+        "best_safe": {**safe[0], "selected_on": "valid"} if safe else None,
         "missing": missing,
         "runs": {row["run"]: row for row in rows},
         "baselines": baselines,
+        "paired": paired,
     }
 
 
@@ -131,10 +200,32 @@ def failed_gates(row: dict) -> str:
     return "; ".join(parts) or "-"
 
 
+def _with_interval(value: float | None, interval: dict | None) -> str:
+    if value is None or not interval or interval["low"] is None:
+        return _fmt(value)
+    return f"{value:.3f} [{interval['low']:.2f}, {interval['high']:.2f}]"
+
+
 def _leaderboard(ranked: list[dict]) -> str:
-    columns = ("run", "kind", "accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_fn", "safe", "test_loss")
-    rows = [[_fmt(r[c]) for c in columns] + [failed_gates(r)] for r in ranked]
-    return _table(rows, (*columns, "gates failed (by how much)"))
+    chosen_on = ("ed_f2", "accuracy", "ed_recall", "safe")
+    rows = [
+        [r["run"], r["kind"], *(_fmt(r["valid"][c]) for c in chosen_on),
+         *(_with_interval(r[c], r["ci95"].get(c)) for c in ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_auroc")),
+         _fmt(r["under_triage_rate"]), _fmt(r["unsafe_rate"]), _fmt(r["safe"]), _fmt(r["test_loss"]), failed_gates(r)]
+        for r in ranked
+    ]
+    headers = ("run", "kind", *(f"valid {c}" for c in chosen_on), "test accuracy", "macro_f1", "ed_recall",
+               "ed_f2", "ed_auroc", "under-triage", "unsafe", "safe", "test_loss", "test gates failed (by how much)")
+    return _table(rows, headers)
+
+
+def _paired_table(paired: list[dict]) -> str | None:
+    if not paired:
+        return None
+    lines = [[p["a"], p["b"], p["metric"], _signed(p["diff"]),
+              "n/a" if p["low"] is None else f"[{p['low']:+.3f}, {p['high']:+.3f}]",
+              "-" if p["p_value"] is None else f"{p['p_value']:.3g}", p["verdict"]] for p in paired]
+    return _table(lines, ("a", "b", "metric", "a - b", "95% interval", "McNemar p", "verdict"))
 
 
 def _bits_comparison(rows: list[dict]) -> str | None:
@@ -193,11 +284,20 @@ def report_markdown(study: dict, gates: dict[str, float]) -> str:
     gate_text = ", ".join(GATE_TEXT[k].format(gates[k]) for k in GATE_TEXT)
     parts = [
         "# Triage QLoRA study",
-        f"{study['n_runs']} runs evaluated, {study['n_safe']} pass every safety gate ({gate_text}). "
-        "Not for clinical use.",
-        "## Leaderboard (safe first, then ED F2)",
+        f"{study['n_runs']} runs evaluated, {study['n_safe']} pass every safety gate on the test split "
+        f"({gate_text}); {study['n_safe_on_valid']} on the validation split. Not for clinical use.",
+        "## Leaderboard",
+        "Ranked on the validation split (safe first, then ED F2, then accuracy); the test split's "
+        "metrics are beside them, with 95% intervals (ED recall exact, the others a bootstrap over "
+        "presentation groups), and never used to choose.",
         _leaderboard(ranked) if ranked else "No run has results yet.",
     ]
+    paired = _paired_table(study["paired"])
+    if paired:
+        parts += ["## Paired comparisons (same test cases)",
+                  "a minus b; the interval is a paired bootstrap over presentation groups, McNemar's exact "
+                  "test compares correct answers. \"better\" or \"worse\" only where the interval excludes 0.",
+                  paired]
     sections = [
         ("4-bit vs 8-bit (same model and config; delta = 4-bit minus 8-bit)", _bits_comparison(rows)),
         ("Standard vs safety-enhanced configs", _kinds_comparison(rows)),
