@@ -67,6 +67,20 @@ def test_prompt_completion_keeps_prompt_and_completion_verbatim(tmp_path: Path) 
     assert (second.id, second.group, second.label, second.attrs) == ("cases-3", "g7", "GP", {"sex": "female"})
 
 
+def test_whitespace_before_the_label_is_removed_with_one_note(tmp_path: Path, capsys) -> None:
+    path = write(tmp_path / "openai.jsonl", [pc(completion=" ED - call an ambulance"), pc(completion="\nGP"),
+                                             pc(completion="HOME - rest")])
+    examples = read_prompt_completion_jsonl(path)
+    assert [e.completion for e in examples] == ["ED - call an ambulance", "GP", "HOME - rest"]
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[import]")]
+    assert len(notes) == 1 and f"{path}: 2 of 3 completions" in notes[0]
+    chats = write(tmp_path / "chat.jsonl", [chat(("user", "chest pain"), ("assistant", " ED now"))])
+    assert read_chat_jsonl(chats)[0].completion == "ED now"
+    assert "1 of 1 completions" in capsys.readouterr().out
+    read_prompt_completion_jsonl(write(tmp_path / "clean.jsonl", [pc()]))
+    assert capsys.readouterr().out == ""  # nothing changed, nothing said
+
+
 def test_prompt_completion_accepts_integer_ids_and_a_matching_label(tmp_path: Path) -> None:
     path = write(tmp_path / "t.jsonl", [pc(id=7, label="HOME")])
     assert read_prompt_completion_jsonl(path)[0].id == "7"

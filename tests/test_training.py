@@ -147,6 +147,52 @@ def test_safety_loss_on_a_real_model_is_plain_ce_times_weight_plus_cost(tiny):
     assert float(loss_s) == pytest.approx(float(5 * loss_p + cost_term / ntoks), rel=1e-4)
 
 
+def test_training_the_cost_term_and_scoring_read_the_same_label_tokens(tiny):
+    model, fmt = fresh(tiny, lora_config())
+    for label, completion in (("ED", "ED - go now"), ("GP", "GP"), ("HOME", "HOME. Rest and fluids")):
+        case = fmt.case(Example("x", "chest pain", completion, label))
+        scored = fmt.label_tokens[LABELS.index(label)]
+        # Cross-entropy's targets after the prompt are the scored label tokens, and the cost
+        # term's option of this label is their first token.
+        assert case.tokens[case.prompt_length:case.prompt_length + len(scored)] == scored
+        assert fmt.label_first_tokens[LABELS.index(label)] == scored[0]
+        _, _, positions, mask = collate([case], mask_prompt=True)
+        assert case.tokens[int(positions[0, 0]) + 1] == scored[0]
+
+
+class MergingTokenizer:
+    """Greedy longest-match over a vocabulary where "ED -" is one token, as BPE merges can make it."""
+
+    VOCAB = ("ED -", "ED", "GP", "HOME", " now")
+    chat_template = None
+    eos_token_id = 0
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = []
+        while text:
+            match = next((word for word in self.VOCAB if text.startswith(word)), text[0])
+            ids.append(1 + self.VOCAB.index(match) if match in self.VOCAB else 100 + ord(match))
+            text = text[len(match):]
+        return ids
+
+
+def test_the_label_tokens_do_not_depend_on_what_follows_the_label():
+    fmt = ChatFormat(MergingTokenizer())
+    assert MergingTokenizer().encode("ED - now")[0] != fmt.label_tokens[0][0]  # the trap
+    case = fmt.case(Example("x", "chest pain", "ED - now", "ED"))
+    assert case.tokens[case.prompt_length] == fmt.label_first_tokens[0] == MergingTokenizer().encode("ED")[0]
+
+
+def test_a_completion_not_starting_with_its_label_is_refused_with_file_and_line(tiny):
+    from triage.lm import tokenize_split
+    from triage.schema import DataError
+
+    _, fmt = fresh(tiny, lora_config())
+    examples = [Example("a", "chest pain", "ED - now", "ED"), Example("b", "chest pain", " ED - now", "ED")]
+    with pytest.raises(DataError, match=r"train\.jsonl:2: field 'completion': .*start with its label 'ED'"):
+        tokenize_split(fmt, examples, "train.jsonl", 512)
+
+
 @pytest.mark.parametrize("shards", [2, 3])
 def test_sharded_loss_and_gradients_equal_the_whole_batch(tiny, shards):
     """Row shards on separate CPU streams: same value, same gradients, plain and safety loss."""

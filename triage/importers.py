@@ -19,7 +19,7 @@ import io
 import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -204,6 +204,22 @@ def _completion_label(source: _Source, line: int, field_name: str, completion: s
     return label
 
 
+def _label_first_examples(source: _Source, rows: list[tuple[int, Example]]) -> list[tuple[int, Example]]:
+    """``rows`` with whitespace before each completion's label removed, and one note when any had some.
+
+    A completion in the common OpenAI style, " ED - ...", or "\nED", starts
+    with another token (" ED", a newline) than the "ED" that evaluation and the
+    cost term score, so cross-entropy would train a token nothing reads.
+    """
+    completions = [example.completion.lstrip() for _, example in rows]
+    changed = sum(new != example.completion for new, (_, example) in zip(completions, rows))
+    if changed:
+        print(f"[import] {source.path}: {changed} of {len(rows)} completions had whitespace before the label; "
+              "removed it, so training reads the label token that evaluation scores")
+    return [(line, replace(example, completion=completion))
+            for (line, example), completion in zip(rows, completions)]
+
+
 # --------------------------------------------------------------------------- #
 # Prompt/completion JSONL
 # --------------------------------------------------------------------------- #
@@ -225,11 +241,11 @@ def _prompt_completion_rows(source: _Source) -> list[tuple[int, Example]]:
         attrs = _string_attrs(source, line, record, _PROMPT_COMPLETION_FIELDS)
         rows.append((line, Example(example_id, prompt, completion, label, group, attrs)))
     _check_unique_ids(source, rows)
-    return rows
+    return _label_first_examples(source, rows)
 
 
 def read_prompt_completion_jsonl(path: str | Path, encoding: str = "utf-8") -> list[Example]:
-    """Read ``{"prompt", "completion"}`` lines, keeping both verbatim.
+    """Read ``{"prompt", "completion"}`` lines, keeping both verbatim but for whitespace before the label.
 
     The label is the completion's first word (``ED``, ``GP`` or ``HOME``). Optional
     fields: ``id`` (string or integer; default ``<file stem>-<line>``), ``group``
@@ -335,7 +351,7 @@ def read_chat_jsonl(path: str | Path, encoding: str = "utf-8") -> list[Example]:
         attrs = _string_attrs(source, line, record, _CHAT_FIELDS)
         rows.append((line, Example(example_id, render_prompt("\n".join(said)), completion, label, group, attrs)))
     _check_unique_ids(source, rows)
-    return [example for _, example in rows]
+    return [example for _, example in _label_first_examples(source, rows)]
 
 
 def _chat_turns(source: _Source, line: int, record: Record) -> list[tuple[int, str, str]]:

@@ -51,18 +51,32 @@ class ChatFormat:
         return self._encode(FALLBACK_TEMPLATE_USER.format(prompt=prompt) + " ")
 
     def case(self, example: Example) -> TokenizedCase:
+        """Prompt and completion tokens; the completion begins with exactly the label's scored tokens.
+
+        The label's tokens are ``label_tokens`` whatever the tokenizer would make
+        of the whole completion, so cross-entropy trains the tokens that scoring
+        and the cost term read. Raises ValueError unless the completion starts
+        with its label (the importers strip whitespace before it).
+        """
+        if not example.completion.startswith(example.label):
+            raise ValueError(f"the completion must start with its label {example.label!r}, "
+                             f"starts with {example.completion[:12]!r}")
         prompt = self.prompt_tokens(example.prompt)
-        completion = self._encode(example.completion)
+        rest = example.completion[len(example.label):]
+        completion = self.label_tokens[LABELS.index(example.label)] + (self._encode(rest) if rest else [])
         if self.tokenizer.eos_token_id is not None:
             completion.append(self.tokenizer.eos_token_id)
         return TokenizedCase(prompt + completion, len(prompt), LABELS.index(example.label))
 
 
 def tokenize_split(fmt: ChatFormat, examples: list[Example], path: str, max_len: int) -> list[TokenizedCase]:
-    """Tokenise a split; an example longer than ``max_len`` is an error naming its line."""
+    """Tokenise a split; an example longer than ``max_len`` or not starting with its label is an error naming its line."""
     cases = []
     for line, example in enumerate(examples, start=1):
-        case = fmt.case(example)
+        try:
+            case = fmt.case(example)
+        except ValueError as bad:
+            raise DataError(path, line, "completion", str(bad)) from None
         if len(case.tokens) > max_len:
             raise DataError(
                 path, line, "prompt",
