@@ -8,7 +8,7 @@ BIN = $(VENV)/bin
 
 .PHONY: setup demo test bench
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt requirements-models.txt pyproject.toml
+$(BIN)/.installed: requirements.txt requirements-dev.txt requirements-models.txt pyproject.toml scripts/system-deps.sh
 	bash scripts/system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip

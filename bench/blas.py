@@ -25,7 +25,8 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from triage import backend  # noqa: E402  (needs ROOT on sys.path)
+import triage  # noqa: E402  (needs ROOT on sys.path; chooses the BLAS before mlx is imported)
+from triage import backend  # noqa: E402
 
 
 def best_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    blas = backend.load_fast_blas()  # before mlx is imported in this process
+    blas = triage.BLAS
     report: dict[str, Any] = {"platform": platform.platform(), "blas_in_process": blas}
     runs = {"reference": ("reference", None), "openblas": ("auto", None), "openblas-1t": ("auto", 1)}
     report["matmul_fp32"] = {

@@ -36,15 +36,15 @@ import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from triage.backend import (  # noqa: E402
-    THREADS_ENV, cpu_streams, matmul_peak_gflops, optimize_for_device, set_blas_threads,
-)
+from triage.backend import cpu_streams, matmul_peak_gflops, optimize_for_device  # noqa: E402
 from triage.batches import make_iterate_batches  # noqa: E402
 from triage.config import LoraConfig  # noqa: E402
 from triage.evaluation import label_probabilities, mc_dropout_votes  # noqa: E402
 from triage.io import write_json  # noqa: E402
 from triage.lm import ChatFormat, TokenizedCase, check_supported, label_log_probs  # noqa: E402
 from triage.losses import plain_loss, sharded  # noqa: E402
+from triage.runtime.blas import THREADS_ENV, set_blas_threads  # noqa: E402
+from triage.runtime.blas_proof import this_cpu  # noqa: E402
 from triage.schema import Example  # noqa: E402
 from triage.training import add_lora  # noqa: E402
 
@@ -496,7 +496,7 @@ def machine() -> dict:
     if load[0] >= cpus / 2:
         print(f"[bench] WARNING: load average {load[0]:.1f} on {cpus} cores: other processes compete, so the "
               "numbers will be low and noisy (TRIAGE_BLAS_THREADS=1 is steadier on a busy machine)", flush=True)
-    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": cpus,
+    return {"platform": platform.platform(), "cpu_model": this_cpu().model, "cpus": cpus,
             "blas": triage.BLAS, "allocator": triage.ALLOCATOR, "schedule": triage.SCHEDULE,
             "blas_threads": blas_threads(), "mlx": mx.__version__,
             "load_average_start": list(load)}

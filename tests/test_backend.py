@@ -1,13 +1,8 @@
-"""Tests for triage.backend: BLAS preload and the CPU dequantizing QLoRA layers."""
+"""Tests for triage.backend: throughput probes and the CPU dequantizing QLoRA layers."""
 
 from __future__ import annotations
 
-import ctypes.util
 import os
-import platform
-import subprocess
-import sys
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -82,67 +77,8 @@ def no_native_qmm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mx, "quantized_matmul", boom)
 
 
-# ----------------------------------------------------------------- BLAS
-
-
-@pytest.fixture
-def fresh_blas(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Forget the cached description so load_fast_blas() decides again."""
-    monkeypatch.setattr(backend, "_BLAS_DESCRIPTION", None)
-
-
-@pytest.mark.parametrize("system", ["Darwin", "Windows"])
-def test_load_fast_blas_is_noop_off_linux(system, fresh_blas, monkeypatch):
-    monkeypatch.setattr(platform, "system", lambda: system)
-    monkeypatch.delitem(sys.modules, "mlx.core")  # as if mlx were not loaded yet
-    monkeypatch.setattr(backend, "_preload", lambda *a: pytest.fail("preloaded"))
-    desc = backend.load_fast_blas()
-    assert ("Accelerate" in desc) == (system == "Darwin")
-    assert "no preload" in desc or system == "Darwin"
-
-
-def test_load_fast_blas_admits_mlx_already_imported(fresh_blas, monkeypatch):
-    monkeypatch.setattr(platform, "system", lambda: "Linux")
-    monkeypatch.setattr(backend, "_preload", lambda *a: pytest.fail("preloaded too late"))
-    assert "mlx was imported before load_fast_blas()" in backend.load_fast_blas()
-
-
-def test_load_fast_blas_is_cached(fresh_blas, monkeypatch):
-    first = backend.load_fast_blas()
-    monkeypatch.setattr(backend, "_describe_or_load", lambda *a: pytest.fail("not cached"))
-    assert backend.load_fast_blas() == first
-
-
-def test_explicit_blas_that_cannot_load_raises(fresh_blas, monkeypatch):
-    monkeypatch.setattr(platform, "system", lambda: "Linux")
-    monkeypatch.delitem(sys.modules, "mlx.core")
-    monkeypatch.setattr(backend, "global_symbol_provider", lambda symbol="": None)
-    monkeypatch.setenv(backend.BLAS_ENV, "/nonexistent/libopenblas.so.0")
-    with pytest.raises(RuntimeError, match="no usable BLAS"):
-        backend.load_fast_blas()
-
-
-@pytest.mark.skipif(platform.system() != "Linux", reason="preload is Linux-only")
-def test_preload_takes_effect_in_fresh_process():
-    """The preloaded process must really be faster, and say what it loaded."""
-    reference = backend.measure_blas_in_subprocess("reference", n=512, repeats=3)
-    assert "reference BLAS bundled with mlx" in reference["blas"]
-    # One thread: with two, a busy shared CPU makes the timing erratic.
-    auto = backend.measure_blas_in_subprocess("auto", n=512, repeats=5, threads=1)
-    loadable = backend.cmeel_openblas_path() and ctypes.util.find_library("gfortran")
-    if not (loadable or ctypes.util.find_library("openblas")):
-        # Nothing to preload: the log must say so, not claim a speed-up.
-        assert "reference BLAS bundled with mlx (slow" in auto["blas"]
-        pytest.skip(f"no loadable OpenBLAS here: {auto['blas']}")
-    assert auto["blas"].startswith("openblas") and ", 1 threads" in auto["blas"], auto
-    assert auto["gflops"] > 3 * reference["gflops"], (auto, reference)
-
-
 def test_matmul_peak_gflops_is_positive():
     assert 0 < backend.matmul_peak_gflops(n=128, repeats=2) < 1e5
-
-
-# ------------------------------------------------------- quantized layers
 
 
 def test_cpu_needs_dequantized_matmul(monkeypatch):
@@ -293,57 +229,3 @@ def test_lora_grads_under_compile_match_native():
     mx.eval(loss, grads)
     assert loss.item() == pytest.approx(native_loss, rel=1e-5)
     assert_grads_close(dict(tree_flatten(grads)), native_grads)
-
-
-@pytest.mark.skipif(platform.system() != "Linux", reason="glibc's mallopt: Linux only")
-def test_importing_triage_keeps_freed_buffers_for_reuse_on_linux():
-    import triage
-
-    assert triage.ALLOCATOR == "glibc malloc keeping freed buffers for reuse"
-    assert backend.keep_freed_buffers() == triage.ALLOCATOR  # idempotent
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in
-                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                     "keepcost")]
-
-    mallinfo2 = ctypes.CDLL(None).mallinfo2
-    mallinfo2.restype = MallInfo2
-    before = mallinfo2().hblkhd
-    block = bytearray(40 << 20)  # far above glibc's largest mmap threshold (32 MB)
-    assert mallinfo2().hblkhd == before  # served from the heap, not a fresh mapping
-    del block
-
-
-def test_widen_schedule_respects_the_user_and_builds_without_mlx_cpu(monkeypatch):
-    monkeypatch.setenv(backend.SCHEDULE_ENV, "7")
-    assert backend.widen_schedule() == "MLX_BFS_MAX_WIDTH=7 (set by the user)"
-    assert os.environ[backend.SCHEDULE_ENV] == "7"
-    monkeypatch.delenv(backend.SCHEDULE_ENV)
-
-    def absent(name):
-        raise backend.metadata.PackageNotFoundError(name)
-
-    monkeypatch.setattr(backend.metadata, "distribution", absent)
-    assert "MLX's default evaluation order" in backend.widen_schedule()
-    assert backend.SCHEDULE_ENV not in os.environ
-
-
-def test_importing_triage_widens_the_schedule_before_mlx_evaluates():
-    env = {k: v for k, v in os.environ.items() if k != "MLX_BFS_MAX_WIDTH"}
-    code = "import triage, os; print(triage.SCHEDULE); print(os.environ.get('MLX_BFS_MAX_WIDTH'))"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent).stdout.splitlines()
-    if _has_distribution("mlx-cpu"):
-        assert out == [f"MLX_BFS_MAX_WIDTH={backend.WIDE_SCHEDULE}: CPU streams are scheduled side by side",
-                       str(backend.WIDE_SCHEDULE)]
-    else:
-        assert out[1] == "None"
-
-
-def _has_distribution(name: str) -> bool:
-    try:
-        backend.metadata.distribution(name)
-    except backend.metadata.PackageNotFoundError:
-        return False
-    return True

