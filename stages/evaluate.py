@@ -3,7 +3,8 @@
     dvc repro evaluate@smollm2-135m-4bit-balanced_safe
     dvc repro baseline@smollm2-135m-4bit
 
-The ED threshold is tuned on the validation split first and frozen; runs whose
+The validation split is scored first and in full: the ED threshold is tuned and
+frozen there, and its metrics are what compare ranks runs on. Runs whose
 adapter has LoRA dropout also write the MC-dropout review list.
 """
 
@@ -58,8 +59,10 @@ def main() -> None:
     write_json(args.metrics, {"run": args.run, "adapter": bool(args.adapter), **result.metrics})
     mc = result.metrics["mc_dropout"]
     mc_text = f"{mc['n_flagged']} flagged for review" if mc["applicable"] else "MC dropout not applicable"
-    print(f"[evaluate] {args.run}: accuracy {result.metrics['accuracy']:.3f}, ED recall "
-          f"{result.metrics['ed_recall']}, safe {result.metrics['safe']}, {mc_text} -> {args.metrics}")
+    top = result.metrics
+    print(f"[evaluate] {args.run} ({top['decision']}): accuracy {top['accuracy']:.3f}, ED recall {top['ed_recall']}, "
+          f"ED AUROC {top['ed_auroc']}, safe {top['safe']}; valid accuracy {top['valid']['accuracy']:.3f}; "
+          f"{mc_text} -> {args.metrics}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from mlx_lm import load
 
 from conftest import ROOT, SHARED_DATA
 from triage.backend import use_cpu_dequantized_matmul
-from triage.config import ExtraSet, LoraConfig, ParamsError, load_params
+from triage.config import ExtraSet, LoraConfig, ParamsError, TrainParams, load_params
 from triage.evaluation import (
     EdThreshold, ScoredSet, adapter_dropout, completion_loss, evaluate_model, first_random_block,
     freeze_ed_threshold, label_probabilities, mc_dropout_votes, read_extra_set, score_set, set_metrics,
@@ -30,7 +30,9 @@ from triage.io import write_jsonl
 from triage.lm import ChatFormat, label_log_probs, tokenize_split
 from triage.schema import LABELS, DataError, Example, render_prompt
 from triage.synth import generate
-from triage.training import add_lora, save_adapter
+from triage.losses import plain_loss
+from triage.metrics import argmax_decision, vote_summary
+from triage.training import add_lora, run_training, save_adapter
 
 HEADLINE = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_fn", "safe", "test_loss")
 RULES = ("argmax", "cost_aware", "ed_threshold")
@@ -127,6 +129,20 @@ def test_metrics_json_has_every_key(evaluation, params):
     for rule in RULES:
         assert set(HEADLINE) - {"test_loss"} <= set(metrics[rule]), rule
     assert metrics["ed_recall"] == metrics[params.decision]["ed_recall"]
+    assert params.decision == "argmax"  # the model's own answer is the headline by default
+    for key in ("ed_auroc", "ed_ap", "under_triage_rate", "over_triage_rate", "unsafe_rate"):
+        assert isinstance(metrics[key], float), key
+    assert set(metrics["ed_recall_at_budget"]) == {"non_ed_to_ed_20", "non_ed_to_ed_40"}
+    ci = metrics["ci95"]
+    assert "Clopper-Pearson" in ci["method"] and "bootstrap" in ci["method"]
+    for key in ("ed_recall", "ed_fnr", "accuracy", "macro_f1", "ed_f2", "ed_auroc"):
+        assert ci[key]["low"] <= ci[key]["high"], key
+    assert ci["accuracy"]["low"] <= metrics["accuracy"] <= ci["accuracy"]["high"]
+    assert metrics["ci95_clusters"] == len({row["group"] for row in evaluation.predictions})
+    assert 0 < metrics["label_mass"]["p10"] <= metrics["label_mass"]["mean"] <= 1
+    valid = metrics["valid"]
+    assert set(HEADLINE) <= set(valid) and valid["n_cases"] == 10 and "mc_dropout" not in valid
+    assert valid["ed_threshold"]["threshold"] == metrics["ed_threshold"]["threshold"]
     threshold = metrics["ed_threshold"]
     assert threshold["tuned_on"] == "valid" and 0.0 <= threshold["threshold"] <= 1.0
     assert (threshold["target_recall"], threshold["target_from"]) == TARGET
@@ -159,6 +175,30 @@ def test_mc_dropout_votes_vary_and_the_uncertain_cases_go_to_review(evaluation, 
     for row in evaluation.review:
         assert {"id", "label", "votes", "uncertainty"} <= set(row)
         assert sum(row["votes"].values()) == SAMPLES and max(row["votes"].values()) < SAMPLES
+
+
+def test_a_trained_dropout_adapter_spreads_its_votes(model_dir, tmp_path):
+    """An adapter trained from lora_b = 0 for a few steps, not hand-randomised weights."""
+    model, fmt = load_decisive(model_dir)
+    config = LoraConfig(kind="standard", learning_rate=1.0e-2, batch_size=4, rank=8, scale=20.0, dropout=0.3,
+                        iters=10)
+    add_lora(model, config, 2)
+    examples = generate(24, MIX, seed=9)
+    cases = tokenize_split(fmt, examples, "train.jsonl", 2048)
+    params = TrainParams(weight_decay=0.01, warmup_ratio=0.1, schedule="cosine", num_layers=2, max_seq_length=2048,
+                         seed=42, steps_per_report=5, steps_per_eval=10, steps_per_save=100, val_batches=1,
+                         grad_checkpoint=False, mask_prompt=True, early_stopping_patience=0,
+                         early_stopping_min_delta=0.0, cpu_streams=1)
+    run_training(model, cases, cases[:4], config, params, plain_loss, tmp_path / "checkpoints", "spread")
+    votes = mc_dropout_votes(model, fmt, examples[:8], SAMPLES, seed=7, rule=argmax_decision)
+    assert max(vote_summary(votes)["uncertainty"]) > 0
+
+
+def test_votes_are_cast_with_the_rule_given(model_dir, adapters, data_dir):
+    model, fmt = load_decisive(model_dir, adapters[0.3])
+    examples = [Example(**json.loads(line)) for line in (data_dir / "test.jsonl").read_text().splitlines()][:3]
+    votes = mc_dropout_votes(model, fmt, examples, 4, seed=7, rule=lambda probs: ["HOME"] * len(probs))
+    assert (votes == LABELS.index("HOME")).all()
 
 
 def test_the_same_seed_draws_the_same_votes(model_dir, adapters, data_dir):
@@ -256,6 +296,8 @@ def test_a_class_missing_from_the_test_split_gives_none_and_na_gates(params):
     # ED F2 stays defined (0) once a case is predicted ED; recall and FNR have no ED case to count.
     assert metrics["gates"]["ed_recall"]["state"] == metrics["gates"]["ed_fnr"]["state"] == "n/a"
     assert metrics["ci95"]["ed_recall"] == {"low": None, "high": None}
+    assert metrics["gates_hold_at_pessimistic_end"]["ed_recall"] is None
+    assert metrics["ed_auroc"] is None and metrics["ed_ap"] is None and metrics["ci95"]["ed_auroc"]["low"] is None
     assert metrics["subgroups"]["sex"]["female"]["ed_recall"] is None
     assert all(metrics[rule]["ed_recall"] is None for rule in RULES)
 
