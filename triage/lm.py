@@ -70,7 +70,7 @@ class ChatFormat:
 
 
 def tokenize_split(fmt: ChatFormat, examples: list[Example], path: str, max_len: int) -> list[TokenizedCase]:
-    """Tokenise a split; an example longer than ``max_len`` or not starting with its label is an error naming its line."""
+    """Tokenise a split; a case over ``max_len`` tokens or not starting with its label is an error naming its line."""
     cases = []
     for line, example in enumerate(examples, start=1):
         try:

@@ -228,7 +228,6 @@ def ed_discrimination(labels: Sequence[str], p_ed: Sequence[float], budgets: Seq
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
-BOOTSTRAP_STATISTICS = ("accuracy", "macro_f1", "ed_f2", "ed_recall", "ed_auroc")
 
 
 def cluster_ids(groups: Sequence[str]) -> np.ndarray:
@@ -272,7 +271,7 @@ def _weighted_auroc(weights: np.ndarray, positive: np.ndarray, scores: np.ndarra
 
 def weighted_scores(weights: np.ndarray, labels: Sequence[str], preds: Sequence[str | None],
                     p_ed: Sequence[float]) -> dict[str, np.ndarray]:
-    """``BOOTSTRAP_STATISTICS`` for every row of case weights at once; NaN where undefined.
+    """Accuracy, macro-F1, ED F2, ED recall and ED AUROC for every row of case weights at once; NaN where undefined.
 
     The same definitions as ``classification_metrics`` and scikit-learn with
     ``sample_weight`` (tested equal), but as matrix products: scikit-learn
@@ -310,7 +309,7 @@ def percentile_interval(values: np.ndarray, level: float = 0.95) -> dict:
 
 def bootstrap_intervals(weights: np.ndarray, labels: Sequence[str], preds: Sequence[str | None],
                         p_ed: Sequence[float], level: float = 0.95) -> dict[str, dict]:
-    """Percentile intervals of every ``BOOTSTRAP_STATISTICS`` entry over the resamples in ``weights``."""
+    """Percentile intervals of every ``weighted_scores`` statistic over the resamples in ``weights``."""
     scores = weighted_scores(weights, labels, preds, p_ed)
     return {name: percentile_interval(values, level) for name, values in scores.items()}
 
