@@ -9,7 +9,7 @@ from pathlib import Path
 
 from triage.config import load_params
 from triage.io import atomic_write_text, staged_directory, write_json
-from triage.report import (HEADLINE, baseline_name, collect_rows, comparison_pairs, mc_uncertainties,
+from triage.report import (HEADLINE, baseline_name, collect_rows, comparison_pairs, floor_row, mc_uncertainties,
                            memory_points, paired_rows, report_markdown, summary, uncertainty_histogram)
 from triage.stage import run_stage
 
@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, required=True)
     parser.add_argument("--baselines", type=Path, required=True)
     parser.add_argument("--models", type=Path, required=True)
+    parser.add_argument("--classical", type=Path, required=True, help="the classical baseline's eval.json and predictions")
     parser.add_argument("--summary", type=Path, required=True)
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--memory-plot", type=Path, required=True)
@@ -50,7 +51,11 @@ def main() -> None:
     contenders = {row["run"]: args.runs / row["run"] / "predictions.jsonl" for row in rows}
     contenders |= {baseline_name(*variant.rsplit("-", 1)): args.baselines / variant / "predictions.jsonl"
                    for variant in baselines}
-    study = summary(rows, missing, baselines, paired_rows(comparison_pairs(rows, baselines), contenders))
+    classical = args.classical / "eval.json"
+    floors = [floor_row(json.loads(classical.read_text()))] if classical.is_file() else []
+    contenders |= {floor["run"]: args.classical / "predictions.jsonl" for floor in floors}
+    pairs = comparison_pairs(rows, baselines, [floor["run"] for floor in floors])
+    study = summary(rows, missing, baselines, paired_rows(pairs, contenders), floors)
     write_json(args.summary, study)
     write_json(args.memory_plot, memory_points(rows))
     write_uncertainty_plots(args.uncertainty_plots, args.runs, rows)

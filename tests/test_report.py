@@ -11,7 +11,7 @@ import pytest
 
 from triage.config import RunSelection
 from triage.metrics import paired_comparison
-from triage.report import (collect_rows, comparison_pairs, failed_gates, mc_uncertainties, memory_points,
+from triage.report import (collect_rows, comparison_pairs, failed_gates, floor_row, mc_uncertainties, memory_points,
                            paired_rows, report_markdown, summary, uncertainty_histogram)
 
 GATES = {"ed_recall": 0.95, "ed_f2": 0.90, "ed_fnr": 0.05}
@@ -137,6 +137,20 @@ def test_comparison_pairs_fine_tuned_vs_zero_shot_and_4_vs_8_bit():
         ("m-8bit-safe", "m-8bit-zero_shot"), ("m-8bit-std", "m-8bit-zero_shot"), ("n-4bit-std", "n-4bit-zero_shot"),
         ("m-4bit-safe", "m-8bit-safe"), ("m-4bit-std", "m-8bit-std"), ("m-4bit-zero_shot", "m-8bit-zero_shot"),
     ]
+
+
+def test_every_fine_tuned_run_is_paired_with_the_classical_floor_and_the_report_shows_it(tmp_path):
+    rows = [{"run": f"m-4bit-{config}", "model": "m", "bits": "4bit", "config": config} for config in ("std", "safe")]
+    assert comparison_pairs(rows, {}, ["tfidf-logreg"]) == [("m-4bit-safe", "tfidf-logreg"),
+                                                           ("m-4bit-std", "tfidf-logreg")]
+    result = study(tmp_path)
+    floor = {"run": "tfidf-logreg", **headline(0.55, 0.6), "valid": headline(0.5, 0.6)}
+    with_floor = summary(list(result["runs"].values()), result["missing"], result["baselines"], [],
+                         [floor_row(floor)])
+    assert with_floor["classical"]["tfidf-logreg"]["accuracy"] == 0.55
+    assert with_floor["best"]["run"] == result["best"]["run"]  # a floor is never a candidate for best
+    report = report_markdown(with_floor, GATES)
+    assert "## The classical floor" in report and "| tfidf-logreg" in report and "0.550 [0.45, 0.60]" in report
 
 
 def test_paired_rows_read_the_predictions_and_say_which_differences_are_real(tmp_path):

@@ -141,6 +141,14 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class ClassicalParams:
+    max_ngram: int
+    min_df: int
+    inverse_regularisation: float
+    class_weight: Optional[Literal["balanced"]]
+
+
+@dataclass(frozen=True)
 class Params:
     run: RunSelection
     data: DataParams
@@ -150,6 +158,7 @@ class Params:
     lora: LoraOverrides
     configs: dict[str, LoraConfig]
     evaluate: EvaluateParams
+    classical: ClassicalParams
 
     def config(self, name: str) -> LoraConfig:
         """The named config with the non-null `lora:` overrides applied."""
@@ -290,6 +299,7 @@ def _check_semantics(params: Params) -> None:
         raise ParamsError("'configs' must define at least one LoRA config")
     _check_config("lora overrides applied to configs", params.config(next(iter(params.configs))))
     _check_evaluate(params.evaluate)
+    _check_classical(params.classical)
     if not 0.0 <= params.train.warmup_ratio < 1.0:
         raise ParamsError("'train.warmup_ratio' must be in [0, 1)")
     for key in ("steps_per_report", "steps_per_eval", "steps_per_save", "max_seq_length", "cpu_streams"):
@@ -301,6 +311,14 @@ def _check_semantics(params: Params) -> None:
             raise ParamsError(f"'train.{key}' must be a multiple of 'train.steps_per_report'")
     if any(c.kind == "safety" for c in params.configs.values()) and not params.train.mask_prompt:
         raise ParamsError("'train.mask_prompt' must be true: the safety loss reads the first completion token")
+
+
+def _check_classical(classical: ClassicalParams) -> None:
+    for key in ("max_ngram", "min_df"):
+        if getattr(classical, key) < 1:
+            raise ParamsError(f"'classical.{key}' must be at least 1")
+    if not classical.inverse_regularisation > 0:
+        raise ParamsError("'classical.inverse_regularisation' must be positive")
 
 
 def _check_data(data: DataParams) -> None:

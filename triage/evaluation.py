@@ -39,11 +39,6 @@ DISCRIMINATION = ("ed_auroc", "ed_ap", "ed_recall_at_budget")
 SUBGROUP_ATTRS = ("age_band", "sex")
 
 
-# --------------------------------------------------------------------------- #
-# Scoring a labelled set
-# --------------------------------------------------------------------------- #
-
-
 def on_streams(tasks: list[Callable[[], mx.array]], streams: Sequence = ()) -> list[mx.array]:
     """The tasks' results, in order; each round of tasks (one per stream) is built on the streams and evaluated together.
 
@@ -121,7 +116,7 @@ class ScoredSet:
 
     examples: list[Example]
     probs: np.ndarray
-    loss: float
+    loss: float | None  # mean completion cross-entropy; None for a model that does not generate text
     label_mass: np.ndarray | None = None
 
     @property
@@ -157,11 +152,6 @@ def read_extra_set(spec: ExtraSet) -> list[Example]:
                   "ktas": read_ktas_csv}[spec.format]
         examples = reader(spec.path, encoding)
     return examples[: spec.limit]
-
-
-# --------------------------------------------------------------------------- #
-# Decision rules and the frozen ED threshold
-# --------------------------------------------------------------------------- #
 
 
 @dataclass(frozen=True)
@@ -274,7 +264,7 @@ def set_metrics(scored: ScoredSet, params: EvaluateParams, threshold: EdThreshol
         "ci95_clusters": int(clusters.max()) + 1,
         "gates_hold_at_pessimistic_end": top["gates_hold_at_pessimistic_end"],
         "test_loss": scored.loss,
-        "perplexity": math.exp(scored.loss),
+        "perplexity": None if scored.loss is None else math.exp(scored.loss),
         "n_cases": len(labels),
         "label_mass": label_mass_summary(scored.label_mass),
         "calibration": {"ece": m.expected_calibration_error(scored.probs, labels),
@@ -297,11 +287,6 @@ def prediction_rows(scored: ScoredSet, params: EvaluateParams, threshold: EdThre
          **e.attrs}
         for i, e in enumerate(scored.examples)
     ]
-
-
-# --------------------------------------------------------------------------- #
-# MC dropout
-# --------------------------------------------------------------------------- #
 
 
 def adapter_dropout(adapter: Path | None) -> float | None:
@@ -440,11 +425,6 @@ def mc_dropout(
     return McDropout(metrics, cases)
 
 
-# --------------------------------------------------------------------------- #
-# One run's evaluation
-# --------------------------------------------------------------------------- #
-
-
 @dataclass(frozen=True)
 class Evaluation:
     """What the evaluate stage writes: the metrics JSON, the predictions rows and the review rows."""
@@ -454,31 +434,53 @@ class Evaluation:
     review: list[dict]
 
 
-def evaluate_model(
-    model: nn.Module, fmt: ChatFormat, data_dir: Path, params: EvaluateParams, max_len: int,
-    target: tuple[float, str], dropout: float | None, streams: Sequence = (),
-) -> Evaluation:
+Scorer = Callable[[list[Example], str], ScoredSet]
+"""Scores one labelled set: (its cases, the file they came from, for errors) to label probabilities."""
+
+
+def evaluate_sets(score: Scorer, data_dir: Path, params: EvaluateParams, target: tuple[float, str],
+                  ) -> tuple[dict, list[dict], ScoredSet, EdThreshold]:
     """Score ``valid.jsonl`` (freezing the ED threshold there), then ``test.jsonl`` and the extra sets.
 
+    Any model goes through here, a language model or the classical baseline,
+    so every run's numbers come from the same rules, metrics and intervals.
     The validation split's metrics go under ``valid``: runs are ranked and
     chosen on them, so the test split's numbers stay an unbiased report.
-
-    ``target`` is the ED recall the threshold aims for and where it comes from
-    (see ``ed_recall_target``); ``dropout`` is the adapter's (``adapter_dropout``);
-    ``streams`` (``triage.backend.cpu_streams``) score independent cases in parallel.
+    Returns the metrics, the test split's prediction rows, the scored test
+    split and the frozen threshold.
     """
     valid_path = data_dir / "valid.jsonl"
-    valid = score_set(model, fmt, read_examples(valid_path), str(valid_path), max_len, params.batch_size, streams)
+    valid = score(read_examples(valid_path), str(valid_path))
     threshold = freeze_ed_threshold(valid.examples, valid.probs, *target)
     if params.decision == "ed_threshold" and threshold.value is None:
         raise DataError(valid_path, None, "label", "no ED case: evaluate.decision ed_threshold needs one to tune on")
 
     test_path = data_dir / "test.jsonl"
-    test = score_set(model, fmt, read_examples(test_path), str(test_path), max_len, params.batch_size, streams)
+    test = score(read_examples(test_path), str(test_path))
     metrics = set_metrics(test, params, threshold)
     metrics["valid"] = set_metrics(valid, params, threshold)
-    predictions = prediction_rows(test, params, threshold)
+    metrics["extra_sets"] = {
+        spec.name: {"path": spec.path, "format": spec.format,
+                    **set_metrics(score(read_extra_set(spec), spec.path), params, threshold)}
+        for spec in params.extra_sets
+    }
+    return metrics, prediction_rows(test, params, threshold), test, threshold
 
+
+def evaluate_model(
+    model: nn.Module, fmt: ChatFormat, data_dir: Path, params: EvaluateParams, max_len: int,
+    target: tuple[float, str], dropout: float | None, streams: Sequence = (),
+) -> Evaluation:
+    """:func:`evaluate_sets` for a language model, plus MC-dropout votes on the test split.
+
+    ``target`` is the ED recall the threshold aims for and where it comes from
+    (see ``ed_recall_target``); ``dropout`` is the adapter's (``adapter_dropout``);
+    ``streams`` (``triage.backend.cpu_streams``) score independent cases in parallel.
+    """
+    def score(examples: list[Example], source: str) -> ScoredSet:
+        return score_set(model, fmt, examples, source, max_len, params.batch_size, streams)
+
+    metrics, predictions, test, threshold = evaluate_sets(score, data_dir, params, target)
     reason = mc_not_applicable(dropout)
     review: list[dict] = []
     if reason is None:
@@ -490,11 +492,4 @@ def evaluate_model(
         review = [{k: v for k, v in case.items() if k != "flagged"} for case in mc.cases if case["flagged"]]
     else:
         metrics["mc_dropout"] = {"applicable": False, "reason": reason}
-
-    metrics["extra_sets"] = {}
-    for spec in params.extra_sets:
-        examples = read_extra_set(spec)
-        scored = score_set(model, fmt, examples, spec.path, max_len, params.batch_size, streams)
-        metrics["extra_sets"][spec.name] = {"path": spec.path, "format": spec.format,
-                                            **set_metrics(scored, params, threshold)}
     return Evaluation(metrics, predictions, review)

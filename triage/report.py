@@ -103,16 +103,19 @@ def baseline_name(model: str, bits: str) -> str:
     return f"{model}-{bits}-{ZERO_SHOT}"
 
 
-def comparison_pairs(rows: list[dict], baselines: dict[str, dict]) -> list[tuple[str, str]]:
+def comparison_pairs(rows: list[dict], baselines: dict[str, dict], floors: Sequence[str] = ()) -> list[tuple[str, str]]:
     """(a, b) pairs compared on the same test cases, a over b.
 
-    Each fine-tuned run against its variant's zero-shot baseline, then 4-bit
-    against 8-bit of the same model and config (zero-shot included). Another
-    kind of run joins by adding its pairs here and its predictions file to
-    the contenders the compare stage passes to ``paired_rows``.
+    Each fine-tuned run against its variant's zero-shot baseline and against
+    every floor (the classical baseline), then 4-bit against 8-bit of the same
+    model and config (zero-shot included). Another kind of run joins by adding
+    its pairs here and its predictions file to the contenders the compare
+    stage passes to ``paired_rows``.
     """
-    pairs = [(r["run"], baseline_name(r["model"], r["bits"])) for r in sorted(rows, key=lambda r: r["run"])
+    ordered = sorted(rows, key=lambda r: r["run"])
+    pairs = [(r["run"], baseline_name(r["model"], r["bits"])) for r in ordered
              if f"{r['model']}-{r['bits']}" in baselines]
+    pairs += [(r["run"], floor) for floor in floors for r in ordered]
     configs = {(r["model"], r["config"]): {} for r in rows}
     for r in rows:
         configs[(r["model"], r["config"])][r["bits"]] = r["run"]
@@ -152,7 +155,14 @@ def paired_rows(pairs: list[tuple[str, str]], contenders: dict[str, Path]) -> li
     return out
 
 
-def summary(rows: list[dict], missing: list[str], baselines: dict[str, dict], paired: list[dict]) -> dict:
+def floor_row(evaluation: dict) -> dict:
+    """A classical baseline's row: its test headline with intervals, and the validation metrics runs are chosen on."""
+    return {"run": evaluation["run"], **{key: evaluation[key] for key in HEADLINE}, "ci95": evaluation["ci95"],
+            "valid": {key: evaluation["valid"][key] for key in SELECTION}}
+
+
+def summary(rows: list[dict], missing: list[str], baselines: dict[str, dict], paired: list[dict],
+            floors: Sequence[dict] = ()) -> dict:
     """The study's summary.json; ``best``/``best_safe`` are chosen on the validation split."""
     ranked = sorted(rows, key=leaderboard_key)
     safe = [row for row in ranked if row["valid"]["safe"]]
@@ -165,6 +175,7 @@ def summary(rows: list[dict], missing: list[str], baselines: dict[str, dict], pa
         "missing": missing,
         "runs": {row["run"]: row for row in rows},
         "baselines": baselines,
+        "classical": {row["run"]: row for row in floors},
         "paired": paired,
     }
 
@@ -270,6 +281,16 @@ def _baseline_comparison(rows: list[dict], baselines: dict[str, dict]) -> str | 
                           "zero-shot test loss", "fine-tuned test loss"))
 
 
+def _floors(floors: dict[str, dict]) -> str | None:
+    if not floors:
+        return None
+    lines = [[f["run"], _fmt(f["valid"]["accuracy"]), _fmt(f["valid"]["ed_auroc"]),
+              *(_with_interval(f[c], f["ci95"].get(c)) for c in ("accuracy", "macro_f1", "ed_recall", "ed_auroc")),
+              _fmt(f["under_triage_rate"]), _fmt(f["unsafe_rate"])] for f in floors.values()]
+    return _table(lines, ("run", "valid accuracy", "valid ed_auroc", "test accuracy", "macro_f1", "ed_recall",
+                          "ed_auroc", "under-triage", "unsafe"))
+
+
 def _sources(rows: list[dict]) -> str | None:
     seen = {(r["model"], r["bits"]): r for r in rows}
     lines = [[f"{m}-{b}", _fmt(r["source_precision"]), _fmt(r["bits_per_weight"]), _fmt(r["disk_mb"])]
@@ -302,6 +323,8 @@ def report_markdown(study: dict, gates: dict[str, float]) -> str:
         ("4-bit vs 8-bit (same model and config; delta = 4-bit minus 8-bit)", _bits_comparison(rows)),
         ("Standard vs safety-enhanced configs", _kinds_comparison(rows)),
         ("Zero-shot baseline vs fine-tuned", _baseline_comparison(rows, study["baselines"])),
+        ("The classical floor (TF-IDF + logistic regression on the same splits; every run must beat it)",
+         _floors(study.get("classical", {}))),
         ("Model variants and their source precision", _sources(rows)),
     ]
     parts += [text for title, table in sections if table for text in (f"## {title}", table)]
