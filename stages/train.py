@@ -15,10 +15,12 @@ import mlx.core as mx
 from mlx_lm import load
 
 from triage.backend import optimize_for_device
+from triage.batches import validation_indices
 from triage.config import load_params
+from triage.evaluation import task_metrics
 from triage.io import atomic_write_text, write_json
 from triage.lm import ChatFormat, check_supported, tokenize_split
-from triage.losses import make_safety_loss, plain_loss
+from triage.losses import make_completion_loss, make_safety_loss
 from triage.schema import read_examples
 from triage.stage import run_stage
 from triage.training import TrainingDiverged, add_lora, fingerprint, run_training, save_adapter, tree_digest
@@ -50,8 +52,10 @@ def main() -> None:
     check_supported(model)
     fmt = ChatFormat(tokenizer)
     max_len = params.train.max_seq_length
-    splits = {name: args.data / f"{name}.jsonl" for name in ("train", "valid")}
-    train_cases, val_cases = (tokenize_split(fmt, read_examples(p), str(p), max_len) for p in splits.values())
+    train_path, valid_path = (args.data / f"{name}.jsonl" for name in ("train", "valid"))
+    valid_examples = read_examples(valid_path)
+    train_cases = tokenize_split(fmt, read_examples(train_path), str(train_path), max_len)
+    val_cases = tokenize_split(fmt, valid_examples, str(valid_path), max_len)
 
     lora = add_lora(model, config, params.train.num_layers)
     print(f"[train] {triage.RUNTIME}; {optimize_for_device(model)}")
@@ -59,16 +63,22 @@ def main() -> None:
           f"dropout {config.dropout}, lr {config.learning_rate}, batch {config.batch_size}, "
           f"{config.iters} iters; {lora['trainable_params']:,} trainable parameters "
           f"({lora['trainable_share']:.3%})")
+    weight = params.train.label_weight
     if config.kind == "safety":
-        loss = make_safety_loss(fmt.label_first_tokens, config.class_weights, config.cost_matrix)
+        loss = make_safety_loss(fmt.label_first_tokens, config.class_weights, config.cost_matrix, weight)
     else:
-        loss = plain_loss
+        loss = make_completion_loss(weight)
+    # Accuracy and ED AUROC at every validation, on the cases the validation batches hold.
+    picked = validation_indices(val_cases, config.batch_size, params.train.val_batches, params.train.seed)
+    val_examples = [valid_examples[i] for i in picked]
     run_id = fingerprint(asdict(config), asdict(params.train), tree_digest(args.model_dir), tree_digest(args.data))
-    result = run_training(model, train_cases, val_cases, config, params.train, loss, args.checkpoints, run_id)
+    result = run_training(model, train_cases, val_cases, config, params.train, loss, args.checkpoints, run_id,
+                          lambda streams: task_metrics(model, fmt, val_examples, config.batch_size, streams))
 
     save_adapter(args.adapter, model, lora["adapter_config"])
     write_json(args.metrics, {
         "config": args.config, "kind": config.kind, "loss": "cost_sensitive" if config.kind == "safety" else "cross_entropy",
+        "label_weight": weight,
         **{k: getattr(config, k) for k in ("rank", "scale", "dropout", "learning_rate", "batch_size", "iters")},
         "trainable_params": lora["trainable_params"], "trainable_share": round(lora["trainable_share"], 6),
         **result.metrics,

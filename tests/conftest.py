@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,12 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(cwd),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    # Output goes through files, not pipes: a command that leaves a daemon behind (dvc queue start's
+    # workers inherit its stdout) would otherwise keep a pipe open and block this call until it exits.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        returncode = subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=err, text=True).returncode
+        out.seek(0), err.seek(0)
+        result = subprocess.CompletedProcess(cmd, returncode, out.read(), err.read())
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

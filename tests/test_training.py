@@ -117,7 +117,7 @@ def train_params(**changes) -> TrainParams:
     base = dict(weight_decay=0.01, warmup_ratio=0.1, schedule="cosine", num_layers=16, max_seq_length=512,
                 seed=42, steps_per_report=10, steps_per_eval=20, steps_per_save=10, val_batches=2,
                 grad_checkpoint=False, mask_prompt=True, early_stopping_patience=0, early_stopping_min_delta=0.0,
-                cpu_streams=2)
+                select_on="val_loss", label_weight=1.0, cpu_streams=2)
     return TrainParams(**{**base, **changes})
 
 
@@ -156,7 +156,7 @@ def test_training_the_cost_term_and_scoring_read_the_same_label_tokens(tiny):
         # term's option of this label is their first token.
         assert case.tokens[case.prompt_length:case.prompt_length + len(scored)] == scored
         assert fmt.label_first_tokens[LABELS.index(label)] == scored[0]
-        _, _, positions, mask = collate([case], mask_prompt=True)
+        _, _, positions, mask, _ = collate([case], mask_prompt=True)
         assert case.tokens[int(positions[0, 0]) + 1] == scored[0]
 
 
@@ -350,3 +350,101 @@ def test_an_example_longer_than_the_limit_is_an_error_naming_its_line(tiny):
     examples = [Example("a", "short", "ED", "ED"), Example("b", "long " * 200, "GP", "GP")]
     with pytest.raises(DataError, match=r"train.jsonl:2: field 'prompt'.*above train.max_seq_length=64"):
         tokenize_split(fmt, examples, "train.jsonl", 64)
+
+
+def per_token_cross_entropy(model, batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each trained position's cross-entropy, computed by hand, with the mask and the label mask."""
+    from triage.losses import completion_logits
+
+    tokens, _, positions, mask, label_mask = batch
+    logits = np.array(completion_logits(model, tokens, positions), dtype=np.float64)
+    targets = np.take_along_axis(np.array(tokens), np.array(positions) + 1, axis=1)
+    log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    ce = log_z - np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return ce, np.array(mask), np.array(label_mask)
+
+
+def two_cases(fmt: ChatFormat) -> list[TokenizedCase]:
+    return [fmt.case(Example("a", "chest pain", "ED - call an ambulance now", "ED")),
+            fmt.case(Example("b", "a cold", "HOME - rest and drink fluids", "HOME"))]
+
+
+def test_label_weight_counts_each_label_token_that_many_times_over_the_real_token_count(tiny):
+    from triage.losses import make_completion_loss
+
+    model, fmt = fresh(tiny, lora_config())
+    batch = collate(two_cases(fmt), mask_prompt=True)
+    ce, mask, label_mask = per_token_cross_entropy(model, batch)
+    assert label_mask.sum() == sum(len(fmt.label_tokens[c.label]) for c in two_cases(fmt))
+    assert (label_mask <= mask).all() and label_mask[:, 0].all()  # the label opens each completion
+    assert make_completion_loss(1.0) is plain_loss
+    loss, ntoks = make_completion_loss(10.0)(model, *batch)
+    expected = ((mask + 9.0 * label_mask) * ce).sum() / mask.sum()
+    assert int(ntoks) == mask.sum() and float(loss) == pytest.approx(expected, rel=1e-4)
+    weighted_safety, _ = make_safety_loss(fmt.label_first_tokens, {"ED": 1, "GP": 1, "HOME": 1},
+                                          {t: dict.fromkeys(LABELS, 0.0) for t in LABELS}, 10.0)(model, *batch)
+    assert float(weighted_safety) == pytest.approx(expected, rel=1e-4)  # zero costs, unit weights: the same loss
+
+
+def test_validation_splits_the_label_tokens_loss_from_the_reason_texts(tiny):
+    from triage.losses import split_cross_entropy
+
+    model, fmt = fresh(tiny, lora_config())
+    batch = collate(two_cases(fmt), mask_prompt=True)
+    ce, mask, label_mask = per_token_cross_entropy(model, batch)
+    label_sum, label_count, reason_sum, reason_count = np.array(split_cross_entropy(model, *batch))
+    assert label_sum == pytest.approx((ce * label_mask).sum(), rel=1e-4) and label_count == label_mask.sum()
+    assert reason_sum == pytest.approx((ce * (mask - label_mask)).sum(), rel=1e-4)
+    assert reason_count == (mask - label_mask).sum()
+
+
+def test_validation_indices_are_the_cases_the_validation_batches_hold(tiny):
+    from triage.batches import make_iterate_batches, validation_indices
+
+    _, fmt = fresh(tiny, lora_config())
+    cases = short_cases(fmt, 23, 0.3, seed=9)
+    picked = validation_indices(cases, 4, 2, seed=42)
+    batches = list(make_iterate_batches(True, 42)(cases, 4, 512))[:2]
+    seen = sorted(tuple(np.array(row)[: len(cases[0].tokens)]) for batch in batches for row in batch[0])
+    assert len(picked) == 8
+    assert sorted(tuple(cases[i].tokens[: len(cases[0].tokens)]) for i in picked) == seen
+    assert len(validation_indices(cases, 4, -1, seed=42)) == 20  # every full batch
+
+
+def test_improvement_follows_the_selection_metric_in_its_direction():
+    from triage.training import improved
+
+    acc = [{"step": 0, "val_loss": 3.0, "val_accuracy": 0.4}, {"step": 10, "val_loss": 3.5, "val_accuracy": 0.6}]
+    assert improved(acc, 0.0, "val_accuracy") and not improved(acc, 0.0, "val_loss")
+    assert not improved(acc, 0.3, "val_accuracy")
+    assert not improved([*acc, {"step": 20, "val_loss": 1.0, "val_ed_auroc": None}], 0.0, "val_ed_auroc")
+
+
+def test_selection_on_validation_accuracy_keeps_the_adapter_with_the_best_accuracy(tiny, tmp_path):
+    config = lora_config(iters=40, learning_rate=1e-2)
+    model, fmt = fresh(tiny, config)
+    cases = short_cases(fmt, 40, 0.3, seed=6)
+    accuracies = iter([0.3, 0.7, 0.5, 0.4, 0.2])  # step 0, 10, 20, ...: best at step 10
+
+    def task(streams):
+        return {"val_accuracy": next(accuracies), "val_ed_auroc": None}
+
+    params = train_params(select_on="val_accuracy", early_stopping_patience=2, steps_per_eval=10)
+    result = run_training(model, cases, cases[:8], config, params, plain_loss, tmp_path, "acc", task)
+    assert result.metrics["selected_on"] == "val_accuracy"
+    assert result.metrics["best_val_accuracy"] == 0.7 and result.metrics["best_val_step"] == 10
+    assert result.metrics["early_stopped_at_step"] == 30
+    with pytest.raises(ValueError, match="needs task metrics"):
+        run_training(model, cases, cases[:8], config, params, plain_loss, tmp_path / "x", "acc")
+
+
+def test_early_stopping_when_no_validation_beats_the_first_keeps_the_starting_adapter(tiny, tmp_path):
+    config = lora_config(iters=40, learning_rate=1e-2)
+    model, fmt = fresh(tiny, config)
+    start = adapter_arrays(model)
+    cases = short_cases(fmt, 40, 0.3, seed=6)
+    params = train_params(early_stopping_patience=1, early_stopping_min_delta=100.0, steps_per_eval=10)
+    result = run_training(model, cases, cases[:8], config, params, plain_loss, tmp_path, "never")
+    assert result.metrics["early_stopped_at_step"] == 10 and result.metrics["best_val_step"] == 0
+    for key, value in adapter_arrays(model).items():
+        np.testing.assert_array_equal(value, start[key])

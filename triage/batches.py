@@ -28,8 +28,22 @@ def batch_order(n_cases: int, lengths: Sequence[int], batch_size: int, seed: int
             yield buckets[b]
 
 
+def validation_indices(cases: Sequence[TokenizedCase], batch_size: int, val_batches: int, seed: int) -> list[int]:
+    """The cases that the first ``val_batches`` validation batches hold (-1: every full batch), as mlx-lm's evaluate sees them."""
+    n_batches = len(cases) // batch_size
+    wanted = n_batches if val_batches < 0 else min(val_batches, n_batches)
+    order = batch_order(len(cases), [len(case.tokens) for case in cases], batch_size, seed)
+    return [index for _, batch in zip(range(wanted), order) for index in batch]
+
+
 def collate(cases: Sequence[TokenizedCase], mask_prompt: bool) -> tuple[mx.array, ...]:
-    """Pad token ids and list, per case, the positions whose next token is trained on."""
+    """Pad token ids and list, per case, the positions whose next token is trained on.
+
+    Returns ``(tokens, labels, positions, mask, label_mask)``: ``mask`` is 1 at
+    every trained position, ``label_mask`` 1 at those that predict a token of
+    the label (the start of the completion), so an objective can weigh the
+    decision apart from the reason text.
+    """
     longest = max(len(c.tokens) for c in cases)
     width = PAD_MULTIPLE * -(-longest // PAD_MULTIPLE) + 1
     tokens = np.zeros((len(cases), width), np.int32)
@@ -38,12 +52,15 @@ def collate(cases: Sequence[TokenizedCase], mask_prompt: bool) -> tuple[mx.array
     k = POSITION_MULTIPLE * -(-max(counts) // POSITION_MULTIPLE)
     positions = np.zeros((len(cases), k), np.int32)
     mask = np.zeros((len(cases), k), np.float32)
+    label_mask = np.zeros((len(cases), k), np.float32)
     for i, (case, start, count) in enumerate(zip(cases, starts, counts)):
         tokens[i, : len(case.tokens)] = case.tokens
         positions[i, :count] = np.arange(start - 1, start - 1 + count)
         mask[i, :count] = 1.0
+        first_label = case.prompt_length - start  # index of the label's first token among the trained positions
+        label_mask[i, first_label : first_label + case.label_length] = 1.0
     labels = np.array([c.label for c in cases], np.int32)
-    return mx.array(tokens), mx.array(labels), mx.array(positions), mx.array(mask)
+    return mx.array(tokens), mx.array(labels), mx.array(positions), mx.array(mask), mx.array(label_mask)
 
 
 def make_iterate_batches(mask_prompt: bool, seed: int, skip: int = 0):

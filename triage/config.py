@@ -75,6 +75,8 @@ class TrainParams:
     mask_prompt: bool
     early_stopping_patience: int
     early_stopping_min_delta: float
+    select_on: Literal["val_loss", "val_accuracy", "val_ed_auroc"]
+    label_weight: float
     cpu_streams: int
 
 
@@ -300,6 +302,8 @@ def _check_semantics(params: Params) -> None:
     _check_config("lora overrides applied to configs", params.config(next(iter(params.configs))))
     _check_evaluate(params.evaluate)
     _check_classical(params.classical)
+    if not params.train.label_weight > 0:
+        raise ParamsError("'train.label_weight' must be positive (1 = every completion token counts once)")
     if not 0.0 <= params.train.warmup_ratio < 1.0:
         raise ParamsError("'train.warmup_ratio' must be in [0, 1)")
     for key in ("steps_per_report", "steps_per_eval", "steps_per_save", "max_seq_length", "cpu_streams"):

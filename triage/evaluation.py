@@ -85,6 +85,19 @@ def label_probabilities(model: nn.Module, fmt: ChatFormat, examples: list[Exampl
     return softmax(label_log_likelihoods(model, fmt, examples, batch_size, streams), axis=1)
 
 
+def task_metrics(model: nn.Module, fmt: ChatFormat, examples: list[Example], batch_size: int,
+                 streams: Sequence = ()) -> dict[str, float | None]:
+    """``val_accuracy`` (argmax) and ``val_ed_auroc`` of the label scores, for curves and checkpoint selection.
+
+    The AUROC is None when the cases are all ED or all not.
+    """
+    probs = label_probabilities(model, fmt, examples, batch_size, streams)
+    labels = [example.label for example in examples]
+    discrimination = m.ed_discrimination(labels, probs[:, m.ED], ())
+    return {"val_accuracy": m.classification_metrics(labels, m.argmax_decision(probs))["accuracy"],
+            "val_ed_auroc": discrimination["ed_auroc"]}
+
+
 def completion_loss(model: nn.Module, cases: list[TokenizedCase], batch_size: int, streams: Sequence = ()) -> float:
     """Mean cross-entropy per completion token over every case (the study's test loss).
 

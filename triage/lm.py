@@ -20,11 +20,15 @@ FALLBACK_TEMPLATE_USER = "{prompt}\n\nTriage:"
 
 @dataclass(frozen=True)
 class TokenizedCase:
-    """Token ids of prompt plus completion, the prompt length and the label index."""
+    """Token ids of prompt plus completion, the prompt length, the label index and how many tokens spell the label.
+
+    The completion starts with the label's ``label_length`` tokens; the reason text follows.
+    """
 
     tokens: list[int]
     prompt_length: int
     label: int
+    label_length: int = 1
 
 
 class ChatFormat:
@@ -66,7 +70,8 @@ class ChatFormat:
         completion = self.label_tokens[LABELS.index(example.label)] + (self._encode(rest) if rest else [])
         if self.tokenizer.eos_token_id is not None:
             completion.append(self.tokenizer.eos_token_id)
-        return TokenizedCase(prompt + completion, len(prompt), LABELS.index(example.label))
+        index = LABELS.index(example.label)
+        return TokenizedCase(prompt + completion, len(prompt), index, len(self.label_tokens[index]))
 
 
 def tokenize_split(fmt: ChatFormat, examples: list[Example], path: str, max_len: int) -> list[TokenizedCase]:

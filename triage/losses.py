@@ -1,13 +1,19 @@
 """Training objectives on the completion tokens, for mlx-lm's ``train(loss=...)``.
 
-Batches come from ``triage.batches`` as ``(tokens, labels, positions, mask)``:
+Batches come from ``triage.batches`` as ``(tokens, labels, positions, mask, label_mask)``:
 ``positions[i, k]`` is the hidden-state index that predicts completion token k
-of example i, so the vocabulary projection runs only there, never on the prompt.
+of example i, so the vocabulary projection runs only there, never on the prompt;
+``label_mask`` marks the completion tokens that spell the label.
 
 Standard configs minimise the masked cross-entropy, averaged over completion tokens:
 
     L_plain = sum_i CE_i / N,   CE_i = sum of token cross-entropies of completion i,
                                 N = completion tokens in the batch.
+
+``train.label_weight`` = v counts each label token's cross-entropy v times in
+CE_i (still divided by N, the tokens actually there): v = 1 is the study's
+objective; a larger v trains the decision harder than the ~15 tokens of reason
+text that follow it.
 
 Safety configs add class weights w and the cost matrix C (rows: true label):
 
@@ -42,17 +48,44 @@ def completion_logits(model: nn.Module, tokens: mx.array, positions: mx.array) -
     return project(model, picked).astype(mx.float32)
 
 
-def token_cross_entropy(logits: mx.array, tokens: mx.array, positions: mx.array, mask: mx.array) -> mx.array:
-    """Summed cross-entropy of each example's completion: shape (batch,)."""
+def token_cross_entropy(logits: mx.array, tokens: mx.array, positions: mx.array, weights: mx.array) -> mx.array:
+    """Weighted sum of each example's completion token cross-entropies: shape (batch,)."""
     targets = mx.take_along_axis(tokens, positions + 1, axis=1)
-    return (nn.losses.cross_entropy(logits, targets) * mask).sum(axis=1)
+    return (nn.losses.cross_entropy(logits, targets) * weights).sum(axis=1)
 
 
-def plain_loss(model: nn.Module, tokens, labels, positions, mask) -> tuple[mx.array, mx.array]:
-    """Masked cross-entropy on the completion, mean over its tokens."""
+def token_weights(mask: mx.array, label_mask: mx.array, label_weight: float) -> mx.array:
+    """``label_weight`` at the label's tokens, 1 at the reason text's, 0 off the completion."""
+    return mask if label_weight == 1.0 else mask + (label_weight - 1.0) * label_mask
+
+
+def plain_loss(model: nn.Module, tokens, labels, positions, mask, label_mask) -> tuple[mx.array, mx.array]:
+    """Masked cross-entropy on the completion, mean over its tokens (the study's objective and test loss)."""
     logits = completion_logits(model, tokens, positions)
     ntoks = mask.sum()
     return token_cross_entropy(logits, tokens, positions, mask).sum() / ntoks, ntoks
+
+
+def make_completion_loss(label_weight: float) -> Loss:
+    """A standard config's objective: :func:`plain_loss` with each label token counted ``label_weight`` times."""
+    if label_weight == 1.0:
+        return plain_loss
+
+    def loss(model: nn.Module, tokens, labels, positions, mask, label_mask) -> tuple[mx.array, mx.array]:
+        logits = completion_logits(model, tokens, positions)
+        ntoks = mask.sum()
+        weights = token_weights(mask, label_mask, label_weight)
+        return token_cross_entropy(logits, tokens, positions, weights).sum() / ntoks, ntoks
+
+    return loss
+
+
+def split_cross_entropy(model: nn.Module, tokens, labels, positions, mask, label_mask) -> mx.array:
+    """[summed CE of the label tokens, their count, summed CE of the reason text, its count], for curves."""
+    logits = completion_logits(model, tokens, positions)
+    reason_mask = mask - label_mask
+    return mx.stack([token_cross_entropy(logits, tokens, positions, label_mask).sum(), label_mask.sum(),
+                     token_cross_entropy(logits, tokens, positions, reason_mask).sum(), reason_mask.sum()])
 
 
 def sharded(loss: Loss, streams: list) -> Loss:
@@ -88,28 +121,33 @@ def complement_log_probs(option_logits: mx.array) -> mx.array:
 
 
 def safety_objective(
-    logits: mx.array, tokens, labels, positions, mask,
+    logits: mx.array, tokens, labels, positions, token_weight,
     label_first_tokens: mx.array, class_weights: mx.array, cost: mx.array,
 ) -> mx.array:
     """Sum over the batch of w[y] * CE + sum_j C[y, j] * -log(1 - p_j) (see module doc)."""
-    ce = token_cross_entropy(logits, tokens, positions, mask)
+    ce = token_cross_entropy(logits, tokens, positions, token_weight)
     option_logits = logits[:, 0, :][:, label_first_tokens]
     cost_term = -(cost[labels] * complement_log_probs(option_logits)).sum(axis=1)
     return (class_weights[labels] * ce + cost_term).sum()
 
 
 def make_safety_loss(
-    label_first_tokens: list[int], class_weights: dict[str, float], cost_matrix: dict[str, dict[str, float]]
+    label_first_tokens: list[int], class_weights: dict[str, float], cost_matrix: dict[str, dict[str, float]],
+    label_weight: float = 1.0,
 ) -> Loss:
-    """The cost-sensitive loss of a safety config, in mlx-lm's ``loss(model, *batch)`` form."""
+    """The cost-sensitive loss of a safety config, in mlx-lm's ``loss(model, *batch)`` form.
+
+    ``label_weight`` weighs the label tokens inside CE_i as in :func:`make_completion_loss`.
+    """
     first = mx.array(label_first_tokens)
     weights = mx.array([class_weights[label] for label in LABELS])
     cost = mx.array([[cost_matrix[true][pred] for pred in LABELS] for true in LABELS])
 
-    def loss(model: nn.Module, tokens, labels, positions, mask) -> tuple[mx.array, mx.array]:
+    def loss(model: nn.Module, tokens, labels, positions, mask, label_mask) -> tuple[mx.array, mx.array]:
         logits = completion_logits(model, tokens, positions)
         ntoks = mask.sum()
-        total = safety_objective(logits, tokens, labels, positions, mask, first, weights, cost)
+        token_weight = token_weights(mask, label_mask, label_weight)
+        total = safety_objective(logits, tokens, labels, positions, token_weight, first, weights, cost)
         return total / ntoks, ntoks
 
     return loss

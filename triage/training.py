@@ -9,6 +9,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,9 +25,10 @@ from triage.config import LoraConfig, TrainParams
 from triage.io import atomic_write_text, write_json
 from triage.lm import TokenizedCase
 from triage.backend import cpu_streams
-from triage.losses import Loss, plain_loss, sharded
+from triage.losses import Loss, plain_loss, sharded, split_cross_entropy
 
 NEVER = 10**9  # an interval mlx-lm's trainer never reaches: we evaluate and save ourselves
+VALIDATION_KEYS = ("val_loss", "val_label_loss", "val_reason_loss", "val_accuracy", "val_ed_auroc")
 BEST_ADAPTER = "best_adapters.safetensors"
 
 
@@ -38,17 +40,25 @@ class EarlyStop(Exception):
     """Raised from the callback: mlx-lm's trainer has no other way to end a run early."""
 
 
-def improved(val_rows: list[dict], min_delta: float) -> bool:
-    """Whether the newest validation loss beats every earlier one by more than ``min_delta``."""
+def improved(val_rows: list[dict], min_delta: float, key: str = "val_loss") -> bool:
+    """Whether the newest validation's ``key`` beats every earlier one by more than ``min_delta``.
+
+    Losses improve downwards, task metrics (accuracy, ED AUROC) upwards; a
+    metric that could not be computed (None) never counts as an improvement.
+    """
+    sign = 1.0 if key.endswith("loss") else -1.0
     *earlier, newest = val_rows
-    return not earlier or newest["val_loss"] < min(r["val_loss"] for r in earlier) - min_delta
+    if newest.get(key) is None:
+        return False
+    values = [sign * r[key] for r in earlier if r.get(key) is not None]
+    return not values or sign * newest[key] < min(values) - min_delta
 
 
-def should_stop(val_rows: list[dict], patience: int, min_delta: float) -> bool:
+def should_stop(val_rows: list[dict], patience: int, min_delta: float, key: str = "val_loss") -> bool:
     """True after ``patience`` validations in a row without an improvement (patience 0: never)."""
     if patience <= 0 or len(val_rows) <= patience:
         return False
-    return not any(improved(val_rows[: i + 1], min_delta) for i in range(len(val_rows) - patience, len(val_rows)))
+    return not any(improved(val_rows[: i + 1], min_delta, key) for i in range(len(val_rows) - patience, len(val_rows)))
 
 
 def learning_rate_schedule(peak: float, iters: int, warmup_ratio: float, kind: str):
@@ -145,9 +155,9 @@ def load_checkpoint(directory: Path, expected: str, model: nn.Module, optimizer:
 class Monitor(TrainingCallback):
     """Logs progress, validates every ``steps_per_eval``, checkpoints, stops on NaN or early."""
 
-    def __init__(self, model, optimizer, val_loss_fn, params: TrainParams, iters: int,
+    def __init__(self, model, optimizer, validate: Callable[[], dict], params: TrainParams, iters: int,
                  checkpoint_dir: Path, state: Checkpoint):
-        self.model, self.optimizer, self.val_loss_fn = model, optimizer, val_loss_fn
+        self.model, self.optimizer, self.validate = model, optimizer, validate
         self.params, self.iters, self.checkpoint_dir, self.state = params, iters, checkpoint_dir, state
         self.offset = state.step
         self.started = time.perf_counter()
@@ -172,24 +182,36 @@ class Monitor(TrainingCallback):
             save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.state)
             reseed_at(self.params.seed, step)
         if validated and should_stop(self.state.val_rows, self.params.early_stopping_patience,
-                                     self.params.early_stopping_min_delta):
+                                     self.params.early_stopping_min_delta, self.params.select_on):
             raise EarlyStop(step)
 
     def _validate(self, step: int) -> None:
-        self.state.val_rows.append({"step": step, "val_loss": self.val_loss_fn()})
+        self.state.val_rows.append({"step": step, **self.validate()})
         self.model.train()
-        if self.params.early_stopping_patience and improved(self.state.val_rows, self.params.early_stopping_min_delta):
-            save_arrays(self.checkpoint_dir / BEST_ADAPTER, dict(tree_flatten(self.model.trainable_parameters())))
+        keep_best(self.model, self.params, self.state.val_rows, self.checkpoint_dir)
 
     def _log(self, row: dict) -> None:
         done = row["step"] - self.offset
         elapsed = time.perf_counter() - self.started
         eta = elapsed / max(done, 1) * (self.iters - row["step"])
         val = self.state.val_rows[-1] if self.state.val_rows else None
-        val_text = f" val {val['val_loss']:.4f}@{val['step']}" if val else ""
+        val_text = f" val {val['val_loss']:.4f}@{val['step']}{task_text(val)}" if val else ""
         print(f"[train] step {row['step']}/{self.iters} loss {row['train_loss']:.4f}{val_text} "
               f"lr {row['learning_rate']:.2e} {row['tokens_per_s']:.0f} tok/s ETA {eta / 60:.1f} min",
               flush=True)
+
+
+def keep_best(model: nn.Module, params: TrainParams, val_rows: list[dict], checkpoint_dir: Path) -> None:
+    """With early stopping, save the adapter whenever the newest validation is the best so far (the first one is)."""
+    if params.early_stopping_patience and improved(val_rows, params.early_stopping_min_delta, params.select_on):
+        save_arrays(checkpoint_dir / BEST_ADAPTER, dict(tree_flatten(model.trainable_parameters())))
+
+
+def task_text(row: dict) -> str:
+    """' acc 0.550 auroc 0.712' for a validation row that has task metrics."""
+    parts = [f" {short} {row[key]:.3f}" for key, short in (("val_accuracy", "acc"), ("val_ed_auroc", "auroc"))
+             if row.get(key) is not None]
+    return "".join(parts)
 
 
 @dataclass
@@ -202,8 +224,18 @@ class TrainResult:
 def run_training(
     model: nn.Module, train_cases: list[TokenizedCase], val_cases: list[TokenizedCase],
     config: LoraConfig, params: TrainParams, loss: Loss, checkpoint_dir: Path, run_fingerprint: str,
+    task_metrics: Callable[[list], dict] | None = None,
 ) -> TrainResult:
-    """Train ``model`` (already wrapped with LoRA) for ``config.iters`` steps, resuming if possible."""
+    """Train ``model`` (already wrapped with LoRA) for ``config.iters`` steps, resuming if possible.
+
+    Every validation records the objective's loss, the cross-entropy of the
+    label tokens and of the reason text apart, and ``task_metrics(streams)``
+    (e.g. validation accuracy and ED AUROC from label scoring) when given;
+    ``train.select_on`` picks which of them early stopping and the best
+    adapter follow.
+    """
+    if params.select_on != "val_loss" and task_metrics is None:
+        raise ValueError(f"train.select_on {params.select_on} needs task metrics at every validation")
     streams = cpu_streams(params.cpu_streams)
     schedule = learning_rate_schedule(config.learning_rate, config.iters, params.warmup_ratio, params.schedule)
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=params.weight_decay)
@@ -223,9 +255,18 @@ def run_training(
         return evaluate(model, val_cases, config.batch_size, params.val_batches,
                         loss=sharded(loss_fn, streams), iterate_batches=validation_batches)
 
+    def validate() -> dict:
+        label_sum, label_count, reason_sum, reason_count = split_validation_loss(
+            model, val_cases, config.batch_size, params, validation_batches)
+        row = {"val_loss": validation_loss(), "val_label_loss": label_sum / label_count,
+               "val_reason_loss": reason_sum / reason_count if reason_count else None}
+        return row | (task_metrics(streams) if task_metrics else {})
+
     if not state.val_rows:
-        state.val_rows.append({"step": 0, "val_loss": validation_loss()})
-    monitor = Monitor(model, optimizer, validation_loss, params, config.iters, checkpoint_dir, state)
+        state.val_rows.append({"step": 0, **validate()})
+        keep_best(model, params, state.val_rows, checkpoint_dir)
+        model.train()
+    monitor = Monitor(model, optimizer, validate, params, config.iters, checkpoint_dir, state)
     started = time.perf_counter()
     mx.reset_peak_memory()
     stopped_at = None
@@ -242,13 +283,16 @@ def run_training(
     seconds = time.perf_counter() - started
     rows, vals = state.train_rows, state.val_rows
     # The best validation is the last one that counted as an improvement: with early stopping
-    # that is the adapter kept; with min_delta 0 it is the lowest loss.
-    improvements = [row for i, row in enumerate(vals) if improved(vals[: i + 1], params.early_stopping_min_delta)]
+    # that is the adapter kept; with min_delta 0 it is the best value of train.select_on.
+    improvements = [row for i, row in enumerate(vals)
+                    if improved(vals[: i + 1], params.early_stopping_min_delta, params.select_on)]
     best = improvements[-1] if improvements else None
+    final = vals[-1] if vals else {}
     metrics = {
         "final_train_loss": rows[-1]["train_loss"] if rows else None,
-        "final_val_loss": vals[-1]["val_loss"] if vals else None,
-        "best_val_loss": best["val_loss"] if best else None,
+        **{f"final_{key}": final.get(key) for key in VALIDATION_KEYS},
+        "selected_on": params.select_on,
+        f"best_{params.select_on}": best[params.select_on] if best else None,
         "best_val_step": best["step"] if best else None,
         "val_cross_entropy": validation_loss(plain_loss),
         "seconds": round(seconds, 2),
@@ -258,6 +302,19 @@ def run_training(
         "tokens_per_s": round(sum(r["tokens_per_s"] for r in rows) / len(rows), 1) if rows else None,
     }
     return TrainResult(metrics, rows, vals)
+
+
+def split_validation_loss(model: nn.Module, cases: list[TokenizedCase], batch_size: int, params: TrainParams,
+                          batches) -> list[float]:
+    """Summed cross-entropy and count of the label tokens, then of the reason text, over the validation batches."""
+    model.eval()
+    totals = mx.zeros(4)
+    for index, batch in enumerate(batches(cases, batch_size, params.max_seq_length)):
+        if 0 <= params.val_batches <= index:
+            break
+        totals = totals + split_cross_entropy(model, *batch)
+    mx.eval(totals)
+    return totals.tolist()
 
 
 def save_adapter(directory: Path, model: nn.Module, adapter_config: dict) -> None:
