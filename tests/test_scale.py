@@ -19,7 +19,7 @@ from test_reliability import QUICK, stages_run
 RUNS = [f"tiny-4bit-{config}" for config in QUICK["run"]["configs"]]
 SHARES = {  # worker: the stages it reproduces
     "worker-a": [f"train@{RUNS[0]}", f"evaluate@{RUNS[0]}"],
-    "worker-b": [f"train@{RUNS[1]}", f"evaluate@{RUNS[1]}", "baseline@tiny-4bit"],
+    "worker-b": [f"train@{RUNS[1]}", f"evaluate@{RUNS[1]}", "baseline@tiny-4bit", "classical"],
 }
 
 
