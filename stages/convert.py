@@ -8,7 +8,7 @@ from pathlib import Path
 
 import triage  # noqa: F401  (selects the fast BLAS before MLX loads)
 from triage.config import load_params
-from triage.models import ModelSourceError, fetch_base_model
+from triage.weights.sources import ModelSourceError, fetch_base_model
 from triage.stage import run_stage
 
 

@@ -14,11 +14,13 @@ from pathlib import Path
 import triage  # selects the fast BLAS before MLX loads
 from mlx_lm import load
 
-from triage.backend import cpu_streams, optimize_for_device
+from triage.model.device import cpu_streams, optimize_for_device
 from triage.config import load_params
-from triage.evaluation import adapter_dropout, ed_recall_target, evaluate_model
+from triage.evaluate.decisions import ed_recall_target
+from triage.evaluate.language_model import evaluate_model
+from triage.evaluate.mc_dropout import adapter_dropout
 from triage.io import write_csv, write_json, write_jsonl
-from triage.lm import ChatFormat, check_supported
+from triage.model.lm import ChatFormat, check_supported
 from triage.stage import run_stage
 
 RAW_DATA = Path("data/raw")

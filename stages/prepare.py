@@ -2,7 +2,7 @@
 
     dvc repro prepare
 
-With data.source=builtin the cases are generated from triage/knowledge/;
+With data.source=builtin the cases are generated from triage/data/knowledge/;
 otherwise they are imported from data.path (see params.yaml `data:`).
 """
 
@@ -10,10 +10,10 @@ import argparse
 from pathlib import Path
 
 from triage.config import load_params
-from triage.datacard import data_card, data_card_markdown
+from triage.data.datacard import data_card, data_card_markdown
 from triage.io import atomic_write_text, staged_directory, write_json, write_jsonl
-from triage.sources import load_splits
-from triage.splits import assert_no_leakage, check_leakage
+from triage.data.sources import load_splits
+from triage.data.splits import assert_no_leakage, check_leakage
 from triage.stage import run_stage
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import triage  # noqa: F401  (selects the fast BLAS before MLX loads)
 from triage.config import bits_of, load_params
 from triage.io import write_json
-from triage.models import quantize_model
+from triage.weights.sources import quantize_model
 from triage.stage import run_stage
 
 

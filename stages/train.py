@@ -14,16 +14,16 @@ import triage  # selects the fast BLAS before MLX loads
 import mlx.core as mx
 from mlx_lm import load
 
-from triage.backend import optimize_for_device
-from triage.batches import validation_indices
+from triage.model.device import optimize_for_device
+from triage.train.batches import validation_indices
 from triage.config import load_params
-from triage.evaluation import task_metrics
+from triage.train.validation import task_metrics
 from triage.io import atomic_write_text, write_json
-from triage.lm import ChatFormat, check_supported, tokenize_split
-from triage.losses import make_completion_loss, make_safety_loss
+from triage.model.lm import ChatFormat, check_supported, tokenize_split
+from triage.train.losses import make_completion_loss, make_safety_loss
 from triage.schema import read_examples
 from triage.stage import run_stage
-from triage.training import TrainingDiverged, add_lora, fingerprint, run_training, save_adapter, tree_digest
+from triage.train.loop import TrainingDiverged, add_lora, fingerprint, run_training, save_adapter, tree_digest
 
 
 def tsv(rows: list[dict]) -> str:

@@ -83,7 +83,7 @@ def tiny_project(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A float tiny model and its 4-bit variant, built once per session."""
-    from triage.models import fetch_base_model, quantize_model
+    from triage.weights.sources import fetch_base_model, quantize_model
 
     root = tmp_path_factory.mktemp("tiny")
     fetch_base_model("tiny", "builtin:tiny", root / "float")

@@ -18,21 +18,22 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm import load
 
 from conftest import ROOT, SHARED_DATA
-from triage.backend import use_cpu_dequantized_matmul
+from triage.model.quantized import use_cpu_dequantized_matmul
 from triage.config import ExtraSet, LoraConfig, ParamsError, TrainParams, load_params
-from triage.evaluation import (
-    EdThreshold, ScoredSet, adapter_dropout, completion_loss, evaluate_model, first_random_block,
-    freeze_ed_threshold, label_probabilities, mc_dropout_votes, read_extra_set, score_set, set_metrics,
-    shared_lower_blocks,
-)
-from triage.importers import KTAS_TEXT_COLUMNS
+from triage.evaluate.decisions import EdThreshold, argmax_decision, freeze_ed_threshold
+from triage.evaluate.evaluation import ScoredSet, read_extra_set, set_metrics
+from triage.evaluate.language_model import evaluate_model, score_set
+from triage.evaluate.mc_dropout import adapter_dropout, first_random_block, mc_dropout_votes, shared_lower_blocks
+from triage.model.scoring import label_probabilities
+from triage.train.validation import completion_loss
+from triage.data.ktas import KTAS_TEXT_COLUMNS
 from triage.io import write_jsonl
-from triage.lm import ChatFormat, label_log_probs, tokenize_split
+from triage.model.lm import ChatFormat, label_log_probs, tokenize_split
 from triage.schema import LABELS, DataError, Example, render_prompt
-from triage.synth import generate
-from triage.losses import plain_loss
-from triage.metrics import argmax_decision, vote_summary
-from triage.training import add_lora, run_training, save_adapter
+from triage.data.synth import generate
+from triage.train.losses import plain_loss
+from triage.evaluate.metrics import vote_summary
+from triage.train.loop import add_lora, run_training, save_adapter
 
 HEADLINE = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_fn", "safe", "test_loss")
 RULES = ("argmax", "cost_aware", "ed_threshold")
@@ -48,6 +49,10 @@ KTAS_ROWS = [
     ("2", "82", "3", "1", "dizziness", "1", "0", "#BOŞ!", "140", "90", "66", "18", "36,5", "97", "4"),
     ("1", "15", "1", "2", "ankle sprain", "1", "1", "3", "110", "70", "80", "18", "36,7", "99", "5"),
 ]
+
+
+def prompts_of(examples: list[Example]) -> list[str]:
+    return [example.prompt for example in examples]
 
 
 def write_ktas_csv(path: Path, rows: list[tuple[str, ...]] = KTAS_ROWS) -> Path:
@@ -190,23 +195,23 @@ def test_a_trained_dropout_adapter_spreads_its_votes(model_dir, tmp_path):
                          grad_checkpoint=False, mask_prompt=True, early_stopping_patience=0,
                          early_stopping_min_delta=0.0, select_on="val_loss", label_weight=1.0, cpu_streams=1)
     run_training(model, cases, cases[:4], config, params, plain_loss, tmp_path / "checkpoints", "spread")
-    votes = mc_dropout_votes(model, fmt, examples[:8], SAMPLES, seed=7, rule=argmax_decision)
+    votes = mc_dropout_votes(model, fmt, prompts_of(examples[:8]), SAMPLES, seed=7, rule=argmax_decision)
     assert max(vote_summary(votes)["uncertainty"]) > 0
 
 
 def test_votes_are_cast_with_the_rule_given(model_dir, adapters, data_dir):
     model, fmt = load_decisive(model_dir, adapters[0.3])
     examples = [Example(**json.loads(line)) for line in (data_dir / "test.jsonl").read_text().splitlines()][:3]
-    votes = mc_dropout_votes(model, fmt, examples, 4, seed=7, rule=lambda probs: ["HOME"] * len(probs))
+    votes = mc_dropout_votes(model, fmt, prompts_of(examples), 4, seed=7, rule=lambda probs: ["HOME"] * len(probs))
     assert (votes == LABELS.index("HOME")).all()
 
 
 def test_the_same_seed_draws_the_same_votes(model_dir, adapters, data_dir):
     model, fmt = load_decisive(model_dir, adapters[0.3])
     examples = [Example(**json.loads(line)) for line in (data_dir / "test.jsonl").read_text().splitlines()][:4]
-    first = mc_dropout_votes(model, fmt, examples, SAMPLES, seed=7)
-    again = mc_dropout_votes(model, fmt, examples, SAMPLES, seed=7)
-    other = mc_dropout_votes(model, fmt, examples, SAMPLES, seed=8)
+    first = mc_dropout_votes(model, fmt, prompts_of(examples), SAMPLES, seed=7)
+    again = mc_dropout_votes(model, fmt, prompts_of(examples), SAMPLES, seed=7)
+    other = mc_dropout_votes(model, fmt, prompts_of(examples), SAMPLES, seed=8)
     assert first.shape == (4, SAMPLES)
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other)
@@ -216,10 +221,10 @@ def test_cases_on_two_cpu_streams_score_exactly_as_on_one(model_dir, adapters, d
     model, fmt = load_decisive(model_dir, adapters[0.3])
     examples = [Example(**json.loads(line)) for line in (data_dir / "test.jsonl").read_text().splitlines()][:5]
     streams = [mx.new_stream(mx.cpu) for _ in range(2)]
-    np.testing.assert_array_equal(label_probabilities(model, fmt, examples, 2, streams),
-                                  label_probabilities(model, fmt, examples, 2))
-    np.testing.assert_array_equal(mc_dropout_votes(model, fmt, examples, SAMPLES, 7, streams),
-                                  mc_dropout_votes(model, fmt, examples, SAMPLES, 7))
+    np.testing.assert_array_equal(label_probabilities(model, fmt, prompts_of(examples), 2, streams),
+                                  label_probabilities(model, fmt, prompts_of(examples), 2))
+    np.testing.assert_array_equal(mc_dropout_votes(model, fmt, prompts_of(examples), SAMPLES, 7, streams),
+                                  mc_dropout_votes(model, fmt, prompts_of(examples), SAMPLES, 7))
     cases = tokenize_split(fmt, examples, "test", 2048)
     assert completion_loss(model, cases, 2, streams) == completion_loss(model, cases, 2)
 

@@ -9,7 +9,7 @@ import pytest
 from mlx_lm.models import gemma3_text, llama
 from mlx_lm.models.activations import swiglu
 
-from triage import fastmath
+from triage.model import fastmath
 
 
 def close(a: mx.array, b: mx.array, rtol: float = 1e-5, atol: float = 1e-6) -> None:

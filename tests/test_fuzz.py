@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from conftest import ROOT
 from triage.config import Params, ParamsError, load_params
-from triage.importers import read_prompt_completion_jsonl, read_table
+from triage.data.importers import read_prompt_completion_jsonl, read_table
 from triage.schema import LABELS, DataError
 
 FUZZ = settings(max_examples=100, deadline=None, database=None)

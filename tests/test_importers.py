@@ -9,17 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from triage.importers import (
-    KTAS_OUTCOME_COLUMNS,
-    KTAS_TEXT_COLUMNS,
+from triage.data.importers import (
     check_class_coverage,
-    check_lengths,
     read_chat_jsonl,
-    read_ktas_csv,
     read_prompt_completion_jsonl,
     read_prompt_completion_splits,
     read_table,
 )
+from triage.data.ktas import KTAS_OUTCOME_COLUMNS, KTAS_TEXT_COLUMNS, read_ktas_csv
 from triage.schema import INSTRUCTION, DataError, Example, render_prompt
 
 KTAS_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ktas" / "data.csv"
@@ -360,25 +357,6 @@ def test_bad_label_map(tmp_path: Path, label_map: dict[str, str]) -> None:
 def test_unknown_table_format(tmp_path: Path) -> None:
     path = write(tmp_path / "t.csv", ["text,label", "x,ED"])
     raises(read_table, path, "xlsx", "text", "label", line=None, field="fmt")
-
-
-# --------------------------------------------------------------------------- #
-# Sequence length
-# --------------------------------------------------------------------------- #
-
-
-def words(text: str) -> int:
-    return len(text.split())
-
-
-def test_over_long_example_names_file_line_field_and_id() -> None:
-    short = Example("s", "one two", "ED", "ED")
-    long = Example("l", "one two three four", "GP", "GP")
-    check_lengths("data/train.jsonl", [short, long], words, max_len=5)
-    error = raises(check_lengths, "data/train.jsonl", [short, long, long], words, max_len=4, line_of={"l": 9},
-                   line=9, field="prompt")
-    assert "'l'" in str(error) and "5 tokens" in str(error) and "1 more" in str(error)
-    assert raises(check_lengths, "x", [long], words, max_len=4, line=None, field="prompt").path == "x"
 
 
 # --------------------------------------------------------------------------- #

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlx_lm.models import gemma3_text, llama
 
-from triage.lm import batch_label_log_probs, label_log_probs, shared_prefix
+from triage.model.lm import batch_label_log_probs, label_log_probs, shared_prefix
 
 VOCAB = 40
 # Labels of one, two and three tokens: the longer ones continue from the prompt's cache and trim it.

@@ -1,4 +1,4 @@
-"""Tests for triage.metrics: sklearn cross-checks, hand-computed cases and edge cases."""
+"""Tests for triage.evaluate.metrics: sklearn cross-checks, hand-computed cases and edge cases."""
 
 from __future__ import annotations
 
@@ -19,29 +19,28 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from triage.metrics import (
-    argmax_decision,
+from triage.evaluate.decisions import argmax_decision, cost_aware_decision, threshold_decision, tune_ed_threshold
+from triage.evaluate.intervals import (
     binomial_interval,
     bootstrap_intervals,
     bootstrap_weights,
+    cluster_ids,
+    ed_recall_intervals,
+    mcnemar_exact,
+    paired_comparison,
+    weighted_scores,
+)
+from triage.evaluate.metrics import (
     brier_score,
     classification_metrics,
-    cluster_ids,
-    cost_aware_decision,
     ed_discrimination,
-    ed_recall_intervals,
     expected_calibration_error,
     flag_uncertain,
     gate_holds_at_bound,
-    mcnemar_exact,
-    paired_comparison,
     safety_gates,
     subgroup_rates,
-    threshold_decision,
     triage_rates,
-    tune_ed_threshold,
     vote_summary,
-    weighted_scores,
 )
 from triage.schema import LABELS
 

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from conftest import ROOT, run
+
+pytestmark = pytest.mark.e2e
+from triage.schema import LABELS
 
 RUNS = ("tiny-4bit-medical_fast", "tiny-4bit-balanced_safe")
 HEADLINE = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_fn", "safe", "test_loss")
@@ -69,20 +75,60 @@ def test_predict_answers_with_label_probabilities_and_uncertainty(reproduced):
     out = run(["python", "-m", "triage", "predict", "--run", "tiny-4bit-balanced_safe", "--json",
                "Crushing chest pain and sweating"], reproduced).stdout
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["label"] in ("ED", "GP", "HOME") and result["decision"] in ("ED", "GP", "HOME")
+    headline = yaml.safe_load((reproduced / "params.yaml").read_text())["evaluate"]["decision"]
+    assert result["decision_rule"] == headline and result["pred"] == result[headline] in LABELS
     assert abs(result["p_ED"] + result["p_GP"] + result["p_HOME"] - 1) < 1e-3
-    assert result["uncertainty"] is not None and isinstance(result["flagged"], bool)  # balanced_safe has dropout
+    assert result["mc_uncertainty"] >= 0 and isinstance(result["flagged"], bool)  # balanced_safe has dropout
     missing = run(["python", "-m", "triage", "predict", "--run", "nope-4bit-x", "hello"], reproduced, check=False)
     assert missing.returncode == 1 and "unknown run 'nope-4bit-x'" in missing.stderr
     assert "tiny-4bit-balanced_safe" in missing.stderr
 
 
-def test_export_fuses_the_adapter_into_a_loadable_model(reproduced):
-    run(["python", "-m", "triage", "export", "--run", "tiny-4bit-medical_fast", "--out", "exported"], reproduced)
+def test_predict_of_the_test_split_reproduces_the_evaluate_stage(reproduced):
+    run_dir = reproduced / "metrics/runs/tiny-4bit-balanced_safe"
+    test = [json.loads(line) for line in (reproduced / "data/prepared/test.jsonl").read_text().splitlines()]
+    messages = [{"id": case["id"], "text": case["prompt"].split("\n\nPatient message: ", 1)[1]} for case in test]
+    (reproduced / "messages.jsonl").write_text("".join(json.dumps(m) + "\n" for m in messages))
+    out = run(["python", "-m", "triage", "predict", "--run", "tiny-4bit-balanced_safe", "--json",
+               "--file", "messages.jsonl"], reproduced).stdout
+    answers = [json.loads(line) for line in out.strip().splitlines()]
+    expected = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert [a["id"] for a in answers] == [e["id"] for e in expected]
+    for answer, row in zip(answers, expected):
+        for key in ("pred", "argmax", "cost_aware", "ed_threshold", "mc_vote"):
+            assert answer.get(key) == row.get(key), (row["id"], key)
+        for key in ("p_ED", "p_GP", "p_HOME", "mc_uncertainty"):
+            assert answer[key] == pytest.approx(row[key], abs=1e-5), (row["id"], key)
+
+
+def test_export_behaves_like_base_plus_adapter_not_like_the_base(reproduced, tmp_path):
+    """mlx-lm users report fused models that answer like the base model (mlx-lm issue 1172)."""
+    out = run(["python", "-m", "triage", "export", "--run", "tiny-4bit-balanced_safe", "--out",
+               str(tmp_path / "exported")], reproduced).stdout
+    assert "argmax agreement with base + adapter" in out
     from mlx_lm import load
 
-    model, _ = load(str(reproduced / "exported"))
-    assert not any("lora" in name for name, _ in model.named_modules())
+    from triage.model.device import optimize_for_device
+    from triage.model.lm import ChatFormat
+    from triage.model.scoring import label_probabilities
+    from triage.schema import read_examples
+
+    prompts = [e.prompt for e in read_examples(reproduced / "data/prepared/test.jsonl")]
+
+    def probabilities(model_dir, adapter=None):
+        model, tokenizer = load(str(model_dir), adapter_path=str(adapter) if adapter else None)
+        assert adapter or not any("lora" in name for name, _ in model.named_modules())
+        optimize_for_device(model, inference=True)
+        return label_probabilities(model, ChatFormat(tokenizer), prompts, 8)
+
+    base = probabilities(reproduced / "models/tiny/4bit")
+    adapted = probabilities(reproduced / "models/tiny/4bit", reproduced / "runs/tiny-4bit-balanced_safe/adapter")
+    exported = probabilities(tmp_path / "exported")
+    # Re-quantizing the fused 4-bit weights moves each label probability by at most 0.02 here,
+    # a tenth of what the adapter itself moves them; the answers stay those of base + adapter.
+    adapter_effect = np.abs(adapted - base).max()
+    assert np.abs(exported - adapted).max() <= min(0.02, adapter_effect / 10), (adapter_effect,)
+    assert np.mean(exported.argmax(axis=1) == adapted.argmax(axis=1)) >= 0.9
 
 
 def test_uncertainty_histograms_only_for_runs_with_mc_dropout(reproduced):
@@ -115,13 +161,22 @@ def test_dvc_metrics_show_has_every_runs_headline(reproduced):
         assert {key: evaluation[key] for key in HEADLINE} == {key: summary_row[key] for key in HEADLINE}
 
 
-def test_lora_rank_override_reaches_the_adapter(reproduced):
-    run(["dvc", "exp", "run", "-S", "lora.rank=16", "-S", "run.configs=[medical_fast]"], reproduced)
-    config = json.loads((reproduced / "runs/tiny-4bit-medical_fast/adapter/adapter_config.json").read_text())
+@pytest.fixture
+def own_copy(reproduced, tmp_path) -> Path:
+    """A copy of the reproduced project (git, DVC cache and all) for a test that changes its workspace,
+    so that no test depends on the order the others run in."""
+    copy = tmp_path / "project"
+    shutil.copytree(reproduced, copy, symlinks=True)
+    return copy
+
+
+def test_lora_rank_override_reaches_the_adapter(own_copy):
+    run(["dvc", "exp", "run", "-S", "lora.rank=16", "-S", "run.configs=[medical_fast]"], own_copy)
+    config = json.loads((own_copy / "runs/tiny-4bit-medical_fast/adapter/adapter_config.json").read_text())
     assert config["lora_parameters"]["rank"] == 16
     import mlx.core as mx
 
-    weights = mx.load(str(reproduced / "runs/tiny-4bit-medical_fast/adapter/adapters.safetensors"))
+    weights = mx.load(str(own_copy / "runs/tiny-4bit-medical_fast/adapter/adapters.safetensors"))
     ranks = {v.shape[-1] for k, v in weights.items() if k.endswith("lora_a")}
     assert ranks == {16}
 
@@ -131,23 +186,22 @@ def queue_settled(project) -> bool:
     return not any(word in status for word in ("Queued", "Running"))
 
 
-def test_queued_experiments_run_two_at_a_time(reproduced):
+def test_queued_experiments_run_two_at_a_time(own_copy):
     """`dvc exp run --queue` + `dvc queue start -j 2`; each retrains only the run its change touches."""
-    run(["git", "checkout", "--", "params.yaml"], reproduced)  # both configs, no rank override
     names = {rank: f"queued-rank-{rank}" for rank in (4, 12)}
     for rank, name in names.items():
-        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"configs.medical_fast.rank={rank}"], reproduced)
-    run(["dvc", "queue", "start", "-j", "2"], reproduced)
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"configs.medical_fast.rank={rank}"], own_copy)
+    run(["dvc", "queue", "start", "-j", "2"], own_copy)
     try:
         deadline = time.monotonic() + 900
-        while not queue_settled(reproduced) and time.monotonic() < deadline:
+        while not queue_settled(own_copy) and time.monotonic() < deadline:
             time.sleep(3)
     finally:
-        run(["dvc", "queue", "stop"], reproduced, check=False)
-    status = run(["dvc", "queue", "status"], reproduced).stdout
+        run(["dvc", "queue", "stop"], own_copy, check=False)
+    status = run(["dvc", "queue", "status"], own_copy).stdout
     assert all(f"{name}" in status for name in names.values()) and "Failed" not in status, status
 
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], reproduced).stdout)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], own_copy).stdout)
     experiments = {exp["name"]: exp["data"] for base in shown for group in base.get("experiments") or []
                    for exp in group["revs"]}
     for rank, name in names.items():
@@ -155,6 +209,6 @@ def test_queued_experiments_run_two_at_a_time(reproduced):
         assert data["params"]["params.yaml"]["data"]["configs"]["medical_fast"]["rank"] == rank
         runs = data["metrics"]["metrics/summary.json"]["data"]["runs"]
         assert set(runs) == set(RUNS)
-        logs = run(["dvc", "queue", "logs", name], reproduced).stdout
+        logs = run(["dvc", "queue", "logs", name], own_copy).stdout
         assert "Stage 'train@tiny-4bit-balanced_safe' is cached" in logs, logs
         assert "Running stage 'train@tiny-4bit-medical_fast'" in logs, logs

@@ -30,6 +30,8 @@ import yaml
 
 from conftest import TINY_PROFILE, deep_update, make_project, run
 
+pytestmark = pytest.mark.e2e
+
 QUICK = deep_update(copy.deepcopy(TINY_PROFILE), {
     "data": {"n_examples": 60},
     "lora": {"iters": 6},

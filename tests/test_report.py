@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from triage.config import RunSelection
-from triage.metrics import paired_comparison
+from triage.evaluate.intervals import paired_comparison
 from triage.report import (collect_rows, comparison_pairs, failed_gates, floor_row, mc_uncertainties, memory_points,
                            paired_rows, report_markdown, summary, uncertainty_histogram)
 

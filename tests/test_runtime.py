@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import triage
-from triage import backend
+from triage.model import device
 from triage.runtime import blas, blas_proof, schedule
 from triage.runtime.allocator import keep_freed_buffers
 from triage.runtime.blas_proof import Candidate, Cpu, ProbeResult
@@ -263,10 +263,10 @@ def test_a_preloaded_library_that_cannot_run_here_fails_clearly(fresh_blas, monk
 @pytest.mark.skipif(platform.system() != "Linux", reason="preload is Linux-only")
 def test_preload_takes_effect_in_fresh_process(tmp_path: Path):
     """A fresh process picks a proven BLAS by itself: really faster, and saying what it loaded."""
-    reference = backend.measure_blas_in_subprocess("reference", n=512, repeats=3)
+    reference = device.measure_blas_in_subprocess("reference", n=512, repeats=3)
     assert "reference BLAS bundled with mlx" in reference["blas"]
     # One thread: with two, a busy shared CPU makes the timing erratic.
-    auto = backend.measure_blas_in_subprocess("auto", n=512, repeats=5, threads=1)
+    auto = device.measure_blas_in_subprocess("auto", n=512, repeats=5, threads=1)
     proven = [blas_proof.prove(c, blas_proof.this_cpu(), tmp_path / "v.json").ok for c in blas_proof.candidates("auto")]
     if not any(proven):
         # Nothing runs here: the log must say so, not claim a speed-up.

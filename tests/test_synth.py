@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from triage import synth
-from triage.datacard import approx_tokens, data_card, data_card_markdown
+from triage.data import synth
+from triage.data.datacard import approx_tokens, data_card, data_card_markdown
 from triage.schema import LABELS, DataError, Example, label_of, render_prompt
-from triage.splits import (
+from triage.data.splits import (
     DEFAULT_FRACTIONS,
     LeakageError,
     SplitError,

@@ -7,17 +7,18 @@ import random
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load
 
-from triage.batches import collate
+from triage.train.batches import collate
 from triage.config import LoraConfig, TrainParams
-from triage.lm import ChatFormat, TokenizedCase
-from triage.losses import complement_log_probs, make_safety_loss, plain_loss, safety_objective, sharded
+from triage.model.lm import ChatFormat, TokenizedCase
+from triage.train.losses import complement_log_probs, make_safety_loss, plain_loss, safety_objective, sharded
 from triage.schema import LABELS, Example
-from triage.training import TrainingDiverged, add_lora, learning_rate_schedule, run_training, should_stop
+from triage.train.loop import TrainingDiverged, add_lora, learning_rate_schedule, run_training, should_stop
 
 WEIGHTS = {"ED": 5.0, "GP": 2.0, "HOME": 1.0}
 COST = {"ED": {"ED": 0.0, "GP": 100.0, "HOME": 100.0},
@@ -140,7 +141,7 @@ def test_safety_loss_on_a_real_model_is_plain_ce_times_weight_plus_cost(tiny):
     safety = make_safety_loss(fmt.label_first_tokens, WEIGHTS, COST)
     loss_s, ntoks = safety(model, *batch)
     loss_p, _ = plain_loss(model, *batch)
-    from triage.losses import completion_logits
+    from triage.train.losses import completion_logits
 
     z = completion_logits(model, batch[0], batch[2])[:, 0, :][:, mx.array(fmt.label_first_tokens)]
     cost_term = -(mx.array([0.0, 100.0, 100.0]) * complement_log_probs(z)[0]).sum()
@@ -184,7 +185,7 @@ def test_the_label_tokens_do_not_depend_on_what_follows_the_label():
 
 
 def test_a_completion_not_starting_with_its_label_is_refused_with_file_and_line(tiny):
-    from triage.lm import tokenize_split
+    from triage.model.lm import tokenize_split
     from triage.schema import DataError
 
     _, fmt = fresh(tiny, lora_config())
@@ -224,6 +225,17 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine():
     assert float(schedule(iters)) == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("warmup_ratio", [0.0, 0.5])
+def test_a_constant_schedule_holds_the_peak_and_drives_adamw(warmup_ratio):
+    schedule = learning_rate_schedule(1e-3, 4, warmup_ratio, "constant")
+    assert float(schedule(3)) == pytest.approx(1e-3, rel=1e-6)
+    optimizer = optim.AdamW(learning_rate=schedule)
+    weights = {"w": mx.ones((3,))}
+    for _ in range(4):
+        weights = optimizer.apply_gradients({"w": mx.ones((3,))}, weights)
+    assert float(weights["w"][0]) < 1.0
+
+
 def adapter_arrays(model) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
 
@@ -240,7 +252,7 @@ def test_resume_after_interruption_reaches_the_same_adapter(tiny, tmp_path, monk
     run_training(model, cases, cases[:8], config, params, plain_loss, tmp_path / "a", "fp")
     uninterrupted = adapter_arrays(model)
 
-    from triage import training
+    from triage.train import loop as training
 
     original = training.Monitor.on_train_loss_report
 
@@ -289,7 +301,7 @@ def test_a_nan_loss_stops_training(tiny, tmp_path):
 
 
 def ed_recall(model, fmt: ChatFormat, cases: list[TokenizedCase]) -> float:
-    from triage.lm import hidden_states, project
+    from triage.model.lm import hidden_states, project
 
     model.eval()
     ed = [c for c in cases if c.label == 0]
@@ -343,7 +355,7 @@ def test_early_stopping_keeps_the_best_adapter(tiny, tmp_path):
 
 
 def test_an_example_longer_than_the_limit_is_an_error_naming_its_line(tiny):
-    from triage.lm import tokenize_split
+    from triage.model.lm import tokenize_split
     from triage.schema import DataError
 
     _, fmt = fresh(tiny, lora_config())
@@ -354,7 +366,7 @@ def test_an_example_longer_than_the_limit_is_an_error_naming_its_line(tiny):
 
 def per_token_cross_entropy(model, batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each trained position's cross-entropy, computed by hand, with the mask and the label mask."""
-    from triage.losses import completion_logits
+    from triage.train.losses import completion_logits
 
     tokens, _, positions, mask, label_mask = batch
     logits = np.array(completion_logits(model, tokens, positions), dtype=np.float64)
@@ -370,7 +382,7 @@ def two_cases(fmt: ChatFormat) -> list[TokenizedCase]:
 
 
 def test_label_weight_counts_each_label_token_that_many_times_over_the_real_token_count(tiny):
-    from triage.losses import make_completion_loss
+    from triage.train.losses import make_completion_loss
 
     model, fmt = fresh(tiny, lora_config())
     batch = collate(two_cases(fmt), mask_prompt=True)
@@ -387,7 +399,7 @@ def test_label_weight_counts_each_label_token_that_many_times_over_the_real_toke
 
 
 def test_validation_splits_the_label_tokens_loss_from_the_reason_texts(tiny):
-    from triage.losses import split_cross_entropy
+    from triage.train.losses import split_cross_entropy
 
     model, fmt = fresh(tiny, lora_config())
     batch = collate(two_cases(fmt), mask_prompt=True)
@@ -399,7 +411,7 @@ def test_validation_splits_the_label_tokens_loss_from_the_reason_texts(tiny):
 
 
 def test_validation_indices_are_the_cases_the_validation_batches_hold(tiny):
-    from triage.batches import make_iterate_batches, validation_indices
+    from triage.train.batches import make_iterate_batches, validation_indices
 
     _, fmt = fresh(tiny, lora_config())
     cases = short_cases(fmt, 23, 0.3, seed=9)
@@ -412,7 +424,7 @@ def test_validation_indices_are_the_cases_the_validation_batches_hold(tiny):
 
 
 def test_improvement_follows_the_selection_metric_in_its_direction():
-    from triage.training import improved
+    from triage.train.loop import improved
 
     acc = [{"step": 0, "val_loss": 3.0, "val_accuracy": 0.4}, {"step": 10, "val_loss": 3.5, "val_accuracy": 0.6}]
     assert improved(acc, 0.0, "val_accuracy") and not improved(acc, 0.0, "val_loss")

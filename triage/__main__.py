@@ -16,37 +16,47 @@ import triage  # noqa: F401  (fast BLAS before MLX)
 from triage.config import ParamsError, load_params
 from triage.io import iter_jsonl
 from triage.predict import NOT_FOR_CLINICAL_USE, Triager, UnknownRun, export_run, resolve_run
-from triage.schema import DataError
+from triage.schema import DataError, read_examples
 
 
 def read_messages(path: Path) -> list[tuple[str, str]]:
     """(id, text) pairs from a JSONL file with a `text` field per line (and an optional `id`)."""
     messages = []
-    try:
-        for line, row in iter_jsonl(path):
-            text = row.get("text") if isinstance(row, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(path, line, "text", "each line needs a non-empty string field 'text'")
-            messages.append((str(row.get("id", line)), text))
-    except json.JSONDecodeError as exc:
-        raise DataError(path, exc.lineno, None, f"invalid JSON: {exc.msg}") from None
+    for line, row in iter_jsonl(path):
+        text = row.get("text") if isinstance(row, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(path, line, "text", "each line needs a JSON object with a non-empty string field 'text'")
+        messages.append((str(row.get("id", line)), text))
+    if not messages:
+        raise DataError(path, None, None, "no messages: the file has no non-blank line")
     return messages
 
 
 def show(result: dict, text: str) -> str:
     probs = "  ".join(f"{label} {result[f'p_{label}']:.2f}" for label in ("ED", "GP", "HOME"))
-    uncertainty = (result["mc_dropout"] if result["uncertainty"] is None else
-                   f"uncertainty {result['uncertainty']:.3f}{' -> FLAGGED for review' if result['flagged'] else ''}")
-    return f"{text}\n  label {result['label']}  cost-aware decision {result['decision']}  ({probs})  {uncertainty}"
+    others = ", ".join(f"{rule} {result[rule]}" for rule in ("argmax", "cost_aware", "ed_threshold")
+                       if rule in result and rule != result["decision_rule"])
+    if "mc_uncertainty" in result:
+        flag = " -> FLAGGED for review" if result["flagged"] else ""
+        uncertainty = f"MC-dropout uncertainty {result['mc_uncertainty']:.3f}{flag}"
+    else:
+        uncertainty = result["mc_dropout"]
+    return (f"{text}\n  {result['pred']} ({result['decision_rule']} rule; {others})  ({probs})  {uncertainty}")
 
 
 def predict(args: argparse.Namespace) -> None:
-    triager = Triager(resolve_run(args.root, args.run), load_params(args.params).evaluate)
-    messages = read_messages(args.file) if args.file else [("1", " ".join(args.text))]
+    params = load_params(args.params)
+    if args.file:
+        messages = read_messages(args.file)
+    else:
+        text = " ".join(args.text)
+        if not text.strip():
+            raise DataError("<command line>", None, "text", "the message is empty")
+        messages = [("1", text)]
+    triager = Triager(resolve_run(args.root, args.run), params.evaluate, params.train.cpu_streams)
     if not args.json:
         print(NOT_FOR_CLINICAL_USE, file=sys.stderr)
-    for case_id, text in messages:
-        result = triager.triage(text, case_id)
+    for (_, text), result in zip(messages, triager.triage(messages)):
         print(json.dumps(result) if args.json else show(result, text), flush=True)
 
 
@@ -54,8 +64,14 @@ def export(args: argparse.Namespace) -> None:
     paths = resolve_run(args.root, args.run)
     if paths.adapter_dir is None:
         raise UnknownRun(f"'{args.run}' is a base variant without an adapter; export a trained run")
-    export_run(paths, args.out)
+    test = args.root / "data" / "prepared" / "test.jsonl"
+    if not test.is_file():
+        raise DataError(test, None, None, "the test split checks the export against base + adapter; run `dvc repro` first")
+    prompts = [example.prompt for example in read_examples(test)]
+    check = export_run(paths, args.out, prompts, load_params(args.params).evaluate.batch_size)
     print(f"exported {args.run} (adapter fused into its base) to {args.out}; load it with mlx_lm.load('{args.out}')")
+    print(f"check on the {check.cases} test cases: argmax agreement with base + adapter {check.agreement:.1%}, "
+          f"largest label-probability difference {check.max_abs_diff:.4f} (the fused weights are re-quantized)")
 
 
 def main(argv: list[str] | None = None) -> None:

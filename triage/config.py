@@ -262,7 +262,7 @@ def _join(prefix: str, name: str) -> str:
 
 
 BITS_PATTERN = re.compile(r"^(2|3|4|5|6|8)bit$")
-MODEL_SOURCE = re.compile(r"^(builtin:tiny|hub:[\w.-]+/[\w.-]+|dir:.+|gguf:.+\.gguf|gguf-package:[\w.-]+/[\w.-]+\.gguf)$")
+MODEL_SOURCE = re.compile(r"^(builtin:tiny(-gemma3)?|hub:[\w.-]+/[\w.-]+|dir:.+|gguf:.+\.gguf|gguf-package:[\w.-]+/[\w.-]+\.gguf)$")
 
 
 def bits_of(variant_bits: str) -> int:
@@ -289,7 +289,7 @@ def _check_semantics(params: Params) -> None:
     for name, model in params.models.items():
         if not MODEL_SOURCE.match(model.source):
             raise ParamsError(
-                f"'models.{name}.source' is '{model.source}'; expected builtin:tiny, "
+                f"'models.{name}.source' is '{model.source}'; expected builtin:tiny, builtin:tiny-gemma3, "
                 "hub:<org>/<name>, dir:<path>, gguf:<file.gguf> or gguf-package:<package>/<file.gguf>"
             )
     _check_data(params.data)

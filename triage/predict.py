@@ -6,27 +6,31 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from triage import metrics
-from triage.backend import optimize_for_device
 from triage.config import EvaluateParams
-from triage.lm import ChatFormat, label_log_probs
+from triage.evaluate.decisions import EdThreshold, decision_rules
+from triage.evaluate.mc_dropout import adapter_dropout, mc_dropout_votes, mc_not_applicable
+from triage.evaluate.metrics import flag_uncertain, vote_summary
+from triage.model.device import cpu_streams, optimize_for_device
+from triage.model.lm import ChatFormat
+from triage.model.scoring import label_probabilities
 from triage.schema import LABELS, render_prompt
 
 NOT_FOR_CLINICAL_USE = "Research tool, not for clinical use: do not use it to triage real patients."
 
 
 class UnknownRun(LookupError):
-    """The run name matches neither a trained run nor a quantized base variant."""
+    """The run name matches neither a trained run nor a quantized base variant, or it cannot answer yet."""
 
 
 @dataclass(frozen=True)
 class RunPaths:
+    name: str
     model_dir: Path
     adapter_dir: Path | None
+    evaluation: Path  # the run's eval.json, which holds the p(ED) threshold its evaluate stage froze
 
 
 def known_runs(root: Path) -> list[str]:
@@ -41,65 +45,94 @@ def resolve_run(root: Path, run: str) -> RunPaths:
     for model_dir in sorted(root.glob("models/*/*bit")):
         variant = f"{model_dir.parent.name}-{model_dir.name}"
         if run == variant:
-            return RunPaths(model_dir, None)
+            return RunPaths(run, model_dir, None, root / "metrics" / "baseline" / variant / "eval.json")
         if run.startswith(variant + "-") and adapter.is_dir():
-            return RunPaths(model_dir, adapter)
+            return RunPaths(run, model_dir, adapter, root / "metrics" / "runs" / run / "eval.json")
     listed = ", ".join(known_runs(root)) or "none yet: run `dvc repro` (or `make demo`) first"
     raise UnknownRun(f"unknown run '{run}' in {root}; available: {listed}")
 
 
-class Triager:
-    """A loaded model that scores the three labels for a message, with MC-dropout uncertainty."""
+def frozen_threshold(paths: RunPaths, params: EvaluateParams) -> EdThreshold:
+    """The p(ED) threshold the run's evaluate stage tuned on the validation split, as it wrote it."""
+    if not paths.evaluation.is_file():
+        if params.decision == "ed_threshold":
+            raise UnknownRun(f"run '{paths.name}' answers with evaluate.decision: ed_threshold, whose threshold its "
+                             f"evaluate stage tunes on the validation split; {paths.evaluation} does not exist yet: "
+                             "run `dvc repro` first")
+        return EdThreshold(None, params.ed_threshold_target, "evaluate.ed_threshold_target", 0,
+                           f"not evaluated yet ({paths.evaluation} missing)")
+    frozen = json.loads(paths.evaluation.read_text(encoding="utf-8"))["ed_threshold"]
+    return EdThreshold(frozen["threshold"], frozen["target_recall"], frozen["target_from"], frozen["n_valid"],
+                       frozen.get("reason"))
 
-    def __init__(self, paths: RunPaths, params: EvaluateParams):
+
+class Triager:
+    """A run loaded once, answering as its evaluate stage does: the same label scores, decision rules and MC-dropout votes."""
+
+    def __init__(self, paths: RunPaths, params: EvaluateParams, streams: int):
         from mlx_lm import load
 
-        self.model, tokenizer = load(str(paths.model_dir), adapter_path=str(paths.adapter_dir) if paths.adapter_dir else None)
+        adapter = str(paths.adapter_dir) if paths.adapter_dir else None
+        self.model, tokenizer = load(str(paths.model_dir), adapter_path=adapter)
         optimize_for_device(self.model, inference=True)
         self.fmt = ChatFormat(tokenizer)
         self.params = params
-        self.dropout = _adapter_dropout(paths.adapter_dir)
+        self.rules = decision_rules(params, frozen_threshold(paths, params))
+        self.not_applicable = mc_not_applicable(adapter_dropout(paths.adapter_dir))
+        self.streams = cpu_streams(streams)
 
-    def triage(self, text: str, case_id: str | None = None) -> dict:
-        prompt = render_prompt(text)
-        self.model.eval()
-        probs = np.array(mx.softmax(label_log_probs(self.model, self.fmt, prompt), axis=-1), dtype=np.float64)
-        result = {
-            "id": case_id,
-            "label": metrics.argmax_decision(probs)[0],
-            "decision": metrics.cost_aware_decision(probs, self.params.cost_matrix)[0],
-            **{f"p_{label}": round(float(probs[0, j]), 4) for j, label in enumerate(LABELS)},
-        }
-        return result | self._uncertainty(prompt)
+    def triage(self, messages: list[tuple[str, str]]) -> list[dict]:
+        """One answer per ``(id, text)``, scored in batches that share the prompt prefix, as evaluate scores a split."""
+        prompts = [render_prompt(text) for _, text in messages]
+        probs = label_probabilities(self.model, self.fmt, prompts, self.params.batch_size, self.streams)
+        answers = {name: rule(probs) for name, rule in self.rules.items()}
+        rows = [{"id": case_id, "pred": answers[self.params.decision][i], "decision_rule": self.params.decision,
+                 **{name: preds[i] for name, preds in answers.items()},
+                 **{f"p_{label}": round(float(probs[i, j]), 6) for j, label in enumerate(LABELS)}}
+                for i, (case_id, _) in enumerate(messages)]
+        return [row | mc for row, mc in zip(rows, self._uncertainty(prompts))]
 
-    def _uncertainty(self, prompt: str) -> dict:
-        if not self.dropout:
-            return {"uncertainty": None, "flagged": None, "mc_dropout": "not applicable (no dropout in this run)"}
-        self.model.train()
-        votes = np.array(mx.argmax(label_log_probs(self.model, self.fmt, prompt, copies=self.params.mc_samples), axis=-1))
-        self.model.eval()
-        summary = metrics.vote_summary(votes[None, :])
-        uncertainty = summary["uncertainty"][0]
-        return {"uncertainty": round(uncertainty, 4), "flagged": uncertainty > self.params.uncertainty_threshold,
-                "votes": dict(zip(LABELS, summary["counts"][0]))}
-
-
-def _adapter_dropout(adapter_dir: Path | None) -> float:
-    if adapter_dir is None:
-        return 0.0
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    return float(config["lora_parameters"]["dropout"])
+    def _uncertainty(self, prompts: list[str]) -> list[dict]:
+        if self.not_applicable is not None:
+            return [{"mc_dropout": f"not applicable: {self.not_applicable}"}] * len(prompts)
+        votes = mc_dropout_votes(self.model, self.fmt, prompts, self.params.mc_samples, self.params.seed,
+                                 self.streams, self.rules[self.params.decision])
+        summary = vote_summary(votes)
+        flags = flag_uncertain(summary["uncertainty"], self.params.uncertainty_threshold)["flags"]
+        return [{"mc_vote": summary["majority"][i], "mc_uncertainty": summary["uncertainty"][i], "flagged": flags[i],
+                 "votes": dict(zip(LABELS, summary["counts"][i]))} for i in range(len(prompts))]
 
 
-def export_run(paths: RunPaths, out_dir: Path) -> None:
-    """Fuse the adapter into its base variant and save an mlx-lm model (loadable with mlx_lm.load)."""
+@dataclass(frozen=True)
+class ExportCheck:
+    """How the exported model's label probabilities compare with base + adapter on the same prompts."""
+
+    cases: int
+    agreement: float  # share of cases whose argmax label is the same
+    max_abs_diff: float  # largest |p_exported - p_adapter| over cases and labels
+
+
+def export_run(paths: RunPaths, out_dir: Path, prompts: list[str], batch_size: int) -> ExportCheck:
+    """Fuse the adapter into its base variant, save an mlx-lm model (loadable with mlx_lm.load), and check it.
+
+    Fusing into a quantized base re-quantizes each adapted weight, so the exported
+    model is close to base + adapter, not equal; the check on ``prompts`` says how close.
+    """
     from mlx_lm import load
     from mlx_lm.utils import save
 
     from triage.io import staged_directory
+
+    def probabilities(model_dir: Path, adapter: Path | None):
+        model, tokenizer = load(str(model_dir), adapter_path=str(adapter) if adapter else None)
+        optimize_for_device(model, inference=True)
+        return label_probabilities(model, ChatFormat(tokenizer), prompts, batch_size)
 
     model, tokenizer, config = load(str(paths.model_dir), adapter_path=str(paths.adapter_dir), return_config=True)
     fused = [(name, module.fuse()) for name, module in model.named_modules() if hasattr(module, "fuse")]
     model.update_modules(tree_unflatten(fused))
     with staged_directory(out_dir) as work:
         save(work, str(paths.model_dir), model, tokenizer, config, donate_model=False)
+    adapted, exported = probabilities(paths.model_dir, paths.adapter_dir), probabilities(out_dir, None)
+    return ExportCheck(len(prompts), float(np.mean(adapted.argmax(axis=1) == exported.argmax(axis=1))),
+                       float(np.abs(adapted - exported).max()))

@@ -16,12 +16,11 @@ from typing import Sequence
 import numpy as np
 from tabulate import tabulate
 
-from triage import metrics as m
+from triage.evaluate import intervals
+from triage.evaluate.metrics import RUN_HEADLINE
 from triage.config import RunSelection
 from triage.io import iter_jsonl
 
-HEADLINE = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_fn", "safe", "test_loss",
-            "ed_auroc", "ed_ap", "under_triage_rate", "over_triage_rate", "unsafe_rate")
 SELECTION = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_auroc", "safe")
 """The validation-split metrics each row carries for ranking and choosing."""
 ZERO_SHOT = "zero_shot"
@@ -55,7 +54,7 @@ def collect_rows(selection: RunSelection, runs_dir: Path, models_dir: Path,
         baseline = baselines.get(variant, {})
         rows.append({
             **run, "kind": training["kind"],
-            **{key: evaluation[key] for key in HEADLINE},
+            **{key: evaluation[key] for key in RUN_HEADLINE},
             "gates": evaluation["gates"], "ci95": evaluation["ci95"],
             "valid": {key: evaluation["valid"][key] for key in SELECTION},
             "gain_accuracy": _delta(evaluation["accuracy"], baseline.get("accuracy")),
@@ -151,13 +150,13 @@ def paired_rows(pairs: list[tuple[str, str]], contenders: dict[str, Path]) -> li
         labels = [left[i]["label"] for i in ids]
         groups = [left[i].get("group", "") for i in ids]
         runs = [([side[i]["pred"] for i in ids], [side[i]["p_ED"] for i in ids]) for side in (left, right)]
-        out += [{"a": a, "b": b, **row} for row in m.paired_comparison(labels, groups, *runs)]
+        out += [{"a": a, "b": b, **row} for row in intervals.paired_comparison(labels, groups, *runs)]
     return out
 
 
 def floor_row(evaluation: dict) -> dict:
     """A classical baseline's row: its test headline with intervals, and the validation metrics runs are chosen on."""
-    return {"run": evaluation["run"], **{key: evaluation[key] for key in HEADLINE}, "ci95": evaluation["ci95"],
+    return {"run": evaluation["run"], **{key: evaluation[key] for key in RUN_HEADLINE}, "ci95": evaluation["ci95"],
             "valid": {key: evaluation["valid"][key] for key in SELECTION}}
 
 

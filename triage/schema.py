@@ -7,6 +7,8 @@ from pathlib import Path
 
 LABELS: tuple[str, ...] = ("ED", "GP", "HOME")
 """Triage classes from most to least urgent; the order is used everywhere."""
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+"""The prepared splits, in the order the stages write and read them."""
 
 INSTRUCTION = (
     "You are a triage nurse. Read the patient's message and decide where they "

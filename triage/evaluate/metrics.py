@@ -1,6 +1,7 @@
 """Triage metrics: classification scores, ED safety gates, threshold-free ED
-discrimination, exact and cluster-bootstrap intervals, paired comparisons of two
-runs, calibration, decision rules on class probabilities and MC-dropout vote statistics.
+discrimination, calibration and MC-dropout vote statistics. Their intervals and
+paired tests are in :mod:`triage.evaluate.intervals`, the decision rules that
+turn probabilities into labels in :mod:`triage.evaluate.decisions`.
 
 Conventions shared by every function here:
 
@@ -18,11 +19,9 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy.stats import binomtest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from triage.schema import LABELS
@@ -32,11 +31,19 @@ N_CLASSES = len(LABELS)
 UNCLASSIFIED = N_CLASSES
 """Code given to unclassified predictions by the encoders below."""
 
+HEADLINE = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_fn", "safe",
+            "under_triage_rate", "over_triage_rate", "unsafe_rate")
+"""What every decision rule reports for a set of cases."""
+DISCRIMINATION = ("ed_auroc", "ed_ap", "ed_recall_at_budget")
+"""Threshold-free: how well p(ED) ranks the ED cases above the rest."""
+RUN_HEADLINE = (*HEADLINE, "test_loss", "ed_auroc", "ed_ap")
+"""The top-level numbers of a run's eval.json that reports and summaries carry."""
+
 ProbMatrix = np.ndarray | Sequence[Sequence[float]]
 """(n_cases, 3) class probabilities, columns in ``LABELS`` order, rows summing to 1."""
 
 
-def _encode_labels(labels: Sequence[str]) -> np.ndarray:
+def encode_labels(labels: Sequence[str]) -> np.ndarray:
     if len(labels) == 0:
         raise ValueError("no cases: metrics are undefined for empty input")
     unknown = sorted({str(label) for label in labels if label not in LABELS})
@@ -45,10 +52,10 @@ def _encode_labels(labels: Sequence[str]) -> np.ndarray:
     return np.array([LABELS.index(label) for label in labels], dtype=np.int64)
 
 
-def _encode_pair(labels: Sequence[str], preds: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+def encode_pair(labels: Sequence[str], preds: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
     if len(labels) != len(preds):
         raise ValueError(f"{len(labels)} labels but {len(preds)} predictions")
-    y = _encode_labels(labels)
+    y = encode_labels(labels)
     p = np.array([LABELS.index(pred) if pred in LABELS else UNCLASSIFIED for pred in preds], dtype=np.int64)
     return y, p
 
@@ -82,7 +89,7 @@ def classification_metrics(labels: Sequence[str], preds: Sequence[str | None]) -
 
     Raises ValueError on empty input, a length mismatch or an unknown true label.
     """
-    y, p = _encode_pair(labels, preds)
+    y, p = encode_pair(labels, preds)
     full = np.bincount(y * (N_CLASSES + 1) + p, minlength=N_CLASSES * (N_CLASSES + 1))
     full = full.reshape(N_CLASSES, N_CLASSES + 1)
     confusion = full[:, :N_CLASSES]
@@ -150,28 +157,6 @@ def safety_gates(
     return {"safe": all(gate["passed"] for gate in gates.values()), "gates": gates}
 
 
-def binomial_interval(successes: int, trials: int, level: float = 0.95) -> dict:
-    """Exact (Clopper-Pearson) interval of a proportion, from scipy; ``None`` bounds without trials.
-
-    Exact rather than a bootstrap because a bootstrap of k out of k resamples
-    only k-out-of-k sets and reports [1, 1]: 12 of 12 ED cases found is
-    compatible with a recall of 0.74 (Clopper-Pearson 95% lower bound).
-    """
-    if trials == 0:
-        return {"low": None, "high": None}
-    interval = binomtest(successes, trials).proportion_ci(level, method="exact")
-    return {"low": float(interval.low), "high": float(interval.high)}
-
-
-def ed_recall_intervals(labels: Sequence[str], preds: Sequence[str | None], level: float = 0.95) -> dict:
-    """Exact intervals for ED recall and the ED false-negative rate (its complement)."""
-    y, p = _encode_pair(labels, preds)
-    trials = int(np.sum(y == ED))
-    recall = binomial_interval(int(np.sum((y == ED) & (p == ED))), trials, level)
-    fnr = {"low": None, "high": None} if trials == 0 else {"low": 1 - recall["high"], "high": 1 - recall["low"]}
-    return {"ed_recall": recall, "ed_fnr": fnr}
-
-
 def gate_holds_at_bound(interval: Mapping, threshold: float, at_least: bool) -> bool | None:
     """Whether a gate still holds at the interval's pessimistic end (``None`` when it is undefined).
 
@@ -190,7 +175,7 @@ def triage_rates(labels: Sequence[str], preds: Sequence[str | None]) -> dict:
     GP->HOME); ``over_triage_rate``: more urgent; ``unsafe_rate``: ED sent
     HOME. Unclassified predictions are neither (they stay in the denominator).
     """
-    y, p = _encode_pair(labels, preds)
+    y, p = encode_pair(labels, preds)
     classified = p != UNCLASSIFIED
     return {
         "under_triage_rate": float(np.mean(classified & (p > y))),
@@ -208,7 +193,7 @@ def ed_discrimination(labels: Sequence[str], p_ed: Sequence[float], budgets: Seq
     Keys are ``non_ed_to_ed_<percent>``. All ``None`` unless both ED and
     non-ED cases are present.
     """
-    y = _encode_labels(labels) == ED
+    y = encode_labels(labels) == ED
     scores = np.asarray(p_ed, dtype=np.float64)
     keys = [f"non_ed_to_ed_{round(b * 100)}" for b in budgets]
     if y.all() or not y.any():
@@ -222,146 +207,7 @@ def ed_discrimination(labels: Sequence[str], p_ed: Sequence[float], budgets: Seq
     }
 
 
-# --------------------------------------------------------------------------- #
-# Cluster bootstrap
-# --------------------------------------------------------------------------- #
-
-BOOTSTRAP_RESAMPLES = 2000
-BOOTSTRAP_SEED = 0
-
-
-def cluster_ids(groups: Sequence[str]) -> np.ndarray:
-    """One integer per case naming its resampling unit: its presentation group, or itself without one."""
-    keys = [group if group else f"\0case{i}" for i, group in enumerate(groups)]
-    _, ids = np.unique(np.array(keys, dtype=object), return_inverse=True)
-    return ids.astype(np.int64)
-
-
-def bootstrap_weights(clusters: np.ndarray, n_resamples: int = BOOTSTRAP_RESAMPLES,
-                      seed: int = BOOTSTRAP_SEED) -> np.ndarray:
-    """(n_resamples, n_cases) case weights of a seeded cluster bootstrap.
-
-    Each resample draws as many clusters as there are, with replacement; a
-    case's weight is how often its cluster was drawn. Paraphrases of one
-    presentation are not independent, so they are drawn together.
-    """
-    n_clusters = int(clusters.max()) + 1
-    rng = np.random.default_rng(seed)
-    draws = rng.multinomial(n_clusters, np.full(n_clusters, 1 / n_clusters), size=n_resamples)
-    return draws[:, clusters].astype(np.float64)
-
-
-def _weighted_fbeta(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, beta: float) -> np.ndarray:
-    b2 = beta * beta
-    den = (1 + b2) * tp + b2 * fn + fp
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den > 0, (1 + b2) * tp / den, np.nan)
-
-
-def _weighted_auroc(weights: np.ndarray, positive: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Weighted Mann-Whitney AUC per row of ``weights`` (ties count half); NaN without both classes."""
-    _, level = np.unique(scores, return_inverse=True)
-    at_level = np.eye(level.max() + 1)[level]  # (n, levels)
-    pos = (weights * positive) @ at_level
-    neg = (weights * ~positive) @ at_level
-    below = np.cumsum(neg, axis=1) - neg
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return (pos * (below + neg / 2)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
-
-
-def weighted_scores(weights: np.ndarray, labels: Sequence[str], preds: Sequence[str | None],
-                    p_ed: Sequence[float]) -> dict[str, np.ndarray]:
-    """Accuracy, macro-F1, ED F2, ED recall and ED AUROC for every row of case weights at once; NaN where undefined.
-
-    The same definitions as ``classification_metrics`` and scikit-learn with
-    ``sample_weight`` (tested equal), but as matrix products: scikit-learn
-    takes ~4 ms per call here, and an interval needs thousands of resamples.
-    """
-    y, p = _encode_pair(labels, preds)
-    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
-    cells = w @ np.eye(N_CLASSES * (N_CLASSES + 1))[y * (N_CLASSES + 1) + p]
-    full = cells.reshape(-1, N_CLASSES, N_CLASSES + 1)
-    tp = np.diagonal(full[:, :, :N_CLASSES], axis1=1, axis2=2)
-    support, predicted = full.sum(axis=2), full[:, :, :N_CLASSES].sum(axis=1)
-    fp, fn = predicted - tp, support - tp
-    f1 = _weighted_fbeta(tp, fp, fn, 1.0)
-    defined = ~np.isnan(f1)  # macro-F1 leaves out a class absent from labels and predictions
-    with np.errstate(divide="ignore", invalid="ignore"):
-        macro_f1 = np.where(defined, f1, 0.0).sum(axis=1) / defined.sum(axis=1)
-        recall = tp[:, ED] / support[:, ED]
-    return {
-        "accuracy": tp.sum(axis=1) / w.sum(axis=1),
-        "macro_f1": macro_f1,
-        "ed_f2": _weighted_fbeta(tp[:, ED], fp[:, ED], fn[:, ED], 2.0),
-        "ed_recall": recall,
-        "ed_auroc": _weighted_auroc(w, y == ED, np.asarray(p_ed, dtype=np.float64)),
-    }
-
-
-def percentile_interval(values: np.ndarray, level: float = 0.95) -> dict:
-    """Percentile interval of the defined (non-NaN) resample values; ``None`` bounds when none is."""
-    finite = values[~np.isnan(values)]
-    if finite.size == 0:
-        return {"low": None, "high": None}
-    low, high = np.quantile(finite, [(1 - level) / 2, (1 + level) / 2])
-    return {"low": float(low), "high": float(high)}
-
-
-def bootstrap_intervals(weights: np.ndarray, labels: Sequence[str], preds: Sequence[str | None],
-                        p_ed: Sequence[float], level: float = 0.95) -> dict[str, dict]:
-    """Percentile intervals of every ``weighted_scores`` statistic over the resamples in ``weights``."""
-    scores = weighted_scores(weights, labels, preds, p_ed)
-    return {name: percentile_interval(values, level) for name, values in scores.items()}
-
-
-PAIRED_STATISTICS = ("accuracy", "ed_recall", "ed_auroc")
-VERDICTS = ("better", "worse", "no detectable difference")
-
-
-def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
-    """Two-sided exact McNemar p-value: a binomial test on the discordant pairs (scipy)."""
-    a_only = int(np.sum(correct_a & ~correct_b))
-    discordant = a_only + int(np.sum(~correct_a & correct_b))
-    return 1.0 if discordant == 0 else float(binomtest(a_only, discordant, 0.5).pvalue)
-
-
-def verdict(low: float | None, high: float | None) -> str:
-    """``better`` or ``worse`` (for a over b) only when the interval of a - b excludes 0."""
-    if low is not None and low > 0:
-        return VERDICTS[0]
-    if high is not None and high < 0:
-        return VERDICTS[1]
-    return VERDICTS[2]
-
-
-def paired_comparison(labels: Sequence[str], groups: Sequence[str], a: tuple[Sequence[str], Sequence[float]],
-                      b: tuple[Sequence[str], Sequence[float]], level: float = 0.95) -> list[dict]:
-    """a minus b on the same cases, for each of ``PAIRED_STATISTICS``.
-
-    ``a`` and ``b`` are (decisions, p(ED)) per case, in the order of
-    ``labels``. Each entry has ``metric``, ``diff``, ``low``/``high`` (paired
-    cluster bootstrap: both runs are scored on the same resampled groups),
-    ``p_value`` (exact McNemar on correctness: every case for accuracy, the ED
-    cases for ED recall; ``None`` for AUROC) and ``verdict``.
-    """
-    weights = bootstrap_weights(cluster_ids(groups))
-    every = np.ones((1, len(labels)))
-    y = _encode_labels(labels)
-    point_a, point_b = (weighted_scores(every, labels, *run) for run in (a, b))
-    boot_a, boot_b = (weighted_scores(weights, labels, *run) for run in (a, b))
-    correct_a, correct_b = (_encode_pair(labels, run[0])[1] == y for run in (a, b))
-    cases = {"accuracy": np.ones_like(y, dtype=bool), "ed_recall": y == ED}
-    out = []
-    for name in PAIRED_STATISTICS:
-        diff = float(point_a[name][0] - point_b[name][0])
-        interval = percentile_interval(boot_a[name] - boot_b[name], level)
-        p_value = mcnemar_exact(correct_a[cases[name]], correct_b[cases[name]]) if name in cases else None
-        out.append({"metric": name, "diff": None if math.isnan(diff) else diff, **interval,
-                    "p_value": p_value, "verdict": verdict(interval["low"], interval["high"])})
-    return out
-
-
-def _check_probs(probs: ProbMatrix) -> np.ndarray:
+def check_probs(probs: ProbMatrix) -> np.ndarray:
     arr = np.asarray(probs, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[1] != N_CLASSES or arr.shape[0] == 0:
         raise ValueError(f"probs must be a non-empty (n_cases, {N_CLASSES}) matrix, got shape {arr.shape}")
@@ -370,9 +216,9 @@ def _check_probs(probs: ProbMatrix) -> np.ndarray:
     return arr
 
 
-def _check_probs_labels(probs: ProbMatrix, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    arr = _check_probs(probs)
-    y = _encode_labels(labels)
+def check_probs_labels(probs: ProbMatrix, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    arr = check_probs(probs)
+    y = encode_labels(labels)
     if y.size != arr.shape[0]:
         raise ValueError(f"{arr.shape[0]} probability rows but {y.size} labels")
     return arr, y
@@ -387,7 +233,7 @@ def expected_calibration_error(probs: ProbMatrix, labels: Sequence[str], n_bins:
     """
     if n_bins < 1:
         raise ValueError("n_bins must be >= 1")
-    arr, y = _check_probs_labels(probs, labels)
+    arr, y = check_probs_labels(probs, labels)
     confidence = arr.max(axis=1)
     correct = (arr.argmax(axis=1) == y).astype(np.float64)
     bins = np.minimum((confidence * n_bins).astype(np.int64), n_bins - 1)
@@ -400,58 +246,9 @@ def expected_calibration_error(probs: ProbMatrix, labels: Sequence[str], n_bins:
 
 def brier_score(probs: ProbMatrix, labels: Sequence[str]) -> float:
     """Multi-class Brier score: mean over cases of sum_k (p_k - onehot_k)^2, in [0, 2]."""
-    arr, y = _check_probs_labels(probs, labels)
+    arr, y = check_probs_labels(probs, labels)
     onehot = np.eye(N_CLASSES)[y]
     return float(np.mean(np.sum((arr - onehot) ** 2, axis=1)))
-
-
-def argmax_decision(probs: ProbMatrix) -> list[str]:
-    """Most probable label per row; ties go to the more urgent label."""
-    return [LABELS[k] for k in _check_probs(probs).argmax(axis=1)]
-
-
-def cost_aware_decision(probs: ProbMatrix, cost: Mapping[str, Mapping[str, float]]) -> list[str]:
-    """Label minimising expected cost per row; ties go to the more urgent label.
-
-    ``cost[true][pred]`` is the cost of predicting ``pred`` for a case whose
-    true label is ``true``; every label must appear in both levels.
-    """
-    arr = _check_probs(probs)
-    try:
-        matrix = np.array([[float(cost[t][q]) for q in LABELS] for t in LABELS])
-    except KeyError as missing:
-        raise ValueError(f"cost matrix lacks label {missing}") from None
-    # np.argmin returns the first minimum, and LABELS runs most urgent first.
-    return [LABELS[k] for k in (arr @ matrix).argmin(axis=1)]
-
-
-def tune_ed_threshold(probs_valid: ProbMatrix, labels_valid: Sequence[str], target_recall: float) -> float:
-    """Largest threshold t on p_ED such that ``p_ED >= t`` reaches ``target_recall``
-    ED recall on the validation cases.
-
-    The answer is always one of the true-ED cases' p_ED values. Raises
-    ValueError when the validation split has no ED case or the target is not
-    in (0, 1].
-    """
-    if not 0 < target_recall <= 1:
-        raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
-    arr, y = _check_probs_labels(probs_valid, labels_valid)
-    scores = np.sort(arr[y == ED, ED])[::-1]
-    if scores.size == 0:
-        raise ValueError("no ED cases in the validation labels: cannot tune an ED threshold")
-    # Compare k/m exactly as classification_metrics computes recall, so the
-    # returned threshold passes the same check instead of a rounded one.
-    reached = np.arange(1, scores.size + 1) / scores.size >= target_recall
-    return float(scores[np.argmax(reached)])
-
-
-def threshold_decision(probs: ProbMatrix, threshold: float) -> list[str]:
-    """ED when p_ED >= threshold, otherwise the more probable of the other labels
-    (ties toward the more urgent one)."""
-    arr = _check_probs(probs)
-    rest = np.delete(arr, ED, axis=1).argmax(axis=1)
-    others = [k for k in range(N_CLASSES) if k != ED]
-    return [LABELS[ED] if p_ed >= threshold else LABELS[others[r]] for p_ed, r in zip(arr[:, ED], rest)]
 
 
 def vote_summary(votes: np.ndarray | Sequence[Sequence[int]]) -> dict:
@@ -504,7 +301,7 @@ def subgroup_rates(
     (unclassified ones stay in the denominator but are not over-triage;
     ``None`` without non-ED cases). Cases whose group is ``None`` are skipped.
     """
-    y, p = _encode_pair(labels, preds)
+    y, p = encode_pair(labels, preds)
     if len(groups) != y.size:
         raise ValueError(f"{y.size} labels but {len(groups)} groups")
     group_arr = np.array(groups, dtype=object)

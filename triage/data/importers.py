@@ -23,22 +23,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
-from triage.schema import LABELS, DataError, Example, label_of, render_prompt
+from triage.schema import LABELS, SPLITS, DataError, Example, label_of, render_prompt
 
-SPLITS: tuple[str, ...] = ("train", "valid", "test")
 """Split names, and the ``<name>.jsonl`` files a split directory must hold."""
 
 Record = Mapping[str, object]
 T = TypeVar("T")
 
 
-# --------------------------------------------------------------------------- #
-# Reading and checking raw records
-# --------------------------------------------------------------------------- #
-
-
 @dataclass(frozen=True)
-class _Source:
+class Source:
     """One input file and its encoding, so every error can name both."""
 
     path: Path
@@ -94,7 +88,7 @@ def _type_name(value: object) -> str:
     return names.get(type(value), "a number")
 
 
-def _jsonl_records(source: _Source) -> list[tuple[int, dict]]:
+def _jsonl_records(source: Source) -> list[tuple[int, dict]]:
     """``(line, object)`` for every non-blank line; an empty file is an error."""
     records = []
     for number, line in enumerate(source.read().split("\n"), start=1):
@@ -116,7 +110,7 @@ def _jsonl_records(source: _Source) -> list[tuple[int, dict]]:
     return records
 
 
-def _csv_records(source: _Source, delimiter: str) -> tuple[int, list[str], list[tuple[int, dict[str, str]]]]:
+def csv_records(source: Source, delimiter: str) -> tuple[int, list[str], list[tuple[int, dict[str, str]]]]:
     """The header's line, its column names, and ``(line, row)`` for every data row.
 
     ``line`` is the physical line a row starts on, which differs from the row's
@@ -151,13 +145,13 @@ def _csv_records(source: _Source, delimiter: str) -> tuple[int, list[str], list[
     return header_line, header, rows
 
 
-def _require_columns(source: _Source, header_line: int, header: Sequence[str], columns: Iterable[str]) -> None:
+def require_columns(source: Source, header_line: int, header: Sequence[str], columns: Iterable[str]) -> None:
     for column in columns:
         if column not in header:
             raise source.error(header_line, column, f"column not found; the header has: {', '.join(header)}")
 
 
-def _record_id(source: _Source, line: int, record: Record, key: str | None) -> str:
+def _record_id(source: Source, line: int, record: Record, key: str | None) -> str:
     """``record[key]`` (a string or integer) as the id, or ``<file stem>-<line>`` when ``key`` is None."""
     if key is None:
         return f"{source.path.stem}-{line}"
@@ -167,7 +161,7 @@ def _record_id(source: _Source, line: int, record: Record, key: str | None) -> s
     return source.text(line, record, key).strip()
 
 
-def _check_unique_ids(source: _Source, rows: Iterable[tuple[int, Example]]) -> None:
+def _check_unique_ids(source: Source, rows: Iterable[tuple[int, Example]]) -> None:
     first_line: dict[str, int] = {}
     for line, example in rows:
         if example.id in first_line:
@@ -177,7 +171,7 @@ def _check_unique_ids(source: _Source, rows: Iterable[tuple[int, Example]]) -> N
         first_line[example.id] = line
 
 
-def _string_attrs(source: _Source, line: int, record: Record, reserved: frozenset[str]) -> dict[str, str]:
+def _string_attrs(source: Source, line: int, record: Record, reserved: frozenset[str]) -> dict[str, str]:
     """Subgroup attributes: a nested ``attrs`` object's and the record's other non-blank string fields."""
     nested = record.get("attrs")
     candidates = list(nested.items()) if isinstance(nested, dict) else []
@@ -194,7 +188,7 @@ def _optional_key(record: Record, key: str) -> str | None:
     return key if record.get(key) is not None else None
 
 
-def _completion_label(source: _Source, line: int, field_name: str, completion: str) -> str:
+def _completion_label(source: Source, line: int, field_name: str, completion: str) -> str:
     label = label_of(completion)
     if label is None:
         start = completion.strip().split(maxsplit=1)[0]
@@ -204,7 +198,7 @@ def _completion_label(source: _Source, line: int, field_name: str, completion: s
     return label
 
 
-def _label_first_examples(source: _Source, rows: list[tuple[int, Example]]) -> list[tuple[int, Example]]:
+def _label_first_examples(source: Source, rows: list[tuple[int, Example]]) -> list[tuple[int, Example]]:
     """``rows`` with whitespace before each completion's label removed, and one note when any had some.
 
     A completion in the common OpenAI style, " ED - ...", or "\nED", starts
@@ -220,14 +214,10 @@ def _label_first_examples(source: _Source, rows: list[tuple[int, Example]]) -> l
             for (line, example), completion in zip(rows, completions)]
 
 
-# --------------------------------------------------------------------------- #
-# Prompt/completion JSONL
-# --------------------------------------------------------------------------- #
-
 _PROMPT_COMPLETION_FIELDS = frozenset({"id", "group", "prompt", "completion", "label", "attrs"})
 
 
-def _prompt_completion_rows(source: _Source) -> list[tuple[int, Example]]:
+def _prompt_completion_rows(source: Source) -> list[tuple[int, Example]]:
     rows = []
     for line, record in _jsonl_records(source):
         prompt = source.text(line, record, "prompt")
@@ -253,7 +243,7 @@ def read_prompt_completion_jsonl(path: str | Path, encoding: str = "utf-8") -> l
     object); any other string field, e.g. ``age_band`` or ``sex``, becomes an
     attribute, while non-string extras are ignored.
     """
-    return [example for _, example in _prompt_completion_rows(_Source(Path(path), encoding))]
+    return [example for _, example in _prompt_completion_rows(Source(Path(path), encoding))]
 
 
 def read_prompt_completion_splits(directory: str | Path, encoding: str = "utf-8") -> dict[str, list[Example]]:
@@ -271,7 +261,7 @@ def read_prompt_completion_splits(directory: str | Path, encoding: str = "utf-8"
         path = directory / f"{name}.jsonl"
         if not path.is_file():
             raise DataError(path, None, None, f"split file missing; {directory} must hold {_split_files()}")
-        rows[name] = _prompt_completion_rows(_Source(path, encoding))
+        rows[name] = _prompt_completion_rows(Source(path, encoding))
     _check_disjoint_splits(directory, rows, "id", lambda example: example.id)
     _check_disjoint_splits(directory, rows, "group", lambda example: example.group)
     splits = {name: [example for _, example in split_rows] for name, split_rows in rows.items()}
@@ -318,10 +308,6 @@ def check_class_coverage(splits: Mapping[str, Sequence[Example]], source: str) -
             )
 
 
-# --------------------------------------------------------------------------- #
-# Chat JSONL
-# --------------------------------------------------------------------------- #
-
 _CHAT_FIELDS = frozenset({"id", "group", "messages", "attrs"})
 _ROLES = ("system", "user", "assistant")
 
@@ -335,7 +321,7 @@ def read_chat_jsonl(path: str | Path, encoding: str = "utf-8") -> list[Example]:
     questions) and system messages are dropped. ``id``, ``group`` and extra
     string fields are handled as in ``read_prompt_completion_jsonl``.
     """
-    source = _Source(Path(path), encoding)
+    source = Source(Path(path), encoding)
     rows = []
     for line, record in _jsonl_records(source):
         turns = _chat_turns(source, line, record)
@@ -354,7 +340,7 @@ def read_chat_jsonl(path: str | Path, encoding: str = "utf-8") -> list[Example]:
     return [example for _, example in _label_first_examples(source, rows)]
 
 
-def _chat_turns(source: _Source, line: int, record: Record) -> list[tuple[int, str, str]]:
+def _chat_turns(source: Source, line: int, record: Record) -> list[tuple[int, str, str]]:
     """``(index, role, content)`` of every non-system message."""
     messages = record.get("messages")
     if messages is None:
@@ -372,11 +358,6 @@ def _chat_turns(source: _Source, line: int, record: Record) -> list[tuple[int, s
         if role != "system":
             turns.append((index, role, source.text(line, message, "content", f"{name}.content")))
     return turns
-
-
-# --------------------------------------------------------------------------- #
-# Generic tables
-# --------------------------------------------------------------------------- #
 
 
 def read_table(
@@ -400,12 +381,12 @@ def read_table(
     ``id_field`` defaults to ``<file stem>-<line>``, ``group_field`` to the id;
     blank ``attr_fields`` cells are left out of ``attrs``. ``delimiter`` is CSV only.
     """
-    source = _Source(Path(path), encoding)
+    source = Source(Path(path), encoding)
     mapping = _normalised_label_map(source, label_map or {})
     if fmt == "csv":
-        header_line, header, records = _csv_records(source, delimiter)
+        header_line, header, records = csv_records(source, delimiter)
         optional = [name for name in (id_field, group_field) if name is not None]
-        _require_columns(source, header_line, header, [text_field, label_field, *optional, *attr_fields])
+        require_columns(source, header_line, header, [text_field, label_field, *optional, *attr_fields])
     elif fmt == "jsonl":
         records = _jsonl_records(source)
     else:
@@ -423,7 +404,7 @@ def read_table(
     return [example for _, example in rows]
 
 
-def _optional_scalar(source: _Source, line: int, record: Record, key: str) -> str | None:
+def _optional_scalar(source: Source, line: int, record: Record, key: str) -> str | None:
     """``record[key]`` as text (strings and numbers), or None when absent or null."""
     value = record.get(key)
     if value is None:
@@ -433,7 +414,7 @@ def _optional_scalar(source: _Source, line: int, record: Record, key: str) -> st
     return source.checked(line, key, value) if isinstance(value, str) else json.dumps(value)
 
 
-def _scalar_text(source: _Source, line: int, record: Record, key: str) -> str:
+def _scalar_text(source: Source, line: int, record: Record, key: str) -> str:
     value = _optional_scalar(source, line, record, key)
     if value is None:
         raise source.error(line, key, "missing")
@@ -442,7 +423,7 @@ def _scalar_text(source: _Source, line: int, record: Record, key: str) -> str:
     return value
 
 
-def _normalised_label_map(source: _Source, label_map: Mapping[str, str]) -> dict[str, str]:
+def _normalised_label_map(source: Source, label_map: Mapping[str, str]) -> dict[str, str]:
     """``label_map`` with case-folded keys, after checking every target is a label."""
     normalised: dict[str, str] = {}
     for key, target in label_map.items():
@@ -455,7 +436,7 @@ def _normalised_label_map(source: _Source, label_map: Mapping[str, str]) -> dict
     return normalised
 
 
-def _mapped_label(source: _Source, line: int, field_name: str, raw: str, mapping: Mapping[str, str]) -> str:
+def _mapped_label(source: Source, line: int, field_name: str, raw: str, mapping: Mapping[str, str]) -> str:
     key = raw.strip().casefold()
     if key in mapping:
         return mapping[key]
@@ -465,227 +446,3 @@ def _mapped_label(source: _Source, line: int, field_name: str, raw: str, mapping
     raise source.error(
         line, field_name, f"unknown label {raw.strip()!r}; allowed: {', '.join(LABELS)}; label_map (any case): {shown}"
     )
-
-
-# --------------------------------------------------------------------------- #
-# KTAS emergency-department triage data (Moon et al. 2019)
-# --------------------------------------------------------------------------- #
-
-KTAS_TEXT_COLUMNS: tuple[str, ...] = (
-    "Sex", "Age", "Arrival mode", "Injury", "Chief_complain", "Mental", "Pain", "NRS_pain",
-    "SBP", "DBP", "HR", "RR", "BT", "Saturation",
-)
-"""The only columns the rendered note is built from: what a triage nurse knows at the door."""
-
-KTAS_OUTCOME_COLUMNS: tuple[str, ...] = (
-    "KTAS_RN", "Diagnosis in ED", "Disposition", "Error_group", "Length of stay_min", "KTAS duration_min", "mistriage",
-)
-"""Known only after triage (or derived from the label); never shown to the model."""
-
-_KTAS_LABELS = {1: "ED", 2: "ED", 3: "ED", 4: "GP", 5: "HOME"}
-# Codebook of the public release (Moon et al. 2019, PLOS ONE; the Kaggle description).
-_KTAS_SEX = {1: "female", 2: "male"}
-_KTAS_ARRIVAL = {
-    1: "walked in", 2: "arrived by public ambulance", 3: "arrived by private vehicle",
-    4: "arrived by private ambulance", 5: "arrived by other transport", 6: "arrived by other transport",
-    7: "arrived by other transport",
-}
-_KTAS_MENTAL = {1: "Alert.", 2: "Responds to voice only.", 3: "Responds to pain only.", 4: "Unresponsive."}
-_KTAS_INJURY = {1: False, 2: True}
-_KTAS_PAIN = {0: False, 1: True}
-# Turkish Excel's "#NULL!" ("#BOŞ!" in cp1254, "#BOÞ!" when misread as Latin-1).
-_KTAS_EMPTY = frozenset({"", "#BOŞ!", "#BOÞ!"})
-
-
-@dataclass(frozen=True)
-class KtasVisit:
-    """The door-side facts of one KTAS visit; None = not recorded."""
-
-    age: int | None
-    sex: str | None
-    arrival: str | None
-    injury: bool | None
-    complaint: str | None
-    mental: str | None
-    pain: bool | None
-    nrs_pain: int | None
-    sbp: float | None
-    dbp: float | None
-    hr: float | None
-    rr: float | None
-    bt: float | None
-    spo2: float | None
-
-
-def read_ktas_csv(path: str | Path, encoding: str = "cp1254") -> list[Example]:
-    """Read the KTAS data (``;``-separated, cp1254) as nurse's-note examples.
-
-    Each visit becomes e.g. "71-year-old man, arrived by private vehicle.
-    Complaint: right ocular pain. ..." built from ``KTAS_TEXT_COLUMNS`` only;
-    missing values (empty, ``??``, ``#BOŞ!``) are left out. The label is
-    ``KTAS_expert``: 1-3 -> ED, 4 -> GP, 5 -> HOME; a visit without it is an error,
-    never dropped. The id is ``ktas-<n>`` with ``n`` the 1-based data row (row 1 is
-    the line after the header); visits whose notes are identical share the group
-    of the first. attrs: ``age_band`` (child <18, adult 18-64, elderly 65+) and ``sex``.
-    """
-    source = _Source(Path(path), encoding)
-    header_line, header, records = _csv_records(source, delimiter=";")
-    _require_columns(source, header_line, header, [*KTAS_TEXT_COLUMNS, "KTAS_expert"])
-    examples = []
-    first_with_note: dict[str, str] = {}
-    for number, (line, record) in enumerate(records, start=1):
-        label = _ktas_code(source, line, record, "KTAS_expert", _KTAS_LABELS)
-        if label is None:
-            raise source.error(line, "KTAS_expert", "missing; every visit needs the expert's KTAS level (1-5)")
-        # Only the door-side columns reach the renderer, so outcomes cannot leak into the text.
-        visit = _ktas_visit(source, line, {column: record[column] for column in KTAS_TEXT_COLUMNS})
-        example_id = f"ktas-{number}"
-        prompt = render_prompt(render_ktas_note(visit))
-        # The export repeats a few visits row for row; one copy in train and one in test would leak.
-        group = first_with_note.setdefault(prompt, example_id)
-        examples.append(Example(example_id, prompt, label, label, group, _ktas_attrs(visit)))
-    return examples
-
-
-def _ktas_missing(raw: str) -> bool:
-    # "??" is also what the export left of Korean text it could not encode.
-    return raw in _KTAS_EMPTY or set(raw) <= {"?", " "}
-
-
-def _ktas_number(source: _Source, line: int, record: Mapping[str, str], column: str) -> float | None:
-    raw = source.checked(line, column, record[column]).strip()
-    if _ktas_missing(raw):
-        return None
-    try:
-        return float(raw.replace(",", "."))
-    except ValueError:
-        raise source.error(line, column, f"expected a number, got {raw!r}") from None
-
-
-def _ktas_code(source: _Source, line: int, record: Mapping[str, str], column: str, codes: Mapping[int, T]) -> T | None:
-    """The codebook meaning of a coded cell, or None when the cell is missing."""
-    value = _ktas_number(source, line, record, column)
-    if value is None:
-        return None
-    if value not in codes:
-        raise source.error(line, column, f"unknown code {record[column]!r}; the codebook has {sorted(codes)}")
-    return codes[int(value)]
-
-
-def _ktas_complaint(raw: str) -> str | None:
-    """The chief complaint without words lost to '?' (Korean text the export could not encode)."""
-    kept = " ".join(word for word in raw.split() if "?" not in word).strip(" ,.;:-")
-    return kept or None
-
-
-def _ktas_visit(source: _Source, line: int, record: Mapping[str, str]) -> KtasVisit:
-    def number(column: str) -> float | None:
-        return _ktas_number(source, line, record, column)
-
-    def code(column: str, codes: Mapping[int, T]) -> T | None:
-        return _ktas_code(source, line, record, column, codes)
-
-    age, nrs = number("Age"), code("NRS_pain", {score: score for score in range(11)})
-    return KtasVisit(
-        age=None if age is None else int(age),
-        sex=code("Sex", _KTAS_SEX),
-        arrival=code("Arrival mode", _KTAS_ARRIVAL),
-        injury=code("Injury", _KTAS_INJURY),
-        complaint=_ktas_complaint(source.checked(line, "Chief_complain", record["Chief_complain"])),
-        mental=code("Mental", _KTAS_MENTAL),
-        pain=code("Pain", _KTAS_PAIN),
-        nrs_pain=nrs,
-        sbp=number("SBP"), dbp=number("DBP"), hr=number("HR"), rr=number("RR"), bt=number("BT"),
-        spo2=number("Saturation"),
-    )
-
-
-def _fmt(value: float) -> str:
-    return str(int(value)) if value.is_integer() else f"{value:g}"
-
-
-def render_ktas_note(visit: KtasVisit) -> str:
-    """A short triage nurse's note for one visit; facts that were not recorded are left out."""
-    person = {"female": "woman", "male": "man"}.get(visit.sex or "", "patient")
-    if visit.age is not None and visit.age < 18 and visit.sex:
-        person = {"female": "girl", "male": "boy"}[visit.sex]
-    who = f"{visit.age}-year-old {person}" if visit.age is not None else person.capitalize()
-    sentences = [f"{who}, {visit.arrival}." if visit.arrival else f"{who}."]
-    if visit.complaint:
-        sentences.append(f"Complaint: {visit.complaint}.")
-    if visit.injury:
-        sentences.append("Injury-related visit.")
-    if visit.mental:
-        sentences.append(visit.mental)
-    if visit.nrs_pain is not None:
-        sentences.append(f"Pain {visit.nrs_pain}/10.")
-    elif visit.pain is not None:
-        sentences.append("In pain, score not recorded." if visit.pain else "No pain.")
-    vitals = _ktas_vitals(visit)
-    if vitals:
-        sentences.append(vitals[0].upper() + vitals[1:] + ".")
-    return " ".join(sentences)
-
-
-def _ktas_vitals(visit: KtasVisit) -> str:
-    if visit.sbp is not None and visit.dbp is not None:
-        parts = [f"BP {_fmt(visit.sbp)}/{_fmt(visit.dbp)}"]
-    elif visit.sbp is not None:
-        parts = [f"systolic BP {_fmt(visit.sbp)}"]
-    elif visit.dbp is not None:
-        parts = [f"diastolic BP {_fmt(visit.dbp)}"]
-    else:
-        parts = []
-    if visit.hr is not None:
-        parts.append(f"pulse {_fmt(visit.hr)}")
-    if visit.rr is not None:
-        parts.append(f"breathing {_fmt(visit.rr)}/min")
-    if visit.bt is not None:
-        parts.append(f"temp {visit.bt:.1f} °C")
-    if visit.spo2 is not None:
-        parts.append(f"SpO2 {_fmt(visit.spo2)}%")
-    return ", ".join(parts)
-
-
-def _ktas_attrs(visit: KtasVisit) -> dict[str, str]:
-    attrs = {}
-    if visit.age is not None:
-        attrs["age_band"] = "child" if visit.age < 18 else "adult" if visit.age < 65 else "elderly"
-    if visit.sex is not None:
-        attrs["sex"] = visit.sex
-    return attrs
-
-
-# --------------------------------------------------------------------------- #
-# Sequence length
-# --------------------------------------------------------------------------- #
-
-
-def check_lengths(
-    path: str | Path,
-    examples: Sequence[Example],
-    count_tokens: Callable[[str], int],
-    max_len: int,
-    line_of: Mapping[str, int] | None = None,
-) -> None:
-    """Raise ``DataError`` if any example's prompt + completion exceeds ``max_len`` tokens.
-
-    Examples are never truncated: a cut prompt could drop the very symptom that
-    decides the label. The error names the first over-long example (its line
-    from ``line_of`` when given) and how many more there are. ``count_tokens``
-    counts one string; prompt and completion are counted separately and added,
-    so any chat-template overhead belongs in ``count_tokens`` or ``max_len``.
-    """
-    over = []
-    for example in examples:
-        prompt, completion = count_tokens(example.prompt), count_tokens(example.completion)
-        if prompt + completion > max_len:
-            over.append((example, prompt, completion))
-    if over:
-        example, prompt, completion = over[0]
-        more = f"; {len(over) - 1} more example(s) are also too long" if len(over) > 1 else ""
-        raise DataError(
-            path, (line_of or {}).get(example.id), "prompt" if prompt >= completion else "completion",
-            f"example {example.id!r} is {prompt} + {completion} = {prompt + completion} tokens (prompt + completion), "
-            f"over the maximum sequence length {max_len}{more}; shorten it or raise max_seq_length",
-        )

@@ -6,15 +6,13 @@ from pathlib import Path
 from typing import Callable
 
 from triage.config import DataParams
-from triage.importers import (
-    check_class_coverage, read_chat_jsonl, read_ktas_csv, read_prompt_completion_jsonl,
-    read_prompt_completion_splits, read_table,
+from triage.data.importers import (
+    check_class_coverage, read_chat_jsonl, read_prompt_completion_jsonl, read_prompt_completion_splits, read_table,
 )
-from triage.schema import DataError, Example
-from triage.splits import split_by_group
-from triage.synth import generate
-
-SPLITS = ("train", "valid", "test")
+from triage.data.ktas import read_ktas_csv
+from triage.schema import SPLITS, DataError, Example
+from triage.data.splits import split_by_group
+from triage.data.synth import generate
 
 
 def _reader(data: DataParams) -> Callable[[Path], list[Example]]:

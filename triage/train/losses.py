@@ -1,6 +1,6 @@
 """Training objectives on the completion tokens, for mlx-lm's ``train(loss=...)``.
 
-Batches come from ``triage.batches`` as ``(tokens, labels, positions, mask, label_mask)``:
+Batches come from ``triage.train.batches`` as ``(tokens, labels, positions, mask, label_mask)``:
 ``positions[i, k]`` is the hidden-state index that predicts completion token k
 of example i, so the vocabulary projection runs only there, never on the prompt;
 ``label_mask`` marks the completion tokens that spell the label.
@@ -35,7 +35,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from triage.lm import hidden_states, project
+from triage.model.lm import hidden_states, project
 from triage.schema import LABELS
 
 Loss = Callable[..., tuple[mx.array, mx.array]]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,12 +19,12 @@ from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import get_total_parameters
 
-from triage.batches import make_iterate_batches
+from triage.train.batches import make_iterate_batches
 from triage.config import LoraConfig, TrainParams
-from triage.io import atomic_write_text, write_json
-from triage.lm import TokenizedCase
-from triage.backend import cpu_streams
-from triage.losses import Loss, plain_loss, sharded, split_cross_entropy
+from triage.io import atomic_file, atomic_write_text, staged_directory, write_json
+from triage.model.lm import TokenizedCase
+from triage.model.device import cpu_streams
+from triage.train.losses import Loss, plain_loss, sharded, split_cross_entropy
 
 NEVER = 10**9  # an interval mlx-lm's trainer never reaches: we evaluate and save ourselves
 VALIDATION_KEYS = ("val_loss", "val_label_loss", "val_reason_loss", "val_accuracy", "val_ed_auroc")
@@ -64,7 +63,10 @@ def should_stop(val_rows: list[dict], patience: int, min_delta: float, key: str 
 def learning_rate_schedule(peak: float, iters: int, warmup_ratio: float, kind: str):
     """Linear warmup from 0 over ``warmup_ratio * iters`` steps, then cosine decay to 0 (or constant)."""
     warmup = round(warmup_ratio * iters)
-    after = optim.cosine_decay(peak, max(iters - warmup, 1), 0.0) if kind == "cosine" else (lambda _: peak)
+    # A constant rate is a step decay by a factor of 1: an mlx schedule, so it returns an array the
+    # optimizer can cast and mlx-lm's compiled step can trace (a Python float or a captured array cannot).
+    constant = optim.step_decay(peak, 1.0, max(iters, 1))
+    after = optim.cosine_decay(peak, max(iters - warmup, 1), 0.0) if kind == "cosine" else constant
     if warmup == 0:
         return after
     return optim.join_schedules([optim.linear_schedule(0.0, peak, warmup), after], [warmup])
@@ -121,9 +123,8 @@ def reseed_at(seed: int, step: int) -> None:
 
 def save_arrays(path: Path, arrays: dict[str, mx.array]) -> None:
     """mx.save_safetensors through a temp file, so a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.stem}.tmp.safetensors")
-    mx.save_safetensors(str(tmp), arrays)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        mx.save_safetensors(str(tmp), arrays)
 
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: optim.Optimizer, state: Checkpoint) -> None:
@@ -318,7 +319,8 @@ def split_validation_loss(model: nn.Module, cases: list[TokenizedCase], batch_si
 
 
 def save_adapter(directory: Path, model: nn.Module, adapter_config: dict) -> None:
-    """Write adapters.safetensors and adapter_config.json as mlx-lm's load_adapters expects."""
-    directory.mkdir(parents=True, exist_ok=True)
-    save_arrays(directory / "adapters.safetensors", dict(tree_flatten(model.trainable_parameters())))
-    write_json(directory / "adapter_config.json", adapter_config)
+    """Write adapters.safetensors and adapter_config.json as mlx-lm's load_adapters expects, as one directory."""
+    with staged_directory(directory) as staged:
+        staged.mkdir()
+        mx.save_safetensors(str(staged / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+        write_json(staged / "adapter_config.json", adapter_config)

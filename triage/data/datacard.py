@@ -14,7 +14,7 @@ import numpy as np
 from tabulate import tabulate
 
 from triage.schema import LABELS, Example
-from triage.splits import groups_of, leakage_is_clean
+from triage.data.splits import groups_of, leakage_is_clean
 
 APPROX_TOKEN = re.compile(r"\w+|[^\w\s]")
 TOKEN_NOTE = r"approximate tokens: regex word pieces \w+|[^\w\s], not model tokenizer counts"

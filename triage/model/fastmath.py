@@ -51,7 +51,7 @@ def custom_function(forward: Callable[..., mx.array], backward: Callable[..., tu
 
     MLX builds a custom function's VJP on whatever stream is the default when
     the gradient is taken, not on the stream its forward pass ran on. With a
-    batch split into row shards on separate CPU streams (``triage.losses.sharded``)
+    batch split into row shards on separate CPU streams (``triage.train.losses.sharded``)
     every shard's backward pass would queue on the one default-stream thread
     while the shard threads wait. So the function is built once per stream and
     its VJP runs on the stream the forward was called on.

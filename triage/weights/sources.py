@@ -21,20 +21,38 @@ class ModelSourceError(RuntimeError):
     """A base model cannot be obtained from its configured source."""
 
 
-def write_tiny_model(out_dir: Path, seed: int = 0) -> None:
-    """A 2-layer llama with random weights and a small BPE tokenizer, for tests and smoke runs."""
-    import mlx.core as mx
-    from mlx_lm.models import llama
-    from mlx_lm.utils import save_config, save_model
-
-    config = {
+TINY_ARCHITECTURES = {"tiny": "llama", "tiny-gemma3": "gemma3"}
+"""The built-in random-weight models (``builtin:<name>``) and the architecture each one has."""
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": {
         "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
         "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
         "rms_norm_eps": 1e-5, "vocab_size": TINY_VOCAB, "tie_word_embeddings": True,
         "max_position_embeddings": 4096, "torch_dtype": "float32",
-    }
+    },
+    # Gemma 3's layout in miniature: five sliding-window blocks, then one global block,
+    # with a window (8 tokens) far shorter than any triage prompt.
+    "gemma3": {
+        "model_type": "gemma3_text", "hidden_size": 64, "num_hidden_layers": 6,
+        "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16,
+        "query_pre_attn_scalar": 16, "rms_norm_eps": 1e-6, "vocab_size": TINY_VOCAB,
+        "sliding_window": 8, "sliding_window_pattern": 6, "max_position_embeddings": 4096,
+        "torch_dtype": "float32",
+    },
+}
+
+
+def write_tiny_model(out_dir: Path, seed: int = 0, architecture: str = "llama") -> None:
+    """A tiny model with random weights (``TINY_CONFIGS``) and a small BPE tokenizer, for tests and smoke runs."""
+    import importlib
+
+    import mlx.core as mx
+    from mlx_lm.utils import save_config, save_model
+
+    config = TINY_CONFIGS[architecture]
     mx.random.seed(seed)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
+    family = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    model = family.Model(family.ModelArgs.from_dict(config))
     mx.eval(model.parameters())
     out_dir.mkdir(parents=True)
     save_model(out_dir, model)
@@ -52,7 +70,7 @@ def _tiny_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     from triage.schema import INSTRUCTION, LABELS
-    from triage.synth import KNOWLEDGE_DIR
+    from triage.data.synth import KNOWLEDGE_DIR
 
     corpus = [INSTRUCTION, *LABELS] + [p.read_text() for p in sorted(Path(KNOWLEDGE_DIR).glob("*.yaml"))]
     backend = Tokenizer(models.BPE())
@@ -80,7 +98,7 @@ def fetch_base_model(name: str, source: str, out_dir: Path, other_models: tuple[
     kind, _, where = source.partition(":")
     with staged_directory(out_dir) as work:
         if kind == "builtin":
-            write_tiny_model(work)
+            write_tiny_model(work, architecture=TINY_ARCHITECTURES[where])
             info = {"source": source, "source_precision": "float32 (random weights)"}
         elif kind == "dir":
             _require_hf_directory(name, Path(where))
@@ -133,7 +151,8 @@ def _convert_from_gguf(name: str, kind: str, where: str, out: Path) -> dict:
     """GGUF -> Hugging Face layout (exact dequantization) -> float32 MLX model."""
     import tempfile
 
-    from triage.gguf import GGUFPackageMissingError, UnsupportedGGUFError, convert_gguf, locate_package_gguf
+    from triage.weights.gguf import UnsupportedGGUFError, convert_gguf
+    from triage.weights.packaged import GGUFPackageMissingError, locate_package_gguf
 
     if kind == "gguf-package":
         package, _, filename = where.partition("/")

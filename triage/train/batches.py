@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 import mlx.core as mx
 import numpy as np
 
-from triage.lm import TokenizedCase
+from triage.model.lm import TokenizedCase
 
 PAD_MULTIPLE = 32  # padding lengths to a multiple keeps the compiled step's shape count small
 POSITION_MULTIPLE = 8

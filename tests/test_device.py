@@ -1,4 +1,4 @@
-"""Tests for triage.backend: throughput probes and the CPU dequantizing QLoRA layers."""
+"""Tests for triage.model.device: throughput probes and the CPU dequantizing QLoRA layers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from mlx_lm.models.llama import Model, ModelArgs
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from triage import backend
+from triage.model import device, quantized
 
 # 2 blocks x (q, k, v, o, gate, up, down) + the tied, quantized embedding.
 N_QUANTIZED = 2 * 7 + 1
@@ -78,31 +78,31 @@ def no_native_qmm(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_matmul_peak_gflops_is_positive():
-    assert 0 < backend.matmul_peak_gflops(n=128, repeats=2) < 1e5
+    assert 0 < device.matmul_peak_gflops(n=128, repeats=2) < 1e5
 
 
 def test_cpu_needs_dequantized_matmul(monkeypatch):
-    assert backend.cpu_needs_dequantized_matmul() == (mx.default_device().type == mx.cpu)
+    assert quantized.cpu_needs_dequantized_matmul() == (mx.default_device().type == mx.cpu)
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu, 0))
-    assert backend.cpu_needs_dequantized_matmul() is True  # a Mac told to use its CPU
+    assert quantized.cpu_needs_dequantized_matmul() is True  # a Mac told to use its CPU
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu, 0))
-    assert backend.cpu_needs_dequantized_matmul() is False
+    assert quantized.cpu_needs_dequantized_matmul() is False
     monkeypatch.setattr(mx.metal, "is_available", lambda: False)
     monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
-    assert backend.cpu_needs_dequantized_matmul() is True
+    assert quantized.cpu_needs_dequantized_matmul() is True
 
 
 def test_swap_count_idempotence_and_undo():
     model = tiny_quantized_llama(4)
     before = {k: (v.dtype, v.shape) for k, v in tree_flatten(model.parameters())}
-    assert backend.use_cpu_dequantized_matmul(model) == N_QUANTIZED
-    assert backend.use_cpu_dequantized_matmul(model) == 0
+    assert quantized.use_cpu_dequantized_matmul(model) == N_QUANTIZED
+    assert quantized.use_cpu_dequantized_matmul(model) == 0
     after = {k: (v.dtype, v.shape) for k, v in tree_flatten(model.parameters())}
     assert after == before  # still quantized (uint32), nothing added
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == mx.uint32
     assert isinstance(model.model.layers[0].mlp.up_proj, nn.QuantizedLinear)
-    assert backend.use_native_quantized_matmul(model) == N_QUANTIZED
+    assert quantized.use_native_quantized_matmul(model) == N_QUANTIZED
     assert type(model.model.embed_tokens) is nn.QuantizedEmbedding
 
 
@@ -113,17 +113,17 @@ def test_optimize_for_device_switches_layers_and_activations_only_on_cpu(monkeyp
                          (llama, "swiglu")):
         monkeypatch.setattr(module, name, getattr(module, name))  # undone after the test
     blas_threads = []
-    monkeypatch.setattr(backend, "set_blas_threads", blas_threads.append)
-    monkeypatch.delenv(backend.THREADS_ENV, raising=False)
+    monkeypatch.setattr(device, "set_blas_threads", blas_threads.append)
+    monkeypatch.delenv(device.THREADS_ENV, raising=False)
     model = tiny_quantized_llama(4)
-    monkeypatch.setattr(backend, "cpu_needs_dequantized_matmul", lambda: False)
-    assert backend.optimize_for_device(model) == "GPU: MLX's native kernels"
+    monkeypatch.setattr(device, "cpu_needs_dequantized_matmul", lambda: False)
+    assert device.optimize_for_device(model) == "GPU: MLX's native kernels"
     assert not hasattr(llama.scaled_dot_product_attention, "fast_cpu")
-    assert backend.cpu_streams(2) == []
-    monkeypatch.setattr(backend, "cpu_needs_dequantized_matmul", lambda: True)
-    assert f"{N_QUANTIZED} quantized layers" in backend.optimize_for_device(model)
+    assert device.cpu_streams(2) == []
+    monkeypatch.setattr(device, "cpu_needs_dequantized_matmul", lambda: True)
+    assert f"{N_QUANTIZED} quantized layers" in device.optimize_for_device(model)
     assert llama.scaled_dot_product_attention.fast_cpu and gemma3_text.scaled_dot_product_attention.fast_cpu
-    assert len(backend.cpu_streams(2)) == 2 and backend.cpu_streams(1) == []
+    assert len(device.cpu_streams(2)) == 2 and device.cpu_streams(1) == []
     assert blas_threads == [max(1, os.cpu_count() // 2)]  # the cores shared out among the streams
 
 
@@ -134,12 +134,12 @@ def test_inference_weights_dequantized_once_give_the_per_call_logits(bits, monke
     for module, name in ((llama, "scaled_dot_product_attention"), (gemma3_text, "scaled_dot_product_attention"),
                          (llama, "swiglu")):
         monkeypatch.setattr(module, name, getattr(module, name))
-    monkeypatch.setattr(backend, "cpu_needs_dequantized_matmul", lambda: True)
+    monkeypatch.setattr(device, "cpu_needs_dequantized_matmul", lambda: True)
     model = tiny_quantized_llama(bits)
     add_lora(model)
-    backend.use_cpu_dequantized_matmul(model)
+    quantized.use_cpu_dequantized_matmul(model)
     per_call = model(tokens())
-    assert "dequantized to fp32 once" in backend.optimize_for_device(model, inference=True)
+    assert "dequantized to fp32 once" in device.optimize_for_device(model, inference=True)
     assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
     assert isinstance(model.model.layers[0].self_attn.q_proj, LoRALinear)  # adapters (and their dropout) stay
     np.testing.assert_allclose(np.array(model(tokens())), np.array(per_call), rtol=1e-4, atol=1e-4)
@@ -151,7 +151,7 @@ def test_logits_match_native(bits, request):
     x = tokens()
     native = model(x)
     mx.eval(native)
-    backend.use_cpu_dequantized_matmul(model)
+    quantized.use_cpu_dequantized_matmul(model)
     request.getfixturevalue("no_native_qmm")  # incl. the tied head's as_linear
     fast = model(x)
     assert fast.dtype == native.dtype == mx.float32
@@ -165,7 +165,7 @@ def test_unpacking_gives_mx_dequantize_exactly(bits, dtype):
     weight = mx.random.normal((96, 192), key=mx.random.key(7)).astype(getattr(mx, dtype))
     packed, scales, biases = mx.quantize(weight, group_size=64, bits=bits)
     expected = mx.dequantize(packed, scales, biases, group_size=64, bits=bits, dtype=mx.float32)
-    unpacked = backend._unpack_affine(bits, 64)(packed, scales, biases)
+    unpacked = quantized._unpack_affine(bits, 64)(packed, scales, biases)
     assert unpacked.dtype == mx.float32 and unpacked.shape == (96, 192)
     assert mx.array_equal(unpacked, expected).item()
 
@@ -173,10 +173,10 @@ def test_unpacking_gives_mx_dequantize_exactly(bits, dtype):
 def test_few_rows_use_native_kernel(monkeypatch):
     layer = nn.QuantizedLinear(64, 32, bias=True, group_size=64, bits=4)
     layer.bias = mx.arange(32, dtype=mx.float32)
-    x = mx.random.normal((1, backend.NATIVE_MAX_ROWS, 64), key=mx.random.key(3))
+    x = mx.random.normal((1, quantized.NATIVE_MAX_ROWS, 64), key=mx.random.key(3))
     native = layer(x)
-    backend.use_cpu_dequantized_matmul(layer)
-    monkeypatch.setattr(backend, "dequantized_matmul", lambda *a: pytest.fail("dequantized"))
+    quantized.use_cpu_dequantized_matmul(layer)
+    monkeypatch.setattr(quantized, "dequantized_matmul", lambda *a: pytest.fail("dequantized"))
     assert mx.array_equal(layer(x), native).item()
 
 
@@ -185,7 +185,7 @@ def test_dequantized_layer_with_bias_matches_native(no_native_qmm):
     layer.bias = mx.arange(64, dtype=mx.float32) / 10
     x = mx.random.normal((5, 128), key=mx.random.key(4))
     expected = x @ mx.dequantize(layer.weight, layer.scales, layer.biases, 64, 8).T + layer.bias
-    backend.use_cpu_dequantized_matmul(layer)
+    quantized.use_cpu_dequantized_matmul(layer)
     np.testing.assert_allclose(np.array(layer(x)), np.array(expected), **TOL)
 
 
@@ -194,18 +194,18 @@ def test_dequantized_layer_with_bias_matches_native(no_native_qmm):
 def test_lora_loss_and_grads_match_native(bits, order):
     model = tiny_quantized_llama(bits)
     if order == "swap_then_lora":
-        assert backend.use_cpu_dequantized_matmul(model) == N_QUANTIZED
+        assert quantized.use_cpu_dequantized_matmul(model) == N_QUANTIZED
         add_lora(model)
     else:
         add_lora(model)
-        assert backend.use_cpu_dequantized_matmul(model) == N_QUANTIZED
+        assert quantized.use_cpu_dequantized_matmul(model) == N_QUANTIZED
     q_proj = model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, LoRALinear) and q_proj.lora_a.shape == (64, LORA["rank"])
     assert type(q_proj.linear).__name__ == "CPUQuantizedLinear"
 
     x, y = tokens(seed=1), tokens(seed=2)
     fast_loss, fast_grads = loss_and_grads(model, x, y)
-    assert backend.use_native_quantized_matmul(model) == N_QUANTIZED
+    assert quantized.use_native_quantized_matmul(model) == N_QUANTIZED
     native_loss, native_grads = loss_and_grads(model, x, y)
 
     # Only LoRA parameters are trained; the quantized base gets no gradient.
@@ -222,7 +222,7 @@ def test_lora_grads_under_compile_match_native():
     add_lora(model)
     x, y = tokens(seed=1), tokens(seed=2)
     native_loss, native_grads = loss_and_grads(model, x, y)
-    backend.use_cpu_dequantized_matmul(model)
+    quantized.use_cpu_dequantized_matmul(model)
     value_and_grad = nn.value_and_grad(model, loss_fn)
     step = mx.compile(lambda x, y: value_and_grad(model, x, y), inputs=model.state)
     loss, grads = step(x, y)

@@ -2,7 +2,7 @@
 
 Three steps, each deterministic given its inputs (randomness comes from a passed-in generator):
 
-1. ``load_knowledge`` reads the YAML knowledge base in ``triage/knowledge/``:
+1. ``load_knowledge`` reads the YAML knowledge base in ``triage/data/knowledge/``:
    presentations with their red-flag discriminators, host modifiers (age,
    pregnancy, immunosuppression, ...) and general phrasing.
 2. ``decide`` labels a ``Case`` (a presentation plus the facts stated about
@@ -12,7 +12,7 @@ Three steps, each deterministic given its inputs (randomness comes from a passed
    patient-nurse dialogue, with varied wording, distractors and typos.
 
 ``generate`` ties them together for a requested size and label mix. The data
-are synthetic and not for clinical use (see ``triage/knowledge/README.md``).
+are synthetic and not for clinical use (see ``triage/data/knowledge/README.md``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 import yaml
 
 from triage.schema import LABELS, DataError, Example, render_prompt
-from triage.splits import normalise_text
+from triage.data.splits import normalise_text
 
 KNOWLEDGE_DIR = Path(__file__).parent / "knowledge"
 DEFAULT_LABEL_MIX: dict[str, float] = {"ED": 0.30, "GP": 0.45, "HOME": 0.25}

@@ -1,0 +1,156 @@
+"""MC dropout: repeated stochastic passes of a LoRA-dropout adapter, votes cast with the headline rule, and the cases to review."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from triage.config import EvaluateParams
+from triage.evaluate import metrics as m
+from triage.evaluate.decisions import Rule, argmax_decision
+from triage.model.lm import ChatFormat, label_log_probs
+from triage.model.scoring import on_streams
+from triage.schema import LABELS, Example
+
+
+def adapter_dropout(adapter: Path | None) -> float | None:
+    """The LoRA dropout an adapter was trained with (after `lora:` overrides); None without an adapter."""
+    if adapter is None:
+        return None
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    return float(config["lora_parameters"]["dropout"])
+
+
+def mc_not_applicable(dropout: float | None) -> str | None:
+    """Why MC dropout cannot run for this model, or None when it can."""
+    if dropout is None:
+        return "no adapter (zero-shot baseline): the base model has no dropout to sample"
+    if dropout == 0:
+        return "the adapter was trained with LoRA dropout 0: every sample would give the same answer"
+    return None
+
+
+class _FanOut(nn.Module):
+    """A transformer block that runs on ``copies`` repeats of its one-row input."""
+
+    def __init__(self, block: nn.Module, copies: int):
+        super().__init__()
+        self.block = block
+        self.copies = copies
+
+    def __call__(self, x: mx.array, *args, **kwargs) -> mx.array:
+        return self.block(mx.broadcast_to(x, (self.copies, *x.shape[1:])), *args, **kwargs)
+
+    def __getattr__(self, key: str):
+        # Model loops read per-block flags (llama's `use_sliding`); answer for the wrapped block.
+        if key != "block" and "block" in self and key not in self:
+            return getattr(self["block"], key)
+        return super().__getattr__(key)
+
+
+def first_random_block(model: nn.Module) -> int:
+    """Index of the lowest transformer block holding a dropout layer (0 when there is none)."""
+    for index, block in enumerate(model.model.layers):
+        if any(isinstance(module, nn.Dropout) for _, module in block.named_modules()):
+            return index
+    return 0
+
+
+@contextmanager
+def shared_lower_blocks(model: nn.Module, copies: int) -> Iterator[int]:
+    """Compute the blocks below the first dropout layer once instead of once per sample.
+
+    Dropout lives only in the LoRA layers of the top blocks, so every sample
+    sees the same activations below them. Inside the context the first random
+    block repeats its input ``copies`` times: the caller feeds the number of
+    rows yielded (1, or ``copies`` when nothing can be shared) and gets
+    ``copies`` rows out. The dropout masks are drawn with the same shapes in
+    the same order as for a plain batch, so a seeded run gives the same samples.
+    """
+    layers = model.model.layers
+    first = first_random_block(model)
+    if first == 0:
+        yield copies
+        return
+    original = layers[first]
+    layers[first] = _FanOut(original, copies)
+    try:
+        yield 1
+    finally:
+        layers[first] = original
+
+
+def mc_dropout_votes(model: nn.Module, fmt: ChatFormat, prompts: Sequence[str], samples: int, seed: int,
+                     streams: Sequence = (), rule: Rule = argmax_decision) -> np.ndarray:
+    """(n_cases, samples) label indices with the LoRA dropout on; each sample votes with ``rule``.
+
+    ``rule`` is the headline decision rule, so the votes disagree where the
+    headline answer is fragile, and a miss of the headline can be flagged.
+    The samples of a case are one batch; the seed makes the dropout masks, and so
+    the votes, reproducible: masks are drawn case by case as the graphs are built,
+    whichever stream then runs them.
+    """
+    mx.random.seed(seed)
+    model.train()
+    try:
+        with shared_lower_blocks(model, samples) as rows:
+
+            def sample(prompt: str) -> mx.array:
+                return mx.softmax(label_log_probs(model, fmt, prompt, copies=rows), axis=1)
+
+            probs = on_streams([partial(sample, prompt) for prompt in prompts], streams)
+    finally:
+        model.eval()
+    return np.stack([[LABELS.index(label) for label in rule(np.array(p, dtype=np.float64))] for p in probs])
+
+
+@dataclass(frozen=True)
+class McDropout:
+    """MC-dropout metrics for the run's JSON, plus per-case vote rows (all cases; ``flagged`` marks review)."""
+
+    metrics: dict
+    cases: list[dict]
+
+
+def mc_dropout(
+    model: nn.Module, fmt: ChatFormat, examples: list[Example], headline_preds: list[str], rule: Rule,
+    params: EvaluateParams, dropout: float, streams: Sequence = (),
+) -> McDropout:
+    """Votes (cast with ``rule``, the headline rule), majority, confidence and uncertainty per case, and the share flagged."""
+    votes = mc_dropout_votes(model, fmt, [e.prompt for e in examples], params.mc_samples, params.seed, streams, rule)
+    summary = m.vote_summary(votes)
+    flags = m.flag_uncertain(summary["uncertainty"], params.uncertainty_threshold)
+    majority = m.classification_metrics([e.label for e in examples], summary["majority"])
+    cases = [
+        {"id": e.id, "label": e.label, "pred": headline_preds[i], "vote": summary["majority"][i],
+         "votes": dict(zip(LABELS, summary["counts"][i])), "confidence": summary["confidence"][i],
+         "uncertainty": summary["uncertainty"][i], "flagged": flags["flags"][i]}
+        for i, e in enumerate(examples)
+    ]
+    # The misses that matter most: true ED answered otherwise by the headline rule.
+    missed_ed = [case for case in cases if case["label"] == "ED" and case["pred"] != "ED"]
+    metrics = {
+        "applicable": True,
+        "dropout": dropout,
+        "samples": params.mc_samples,
+        "seed": params.seed,
+        "vote": f"each sample votes with the headline rule ({params.decision})",
+        "mean_confidence": float(np.mean(summary["confidence"])),
+        "mean_uncertainty": float(np.mean(summary["uncertainty"])),
+        "uncertainty_threshold": params.uncertainty_threshold,
+        "n_flagged": flags["n_flagged"],
+        "flagged_rate": flags["rate"],
+        "ed_misses": len(missed_ed),
+        "ed_misses_flagged": sum(case["flagged"] for case in missed_ed),
+        "majority_vote": {key: majority[key] for key in ("accuracy", "macro_f1", "ed_recall", "ed_fnr", "ed_fn")},
+        "blocks_shared_across_samples": first_random_block(model),
+    }
+    return McDropout(metrics, cases)

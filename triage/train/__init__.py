@@ -1,0 +1,1 @@
+"""Stage train: LoRA adapters, the objectives, the batches and the training loop."""
