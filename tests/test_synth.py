@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from triage.data import synth
+from triage.data import catalogue, synth
 from triage.data.datacard import approx_tokens, data_card, data_card_markdown
 from triage.schema import LABELS, DataError, Example, label_of, render_prompt
 from triage.data.splits import (
@@ -33,8 +33,8 @@ NEUTRAL_WEEKS = {"infant": 39, "child": 8 * 52, "adult": 40 * 52, "pregnant": 30
 
 
 @pytest.fixture(scope="module")
-def kb() -> synth.Knowledge:
-    return synth.load_knowledge()
+def kb() -> catalogue.Knowledge:
+    return catalogue.load_knowledge()
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def splits(examples: list[Example]) -> dict[str, list[Example]]:
     return split_by_group(examples, DEFAULT_FRACTIONS, SEED)
 
 
-def make_case(kb: synth.Knowledge, presentation_id: str, band: str | None = None, **facts) -> synth.Case:
+def make_case(kb: catalogue.Knowledge, presentation_id: str, band: str | None = None, **facts) -> synth.Case:
     p = kb.presentation(presentation_id)
     band = band or next((b for b in ("adult", "child", "elderly") if b in p.ages), p.ages[0])
     defaults = {"age_weeks": NEUTRAL_WEEKS[band], "sex": p.sex or "female", "voice": "first",
@@ -60,15 +60,15 @@ def message(example: Example) -> str:
 
 
 # --------------------------------------------------------------------------- knowledge base
-def test_knowledge_base_is_broad(kb: synth.Knowledge) -> None:
+def test_knowledge_base_is_broad(kb: catalogue.Knowledge) -> None:
     assert len(kb.presentations) >= 150
     assert len({p.system for p in kb.presentations}) >= 15
     assert {p.base for p in kb.presentations} == set(LABELS)
-    assert {band for p in kb.presentations for band in p.ages} == set(synth.AGE_BANDS)
+    assert {band for p in kb.presentations for band in p.ages} == set(catalogue.AGE_BANDS)
     assert sum(bool(p.flags) for p in kb.presentations) >= 120
 
 
-def test_fever_tag_is_backed_by_the_wording(kb: synth.Knowledge) -> None:
+def test_fever_tag_is_backed_by_the_wording(kb: catalogue.Knowledge) -> None:
     # Fever modifiers fire on the tag, so every phrasing of a tagged complaint must mention fever.
     fever_words = re.compile(r"fever|temperature|38|39|burning hot|feverish")
     for p in kb.presentations:
@@ -77,7 +77,7 @@ def test_fever_tag_is_backed_by_the_wording(kb: synth.Knowledge) -> None:
 
 
 def test_knowledge_errors_name_file_line_and_field(tmp_path: Path) -> None:
-    shutil.copytree(synth.KNOWLEDGE_DIR, tmp_path, dirs_exist_ok=True)
+    shutil.copytree(catalogue.KNOWLEDGE_DIR, tmp_path, dirs_exist_ok=True)
     path = tmp_path / "presentations.yaml"
     lines = path.read_text().splitlines()
     base_line = next(i for i, line in enumerate(lines) if line.strip() == "base: GP")
@@ -85,24 +85,24 @@ def test_knowledge_errors_name_file_line_and_field(tmp_path: Path) -> None:
     lines[base_line] = "  base: URGENT"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError) as error:
-        synth.load_knowledge(tmp_path)
+        catalogue.load_knowledge(tmp_path)
     assert error.value.path.endswith("presentations.yaml")
     assert error.value.line == start + 1
     assert error.value.field_name == "base"
     assert "URGENT" in str(error.value)
 
 
-def test_knowledge_rejects_wording_shared_by_two_presentations(tmp_path: Path, kb: synth.Knowledge) -> None:
-    shutil.copytree(synth.KNOWLEDGE_DIR, tmp_path, dirs_exist_ok=True)
+def test_knowledge_rejects_wording_shared_by_two_presentations(tmp_path: Path, kb: catalogue.Knowledge) -> None:
+    shutil.copytree(catalogue.KNOWLEDGE_DIR, tmp_path, dirs_exist_ok=True)
     path = tmp_path / "presentations.yaml"
     first, second = kb.presentations[0].say[0], kb.presentations[1].say[0]
     path.write_text(path.read_text().replace(f'"{second}"', f'"{first}"', 1))
     with pytest.raises(DataError, match="duplicate say"):
-        synth.load_knowledge(tmp_path)
+        catalogue.load_knowledge(tmp_path)
 
 
 # --------------------------------------------------------------------------- rules
-def test_each_flag_sets_at_least_its_label(kb: synth.Knowledge) -> None:
+def test_each_flag_sets_at_least_its_label(kb: catalogue.Knowledge) -> None:
     for p in kb.presentations:
         for flag in p.flags:
             decision = synth.decide(make_case(kb, p.id, present=(flag.id,)), kb)
@@ -111,7 +111,7 @@ def test_each_flag_sets_at_least_its_label(kb: synth.Knowledge) -> None:
                 assert decision.rule == flag.id and decision.reason == flag.reason
 
 
-def test_negated_flags_and_general_negations_never_escalate(kb: synth.Knowledge) -> None:
+def test_negated_flags_and_general_negations_never_escalate(kb: catalogue.Knowledge) -> None:
     checked = 0
     for p in kb.presentations:
         denials = kb.general[(p.id, p.ages[0], "denials")]
@@ -124,7 +124,7 @@ def test_negated_flags_and_general_negations_never_escalate(kb: synth.Knowledge)
     assert checked >= 100
 
 
-def test_denied_flags_are_written_into_the_message(kb: synth.Knowledge) -> None:
+def test_denied_flags_are_written_into_the_message(kb: catalogue.Knowledge) -> None:
     case = make_case(kb, "chest_pain_exertional", present=(), denied=("pain_at_rest", "exertional_sweating"))
     denials = {normalise_text(synth.fill(s, "first", "female")) for f in ("pain_at_rest", "exertional_sweating")
                for s in case.presentation.flag(f).deny}
@@ -133,7 +133,7 @@ def test_denied_flags_are_written_into_the_message(kb: synth.Knowledge) -> None:
     assert synth.decide(case, kb).label == "GP"
 
 
-def test_same_complaint_takes_all_three_labels_by_modifier(kb: synth.Knowledge) -> None:
+def test_same_complaint_takes_all_three_labels_by_modifier(kb: catalogue.Knowledge) -> None:
     assert synth.decide(make_case(kb, "headache"), kb).label == "HOME"
     assert synth.decide(make_case(kb, "headache", stated=("persisting",)), kb).label == "GP"
     assert synth.decide(make_case(kb, "headache", band="pregnant"), kb).rule == "pregnancy_headache"
@@ -160,13 +160,13 @@ def test_same_complaint_takes_all_three_labels_by_modifier(kb: synth.Knowledge) 
     ("bronchiolitis", "infant", {"age_weeks": 17}, "GP", "base"),
     ("gout", "adult", {"stated": ("severe_pain",)}, "GP", "base"),
 ])
-def test_red_flag_modifiers(kb: synth.Knowledge, presentation: str, band: str, facts: dict, label: str,
+def test_red_flag_modifiers(kb: catalogue.Knowledge, presentation: str, band: str, facts: dict, label: str,
                             rule: str) -> None:
     decision = synth.decide(make_case(kb, presentation, band=band, **facts), kb)
     assert (decision.label, decision.rule) == (label, rule)
 
 
-def test_generated_infant_fevers_follow_the_age_rule(kb: synth.Knowledge, examples: list[Example]) -> None:
+def test_generated_infant_fevers_follow_the_age_rule(kb: catalogue.Knowledge, examples: list[Example]) -> None:
     fever_ids = {p.id for p in kb.presentations if "fever" in p.tags}
     young = 0
     for example in examples:
@@ -178,11 +178,11 @@ def test_generated_infant_fevers_follow_the_age_rule(kb: synth.Knowledge, exampl
     assert all(e.label == "ED" for e in examples if e.attrs["rule"] == "infant_under_3_months_fever")
 
 
-def test_generated_immunosuppressed_fevers_are_ed(kb: synth.Knowledge, examples: list[Example]) -> None:
+def test_generated_immunosuppressed_fevers_are_ed(kb: catalogue.Knowledge, examples: list[Example]) -> None:
     modifier = kb.modifier("immunosuppressed_fever")
     fever_ids = {p.id for p in kb.presentations if "fever" in p.tags}
     phrases = {normalise_text(synth.fill(s, voice, sex)) for s in modifier.say
-               for voice in ("first", "third") for sex in synth.SEXES}
+               for voice in ("first", "third") for sex in catalogue.SEXES}
     mentioned = [e for e in examples if e.group in fever_ids
                  and any(phrase in normalise_text(message(e)) for phrase in phrases)]
     assert mentioned and all(e.label == "ED" for e in mentioned)
@@ -212,17 +212,17 @@ def test_default_mix_matches_at_default_size(examples: list[Example]) -> None:
         assert abs(counts[label] / N_DEFAULT - share) <= 0.01
 
 
-def test_default_size_covers_presentations_and_every_age_group(kb: synth.Knowledge, examples: list[Example]) -> None:
+def test_default_size_covers_presentations_and_every_age_group(kb: catalogue.Knowledge, examples: list[Example]) -> None:
     assert len({e.group for e in examples}) >= 150
     assert len({e.attrs["system"] for e in examples}) >= 15
     by_band = Counter((e.attrs["age_band"], e.label) for e in examples)
-    for band in synth.AGE_BANDS:
+    for band in catalogue.AGE_BANDS:
         assert sum(n for (b, _), n in by_band.items() if b == band) >= 30, band
         assert all(by_band[(band, label)] > 0 for label in LABELS), band
-    assert {e.attrs["sex"] for e in examples} == set(synth.SEXES)
+    assert {e.attrs["sex"] for e in examples} == set(catalogue.SEXES)
 
 
-def test_examples_follow_the_contract(kb: synth.Knowledge, examples: list[Example]) -> None:
+def test_examples_follow_the_contract(kb: catalogue.Knowledge, examples: list[Example]) -> None:
     assert [e.id for e in examples] == [f"b{i:06d}" for i in range(len(examples))]
     systems = {p.system for p in kb.presentations}
     for example in examples:
@@ -232,7 +232,7 @@ def test_examples_follow_the_contract(kb: synth.Knowledge, examples: list[Exampl
         assert "\n" not in example.completion
         assert example.group == example.attrs["presentation"]
         assert set(example.attrs) == {"age_band", "sex", "system", "presentation", "rule", "negation"}
-        assert example.attrs["age_band"] in synth.AGE_BANDS and example.attrs["sex"] in synth.SEXES
+        assert example.attrs["age_band"] in catalogue.AGE_BANDS and example.attrs["sex"] in catalogue.SEXES
         assert example.attrs["system"] in systems
         assert example.attrs["age_band"] != "pregnant" or example.attrs["sex"] == "female"
     assert len({normalise_text(message(e)) for e in examples}) == len(examples)
@@ -257,7 +257,7 @@ def test_label_counts_use_largest_remainder() -> None:
     assert synth.label_counts(5, {"HOME": 2, "ED": 2}) == {"ED": 3, "GP": 0, "HOME": 2}
 
 
-def test_generate_never_repeats_a_message(kb: synth.Knowledge) -> None:
+def test_generate_never_repeats_a_message(kb: catalogue.Knowledge) -> None:
     # One plain presentation asked for many times: only de-duplication keeps every text new.
     single = replace(kb, presentations=(kb.presentation("cold_sore"),))
     generated = synth.generate(300, {"HOME": 1}, seed=5, knowledge=single)

@@ -70,7 +70,7 @@ def _tiny_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     from triage.schema import INSTRUCTION, LABELS
-    from triage.data.synth import KNOWLEDGE_DIR
+    from triage.data.catalogue import KNOWLEDGE_DIR
 
     corpus = [INSTRUCTION, *LABELS] + [p.read_text() for p in sorted(Path(KNOWLEDGE_DIR).glob("*.yaml"))]
     backend = Tokenizer(models.BPE())
