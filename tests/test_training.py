@@ -460,3 +460,16 @@ def test_early_stopping_when_no_validation_beats_the_first_keeps_the_starting_ad
     assert result.metrics["early_stopped_at_step"] == 10 and result.metrics["best_val_step"] == 0
     for key, value in adapter_arrays(model).items():
         np.testing.assert_array_equal(value, start[key])
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_the_trainer_prints_colour_only_to_a_terminal(tiny, tmp_path, monkeypatch, capsys, terminal):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setattr("sys.stdout.isatty", lambda: terminal)
+    config = lora_config(iters=2)
+    model, fmt = fresh(tiny, config)
+    cases = short_cases(fmt, 8, 0.3, seed=2)
+    run_training(model, cases, cases[:4], config, train_params(steps_per_report=1, steps_per_eval=2), plain_loss,
+                 tmp_path, "colour")
+    out = capsys.readouterr().out
+    assert "train_loss" in out and ("\x1b[" in out) == terminal

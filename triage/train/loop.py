@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -222,6 +223,20 @@ class TrainResult:
     val_rows: list[dict]
 
 
+def colour_only_on_a_terminal() -> None:
+    """Make mlx-lm's trainer print colour only to a terminal, and never with ``NO_COLOR`` set.
+
+    Its console forces truecolor, so stage logs and ``dvc queue logs`` would carry
+    ANSI codes; rich's own detection (the default) checks the stream and NO_COLOR.
+    The theme is mlx-lm's, which its progress markup needs.
+    """
+    from mlx_lm import cli_ui
+    from rich.console import Console
+
+    cli_ui.make_console = functools.lru_cache(maxsize=1)(
+        lambda: Console(theme=cli_ui._make_theme(), highlight=False, width=cli_ui._terminal_width()))
+
+
 def run_training(
     model: nn.Module, train_cases: list[TokenizedCase], val_cases: list[TokenizedCase],
     config: LoraConfig, params: TrainParams, loss: Loss, checkpoint_dir: Path, run_fingerprint: str,
@@ -273,6 +288,7 @@ def run_training(
     stopped_at = None
     try:
         if args.iters > 0:
+            colour_only_on_a_terminal()
             train(model, optimizer, train_cases, None, args, loss=sharded(loss, streams),
                   iterate_batches=make_iterate_batches(params.mask_prompt, params.seed, skip=state.step),
                   training_callback=monitor)
