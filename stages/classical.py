@@ -13,7 +13,7 @@ from pathlib import Path
 import triage  # noqa: F401  (a BLAS proven on this CPU, before the evaluate code imports MLX)
 from triage.classical import RUN_NAME, fit_tfidf_logreg, label_probabilities
 from triage.config import load_params
-from triage.evaluate.evaluation import ScoredSet, evaluate_sets
+from triage.evaluate.evaluation import ScoredSet, evaluate_sets, headline_file
 from triage.io import write_csv, write_json, write_jsonl
 from triage.schema import Example, read_examples
 from triage.stage import run_stage
@@ -22,7 +22,8 @@ from triage.stage import run_stage
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, required=True, help="directory with train, valid and test .jsonl")
-    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True, help="compact eval.json: the dozen numbers DVC shows")
+    parser.add_argument("--details", type=Path, required=True, help="evaluation.json: every rule, interval and gate")
     parser.add_argument("--predictions", type=Path, required=True)
     parser.add_argument("--confusion", type=Path, required=True)
     args = parser.parse_args()
@@ -38,8 +39,9 @@ def main() -> None:
     metrics, predictions, _, _ = evaluate_sets(score, args.data, params.evaluate, target)
     write_jsonl(args.predictions, predictions)
     write_csv(args.confusion, predictions, ("id", "label", "pred"))
-    write_json(args.metrics, {"run": RUN_NAME, "adapter": False, "mc_dropout": {
+    write_json(args.details, {"run": RUN_NAME, "adapter": False, "mc_dropout": {
         "applicable": False, "reason": "not a neural network: no dropout to sample"}, **metrics})
+    write_json(args.metrics, headline_file(metrics))
     print(f"[classical] {RUN_NAME}: accuracy {metrics['accuracy']:.3f}, ED recall {metrics['ed_recall']}, "
           f"ED AUROC {metrics['ed_auroc']:.3f} (valid accuracy {metrics['valid']['accuracy']:.3f}) -> {args.metrics}")
 

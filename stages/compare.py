@@ -1,4 +1,4 @@
-"""Collect every selected run into metrics/summary.json, a Markdown report and plot data.
+"""Collect every selected run into the study file, its compact metrics/summary.json, a Markdown report and plot data.
 
     dvc repro compare
 """
@@ -10,15 +10,16 @@ from pathlib import Path
 from triage.config import load_params
 from triage.io import atomic_write_text, staged_directory, write_json
 from triage.evaluate.metrics import RUN_HEADLINE
-from triage.report import (baseline_name, collect_rows, comparison_pairs, floor_row, mc_uncertainties,
-                           memory_points, paired_rows, report_markdown, summary, uncertainty_histogram)
+from triage.report import (baseline_name, collect_rows, comparison_pairs, floor_row, headline_summary,
+                           mc_uncertainties, memory_points, paired_rows, report_markdown, summary,
+                           uncertainty_histogram)
 from triage.stage import run_stage
 
 
 def read_baselines(directory: Path, models: list[str], bits: list[str]) -> dict[str, dict]:
     found = {}
     for variant in (f"{m}-{b}" for m in models for b in bits):
-        path = directory / variant / "eval.json"
+        path = directory / variant / "evaluation.json"
         if path.is_file():
             found[variant] = {k: json.loads(path.read_text())[k] for k in RUN_HEADLINE}
     return found
@@ -40,7 +41,8 @@ def main() -> None:
     parser.add_argument("--baselines", type=Path, required=True)
     parser.add_argument("--models", type=Path, required=True)
     parser.add_argument("--classical", type=Path, required=True, help="the classical baseline's eval.json and predictions")
-    parser.add_argument("--summary", type=Path, required=True)
+    parser.add_argument("--summary", type=Path, required=True, help="compact summary.json for dvc metrics")
+    parser.add_argument("--study", type=Path, required=True, help="the whole study the report is made from")
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--memory-plot", type=Path, required=True)
     parser.add_argument("--uncertainty-plots", type=Path, required=True)
@@ -52,12 +54,13 @@ def main() -> None:
     contenders = {row["run"]: args.runs / row["run"] / "predictions.jsonl" for row in rows}
     contenders |= {baseline_name(*variant.rsplit("-", 1)): args.baselines / variant / "predictions.jsonl"
                    for variant in baselines}
-    classical = args.classical / "eval.json"
+    classical = args.classical / "evaluation.json"
     floors = [floor_row(json.loads(classical.read_text()))] if classical.is_file() else []
     contenders |= {floor["run"]: args.classical / "predictions.jsonl" for floor in floors}
     pairs = comparison_pairs(rows, baselines, [floor["run"] for floor in floors])
     study = summary(rows, missing, baselines, paired_rows(pairs, contenders), floors)
-    write_json(args.summary, study)
+    write_json(args.study, study)
+    write_json(args.summary, headline_summary(study))
     write_json(args.memory_plot, memory_points(rows))
     write_uncertainty_plots(args.uncertainty_plots, args.runs, rows)
     gates = {"ed_recall": params.evaluate.gates.ed_recall_min, "ed_f2": params.evaluate.gates.ed_f2_min,

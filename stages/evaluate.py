@@ -9,6 +9,7 @@ adapter has LoRA dropout also write the MC-dropout review list.
 """
 
 import argparse
+import json
 from pathlib import Path
 
 import triage  # selects the fast BLAS before MLX loads
@@ -17,6 +18,7 @@ from mlx_lm import load
 from triage.model.device import cpu_streams, optimize_for_device
 from triage.config import load_params
 from triage.evaluate.decisions import ed_recall_target
+from triage.evaluate.evaluation import headline_file
 from triage.evaluate.language_model import evaluate_model
 from triage.evaluate.mc_dropout import adapter_dropout
 from triage.io import write_csv, write_json, write_jsonl
@@ -33,7 +35,9 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--adapter", type=Path, help="adapter directory; omit for the zero-shot baseline")
     parser.add_argument("--data", type=Path, required=True, help="directory with valid.jsonl and test.jsonl")
-    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True, help="compact eval.json: the dozen numbers DVC shows")
+    parser.add_argument("--details", type=Path, required=True, help="evaluation.json: every rule, interval and gate")
+    parser.add_argument("--training", type=Path, help="the run's train.json (its peak memory goes into --metrics)")
     parser.add_argument("--predictions", type=Path, required=True)
     parser.add_argument("--confusion", type=Path, required=True,
                         help="CSV of id, label, pred for DVC's confusion plot (DVC plots cannot read JSONL)")
@@ -58,7 +62,9 @@ def main() -> None:
     write_csv(args.confusion, result.predictions, ("id", "label", "pred"))
     if args.review:
         write_jsonl(args.review, result.review)
-    write_json(args.metrics, {"run": args.run, "adapter": bool(args.adapter), **result.metrics})
+    write_json(args.details, {"run": args.run, "adapter": bool(args.adapter), **result.metrics})
+    peak_memory = json.loads(args.training.read_text())["peak_memory_mb"] if args.training else None
+    write_json(args.metrics, headline_file(result.metrics, peak_memory))
     mc = result.metrics["mc_dropout"]
     mc_text = f"{mc['n_flagged']} flagged for review" if mc["applicable"] else "MC dropout not applicable"
     top = result.metrics

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, roc_auc_score
 
+from triage.evaluate.evaluation import headline_file
 from triage.classical import fit_tfidf_logreg, label_probabilities
 from triage.config import ClassicalParams
 from triage.schema import DataError, Example
@@ -58,9 +59,11 @@ def test_the_stage_writes_the_metrics_every_run_writes(tmp_path: Path):
         (data / f"{name}.jsonl").write_text("".join(json.dumps(e.to_json()) + "\n" for e in examples))
     out = tmp_path / "classical"
     subprocess.run([sys.executable, str(ROOT / "stages/classical.py"), "--data", str(data),
-                    "--metrics", str(out / "eval.json"), "--predictions", str(out / "predictions.jsonl"),
+                    "--metrics", str(out / "eval.json"), "--details", str(out / "evaluation.json"),
+                    "--predictions", str(out / "predictions.jsonl"),
                     "--confusion", str(out / "confusion.csv")], cwd=ROOT, check=True, capture_output=True)
-    metrics = json.loads((out / "eval.json").read_text())
+    compact, metrics = (json.loads((out / name).read_text()) for name in ("eval.json", "evaluation.json"))
+    assert compact == headline_file(metrics) and "peak_memory_mb" not in compact
     assert metrics["run"] == "tfidf-logreg" and metrics["decision"] == "argmax"
     assert metrics["accuracy"] == 1.0 and metrics["ed_auroc"] == 1.0 and metrics["valid"]["accuracy"] == 1.0
     assert metrics["ci95"]["ed_recall"]["low"] < 1.0  # 5 of 5 is not certainty

@@ -22,7 +22,7 @@ from conftest import ROOT, SHARED_DATA
 from triage.model.quantized import use_cpu_dequantized_matmul
 from triage.config import ExtraSet, LoraConfig, ParamsError, TrainParams, load_params
 from triage.evaluate.decisions import EdThreshold, argmax_decision, freeze_ed_threshold
-from triage.evaluate.evaluation import ScoredSet, read_extra_set, set_metrics
+from triage.evaluate.evaluation import HEADLINE_FILE, ScoredSet, headline_file, read_extra_set, set_metrics
 from triage.evaluate.language_model import evaluate_model, score_set
 from triage.evaluate.mc_dropout import adapter_dropout, first_random_block, mc_dropout_votes, shared_lower_blocks
 from triage.model.scoring import label_log_likelihoods, label_probabilities
@@ -53,6 +53,11 @@ KTAS_ROWS = [
     ("2", "82", "3", "1", "dizziness", "1", "0", "#BOŞ!", "140", "90", "66", "18", "36,5", "97", "4"),
     ("1", "15", "1", "2", "ankle sprain", "1", "1", "3", "110", "70", "80", "18", "36,7", "99", "5"),
 ]
+
+
+def write_json_file(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data))
+    return path
 
 
 def prompts_of(examples: list[Example]) -> list[str]:
@@ -385,13 +390,16 @@ def test_the_stage_writes_metrics_predictions_and_review(model_dir, adapters, da
     out = tmp_path / "out"
     command = [sys.executable, str(ROOT / "stages/evaluate.py"), "--run", "tiny-4bit-balanced_safe",
                "--config", "balanced_safe", "--model-dir", str(model_dir), "--adapter", str(adapters[0.3]),
-               "--data", str(data_dir), "--metrics", str(out / "eval.json"),
+               "--data", str(data_dir), "--metrics", str(out / "eval.json"), "--details", str(out / "evaluation.json"),
+               "--training", str(write_json_file(tmp_path / "train.json", {"peak_memory_mb": 12.5})),
                "--predictions", str(out / "predictions.jsonl"), "--confusion", str(out / "confusion.csv"),
                "--review", str(out / "review.jsonl")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    metrics = json.loads((out / "eval.json").read_text())
+    compact, metrics = (json.loads((out / name).read_text()) for name in ("eval.json", "evaluation.json"))
+    assert compact == headline_file(metrics, 12.5)
+    assert set(compact) == {"decision", *HEADLINE_FILE, "ci95", "safe", "peak_memory_mb"} and compact["safe"] in (0, 1)
     assert metrics["run"] == "tiny-4bit-balanced_safe" and metrics["adapter"] is True
     assert metrics["ed_threshold"]["target_from"] == "configs.balanced_safe.target_ed_recall"
     assert metrics["mc_dropout"]["samples"] == 4 and (out / "review.jsonl").is_file()

@@ -13,6 +13,8 @@ import yaml
 from conftest import ROOT, run
 
 pytestmark = pytest.mark.e2e
+from triage.evaluate.evaluation import headline_file
+from triage.report import headline_summary
 from triage.schema import LABELS
 
 RUNS = ("tiny-4bit-medical_fast", "tiny-4bit-balanced_safe")
@@ -43,11 +45,15 @@ def test_every_declared_output_exists(reproduced):
     missing = [path for path in outputs if not (reproduced / path).exists()]
     assert not missing
     for name in RUNS:
-        metrics = json.loads((reproduced / "metrics/runs" / name / "eval.json").read_text())
-        assert set(HEADLINE) <= set(metrics)
+        run_dir = reproduced / "metrics/runs" / name
+        evaluation, compact, training = (json.loads((run_dir / f).read_text())
+                                         for f in ("evaluation.json", "eval.json", "train.json"))
+        assert set(HEADLINE) <= set(evaluation)
+        assert compact == headline_file(evaluation, training["peak_memory_mb"])
         assert (reproduced / "runs" / name / "adapter/adapters.safetensors").is_file()
-    summary = json.loads((reproduced / "metrics/summary.json").read_text())
-    assert set(summary["runs"]) == set(RUNS) and summary["missing"] == []
+    study = json.loads((reproduced / "reports/study.json").read_text())
+    assert set(study["runs"]) == set(RUNS) and study["missing"] == []
+    assert json.loads((reproduced / "metrics/summary.json").read_text()) == headline_summary(study)
 
 
 def test_second_repro_is_a_no_op(reproduced):
@@ -132,13 +138,23 @@ def test_dvc_plots_show_renders_every_plot(reproduced):
     assert "metrics/plots/uncertainty/tiny-4bit-balanced_safe.json" in ids
 
 
-def test_dvc_metrics_show_has_every_runs_headline(reproduced):
+def leaves(tree) -> int:
+    return sum(map(leaves, tree.values())) if isinstance(tree, dict) else 1
+
+
+def test_dvc_metrics_are_a_dozen_numbers_per_run_and_a_compact_summary(reproduced):
+    """What a pull request's `dvc metrics diff` shows; provenance and per-rule detail stay in outs."""
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], reproduced).stdout)
     files = next(iter(shown.values()))["data"]
+    assert set(files) == {f"metrics/runs/{name}/eval.json" for name in RUNS} | {"metrics/summary.json"}
+    study = json.loads((reproduced / "reports/study.json").read_text())
     for name in RUNS:
-        evaluation = files[f"metrics/runs/{name}/eval.json"]["data"]
-        summary_row = files["metrics/summary.json"]["data"]["runs"][name]
-        assert {key: evaluation[key] for key in HEADLINE} == {key: summary_row[key] for key in HEADLINE}
+        compact = files[f"metrics/runs/{name}/eval.json"]["data"]
+        assert leaves(compact) <= 14 and compact["accuracy"] == study["runs"][name]["accuracy"]
+    assert leaves(files["metrics/summary.json"]["data"]) <= 20
+    diff = run(["dvc", "metrics", "diff", "--md", "--all", "HEAD"], reproduced).stdout
+    rows = [line for line in diff.splitlines() if line.startswith("| metrics/")]
+    assert 0 < len(rows) <= sum(leaves(f["data"]) for f in files.values()) <= 14 * len(RUNS) + 20
 
 
 @pytest.fixture
@@ -187,8 +203,8 @@ def test_queued_experiments_run_two_at_a_time(own_copy):
     for rank, name in names.items():
         data = experiments[name]
         assert data["params"]["params.yaml"]["data"]["configs"]["medical_fast"]["rank"] == rank
-        runs = data["metrics"]["metrics/summary.json"]["data"]["runs"]
-        assert set(runs) == set(RUNS)
+        summary = data["metrics"]["metrics/summary.json"]["data"]
+        assert summary["n_runs"] == len(RUNS) and summary["best"] in RUNS
         logs = run(["dvc", "queue", "logs", name], own_copy).stdout
         assert "Stage 'train@tiny-4bit-balanced_safe' is cached" in logs, logs
         assert "Running stage 'train@tiny-4bit-medical_fast'" in logs, logs

@@ -344,6 +344,7 @@ def test_two_fresh_projects_write_identical_metrics_but_for_measurements(snapsho
     """Every metrics and report file, byte for byte once the MEASURED_KEYS values are masked."""
     files = tree_digest(snapshots["done"], ("metrics", "reports")).keys()
     assert files == tree_digest(twin, ("metrics", "reports")).keys()
-    assert {f"metrics/runs/{RUN}/eval.json", f"metrics/runs/{RUN}/train.json", "metrics/summary.json"} <= files
+    assert {f"metrics/runs/{RUN}/eval.json", f"metrics/runs/{RUN}/evaluation.json", f"metrics/runs/{RUN}/train.json",
+            "metrics/summary.json", "reports/study.json"} <= files
     for name in files:
         assert comparable(snapshots["done"] / name) == comparable(twin / name), name

@@ -38,12 +38,12 @@ def headline(accuracy: float, ed_recall: float) -> dict:
 
 def write_run(root: Path, run: str, kind: str, accuracy: float, ed_recall: float, memory: float,
               valid: tuple[float, float] | None = None) -> None:
-    """A run's eval.json and train.json; ``valid`` (accuracy, ED recall) defaults to the test numbers."""
+    """A run's evaluation.json and train.json; ``valid`` (accuracy, ED recall) defaults to the test numbers."""
     evaluation = {**headline(accuracy, ed_recall), "valid": headline(*(valid or (accuracy, ed_recall)))}
     training = {"kind": kind, "seconds": 10.0, "peak_memory_mb": memory, "tokens_per_s": 100.0,
                 "trainable_params": 1000}
     (root / "runs" / run).mkdir(parents=True)
-    (root / "runs" / run / "eval.json").write_text(json.dumps(evaluation))
+    (root / "runs" / run / "evaluation.json").write_text(json.dumps(evaluation))
     (root / "runs" / run / "train.json").write_text(json.dumps(training))
 
 

@@ -68,7 +68,7 @@ def test_the_assembling_clone_runs_only_compare(study):
 
 def test_the_assembled_study_lists_both_runs_and_the_baseline(study):
     assembler = study["root"] / "assembler"
-    summary = json.loads((assembler / "metrics/summary.json").read_text())
+    summary = json.loads((assembler / "reports/study.json").read_text())
     assert set(summary["runs"]) == set(RUNS) and summary["missing"] == []
     assert json.loads(run(["dvc", "status", "--json"], assembler).stdout) == {}
     assert (assembler / "metrics/baseline/tiny-4bit/eval.json").is_file()
@@ -77,6 +77,6 @@ def test_the_assembled_study_lists_both_runs_and_the_baseline(study):
 def test_the_assembled_metrics_are_the_workers(study):
     root = study["root"]
     for worker, run_name in zip(SHARES, RUNS):
-        for name in ("eval.json", "train.json"):
+        for name in ("eval.json", "evaluation.json", "train.json"):
             path = Path("metrics/runs", run_name, name)
             assert (root / "assembler" / path).read_bytes() == (root / worker / path).read_bytes(), path

@@ -30,7 +30,7 @@ class RunPaths:
     name: str
     model_dir: Path
     adapter_dir: Path | None
-    evaluation: Path  # the run's eval.json, which holds the p(ED) threshold its evaluate stage froze
+    evaluation: Path  # the run's evaluation.json, which holds the p(ED) threshold its evaluate stage froze
 
 
 def known_runs(root: Path) -> list[str]:
@@ -45,9 +45,9 @@ def resolve_run(root: Path, run: str) -> RunPaths:
     for model_dir in sorted(root.glob("models/*/*bit")):
         variant = f"{model_dir.parent.name}-{model_dir.name}"
         if run == variant:
-            return RunPaths(run, model_dir, None, root / "metrics" / "baseline" / variant / "eval.json")
+            return RunPaths(run, model_dir, None, root / "metrics" / "baseline" / variant / "evaluation.json")
         if run.startswith(variant + "-") and adapter.is_dir():
-            return RunPaths(run, model_dir, adapter, root / "metrics" / "runs" / run / "eval.json")
+            return RunPaths(run, model_dir, adapter, root / "metrics" / "runs" / run / "evaluation.json")
     listed = ", ".join(known_runs(root)) or "none yet: run `dvc repro` (or `make demo`) first"
     raise UnknownRun(f"unknown run '{run}' in {root}; available: {listed}")
 

@@ -44,7 +44,7 @@ def collect_rows(selection: RunSelection, runs_dir: Path, models_dir: Path,
     """Rows of the evaluated runs and the names of selected runs that have no results."""
     rows, missing = [], []
     for run in expected_runs(selection):
-        evaluation = _read(runs_dir / run["run"] / "eval.json")
+        evaluation = _read(runs_dir / run["run"] / "evaluation.json")
         training = _read(runs_dir / run["run"] / "train.json")
         if evaluation is None or training is None:
             missing.append(run["run"])
@@ -177,6 +177,23 @@ def summary(rows: list[dict], missing: list[str], baselines: dict[str, dict], pa
         "classical": {row["run"]: row for row in floors},
         "paired": paired,
     }
+
+
+def headline_summary(study: dict) -> dict:
+    """The compact summary.json for ``dvc metrics``: counts, the best run (chosen on valid) and how it
+    compares with its zero-shot baseline and the classical floor on test. The whole study, every run
+    and every paired row, is in the full study file the report is made from."""
+    best = study["best"]
+    compact = {"n_runs": study["n_runs"], "n_safe": study["n_safe"], "n_safe_on_valid": study["n_safe_on_valid"],
+               "n_missing": len(study["missing"]), "best": best["run"] if best else None}
+    if best:
+        compact["best_test"] = {key: best[key] for key in ("accuracy", "ed_recall", "ed_auroc")} | {"safe": int(best["safe"])}
+        for row in study["paired"]:
+            if row["a"] == best["run"] and row["metric"] in ("accuracy", "ed_auroc"):
+                against = "vs_zero_shot" if row["b"].endswith(ZERO_SHOT) else f"vs_{row['b']}"
+                compact.setdefault(f"best_{against}", {})[row["metric"]] = {
+                    key: row[key] for key in ("diff", "low", "high")}
+    return compact
 
 
 def _fmt(value) -> str:

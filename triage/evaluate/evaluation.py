@@ -190,3 +190,18 @@ def evaluate_sets(score: Scorer, data_dir: Path, params: EvaluateParams, target:
         for spec in params.extra_sets
     }
     return metrics, prediction_rows(test, params, threshold), test, threshold
+
+
+HEADLINE_FILE = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_auroc", "under_triage_rate",
+                 "over_triage_rate", "test_loss")
+"""The numbers of an evaluation's compact ``eval.json``, the file ``dvc metrics`` and ``dvc exp show`` read."""
+
+
+def headline_file(evaluation: dict, peak_memory_mb: float | None = None) -> dict:
+    """A dozen numbers of one evaluation for DVC: the headline rule's test metrics, the ED recall's
+    lower bound, ``safe`` as 0/1 and the training's peak memory. The whole evaluation (every rule,
+    interval, gate and subgroup) is the ``evaluation.json`` beside it."""
+    compact = {"decision": evaluation["decision"], **{key: evaluation[key] for key in HEADLINE_FILE},
+               "ci95": {"ed_recall": {"low": evaluation["ci95"]["ed_recall"]["low"]}},
+               "safe": int(evaluation["safe"])}
+    return compact | ({"peak_memory_mb": peak_memory_mb} if peak_memory_mb is not None else {})
