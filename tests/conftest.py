@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 import triage  # noqa: F401  (fast BLAS before MLX, as in the stages)
+from triage.offline_plots import TEMPLATE_PATH, write_html_template
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -60,12 +61,22 @@ def project_files() -> list[str]:
     return [name for name in listed if (ROOT / name).is_file()]
 
 
+def offline_plots(target: Path) -> None:
+    """The offline `dvc plots show` template that `make setup` writes (untracked, so not among the files)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if (ROOT / TEMPLATE_PATH).is_file():
+        shutil.copy2(ROOT / TEMPLATE_PATH, target)
+    else:
+        write_html_template(target)
+
+
 def make_project(destination: Path, profile: dict) -> Path:
     """A fresh git + DVC copy of the project with ``profile`` merged into params.yaml."""
     for name in project_files():
         target = destination / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, target)
+    offline_plots(destination / TEMPLATE_PATH)
     params_path = destination / "params.yaml"
     params = deep_update(yaml.safe_load(params_path.read_text()), profile)
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -136,6 +137,23 @@ def test_dvc_plots_show_renders_every_plot(reproduced):
     assert "metrics/baseline/tiny-4bit/confusion.csv" in ids
     assert "metrics/plots/ed_recall_vs_memory.json" in ids
     assert "metrics/plots/uncertainty/tiny-4bit-balanced_safe.json" in ids
+
+
+def browser() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(browser() is None, reason="no chromium (make test installs it as root on Debian)")
+def test_dvc_plots_show_renders_every_plot_with_the_network_blocked(reproduced, tmp_path):
+    """DVC's own page loads Vega from a CDN and is blank offline; the project's template inlines it."""
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], reproduced)
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert "<script src=" not in page
+    plots = page.count("vegaEmbed('#")
+    dom = subprocess.run([browser(), "--headless", "--no-sandbox", "--disable-gpu", "--host-resolver-rules=MAP * ~NOTFOUND",
+                          "--virtual-time-budget=15000", "--dump-dom", (tmp_path / "plots" / "index.html").as_uri()],
+                         capture_output=True, text=True, timeout=300).stdout
+    assert plots >= 8 and dom.count('class="vega-embed') == plots
 
 
 def leaves(tree) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 import triage  # noqa: F401  (fast BLAS before MLX)
 from triage.config import ParamsError, load_params
 from triage.io import iter_jsonl
+from triage.offline_plots import TEMPLATE_PATH, write_html_template
 from triage.predict import NOT_FOR_CLINICAL_USE, Triager, UnknownRun, export_run, resolve_run
 from triage.schema import DataError, read_examples
 
@@ -74,6 +75,11 @@ def export(args: argparse.Namespace) -> None:
           f"largest label-probability difference {check.max_abs_diff:.4f} (the fused weights are re-quantized)")
 
 
+def offline_plots(args: argparse.Namespace) -> None:
+    path = write_html_template(args.out or args.root / TEMPLATE_PATH)
+    print(f"wrote {path}: `dvc plots show` pages now carry Vega, Vega-Lite and Vega-Embed and render offline")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m triage", description=NOT_FOR_CLINICAL_USE)
     parser.add_argument("--root", type=Path, default=Path("."), help="the project directory (default: .)")
@@ -90,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     out.add_argument("--run", required=True)
     out.add_argument("--out", type=Path, required=True)
     out.set_defaults(handler=export)
+    plots = commands.add_parser("offline-plots", help="write the HTML template that lets `dvc plots show` work offline")
+    plots.add_argument("--out", type=Path, default=None, help=f"default: <root>/{TEMPLATE_PATH}")
+    plots.set_defaults(handler=offline_plots)
     args = parser.parse_args(argv)
     if args.command == "predict" and not args.file and not args.text:
         parser.error("give a message or --file")
