@@ -5,14 +5,16 @@
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from triage.config import load_params
 from triage.io import atomic_write_text, staged_directory, write_json
 from triage.evaluate.metrics import RUN_HEADLINE
+from triage.figures import curve_rows, study_figures
 from triage.report import (baseline_name, collect_rows, comparison_pairs, floor_row, headline_summary,
-                           mc_uncertainties, memory_points, paired_rows, report_markdown, summary,
-                           uncertainty_histogram)
+                           mc_uncertainties, memory_points, paired_rows, read_case_predictions, report_markdown,
+                           summary, uncertainty_histogram)
 from triage.stage import run_stage
 
 
@@ -35,6 +37,25 @@ def write_uncertainty_plots(directory: Path, runs: Path, rows: list[dict]) -> No
                 write_json(staged / f"{row['run']}.json", uncertainty_histogram(values))
 
 
+def figure_order(rows: list[dict], contenders: dict[str, Path]) -> list[str]:
+    """Each run followed by its zero-shot baseline, then whatever else was compared (the classical floor)."""
+    order = []
+    for row in sorted(rows, key=lambda r: r["run"]):
+        order += [name for name in (row["run"], baseline_name(row["model"], row["bits"])) if name not in order]
+    return order + [name for name in contenders if name not in order]
+
+
+def write_figures(directory: Path, runs: Path, rows: list[dict], contenders: dict[str, Path],
+                  paired: list[dict]) -> dict[str, str]:
+    predictions = {name: list(read_case_predictions(contenders[name]).values())
+                   for name in figure_order(rows, contenders) if name in contenders}
+    curves = [point for row in rows for point in curve_rows(row["run"], runs / row["run"] / "curves")]
+    histograms = {row["run"]: uncertainty_histogram(values) for row in rows
+                  if (values := mc_uncertainties(runs / row["run"] / "predictions.jsonl"))}
+    with staged_directory(directory) as staged:
+        return study_figures(staged, predictions, memory_points(rows), curves, histograms, paired)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=Path, required=True)
@@ -46,6 +67,7 @@ def main() -> None:
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--memory-plot", type=Path, required=True)
     parser.add_argument("--uncertainty-plots", type=Path, required=True)
+    parser.add_argument("--figures", type=Path, required=True, help="directory for the report's PNG and SVG figures")
     args = parser.parse_args()
 
     params = load_params()
@@ -65,7 +87,9 @@ def main() -> None:
     write_uncertainty_plots(args.uncertainty_plots, args.runs, rows)
     gates = {"ed_recall": params.evaluate.gates.ed_recall_min, "ed_f2": params.evaluate.gates.ed_f2_min,
              "ed_fnr": params.evaluate.gates.ed_fnr_max}
-    report = report_markdown(study, gates)
+    figures = write_figures(args.figures, args.runs, rows, contenders, study["paired"])
+    links = Path(os.path.relpath(args.figures, args.report.parent))
+    report = report_markdown(study, gates, {title: f"{links.as_posix()}/{name}" for title, name in figures.items()})
     atomic_write_text(args.report, report)
     print(report)
 

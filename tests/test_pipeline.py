@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -55,6 +56,15 @@ def test_every_declared_output_exists(reproduced):
     study = json.loads((reproduced / "reports/study.json").read_text())
     assert set(study["runs"]) == set(RUNS) and study["missing"] == []
     assert json.loads((reproduced / "metrics/summary.json").read_text()) == headline_summary(study)
+
+
+def test_the_report_embeds_figures_that_exist_as_png_and_svg(reproduced):
+    report = (reproduced / "reports/report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert len(links) >= 5, report
+    for link in links:
+        png = reproduced / "reports" / link
+        assert png.read_bytes()[:4] == b"\x89PNG" and png.with_suffix(".svg").is_file(), link
 
 
 def test_second_repro_is_a_no_op(reproduced):

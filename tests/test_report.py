@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from triage import figures
 from triage.config import RunSelection
 from triage.evaluate.intervals import paired_comparison
+from triage.schema import LABELS
 from triage.report import (collect_rows, comparison_pairs, failed_gates, floor_row, mc_uncertainties, memory_points,
                            paired_rows, report_markdown, summary, uncertainty_histogram)
 
@@ -178,3 +180,41 @@ def test_paired_rows_refuse_runs_scored_on_different_cases(tmp_path):
     b = write_predictions(tmp_path / "b.jsonl", ["ED"], ["ED"], [0.9], [""])
     with pytest.raises(ValueError, match="different cases"):
         paired_rows([("a", "b")], {"a": a, "b": b})
+
+
+def prediction_rows(pairs: list[tuple[str, str]], p_ed: list[float] | None = None) -> list[dict]:
+    return [{"label": label, "pred": pred, "p_ED": (p_ed or [0.5] * len(pairs))[i]} for i, (label, pred) in enumerate(pairs)]
+
+
+def test_confusion_figure_counts_each_cell_as_sklearn_does():
+    from sklearn.metrics import confusion_matrix
+
+    rows = prediction_rows([("ED", "ED"), ("ED", "GP"), ("GP", "GP"), ("HOME", "ED"), ("HOME", "HOME"), ("GP", "GP")])
+    spec = figures.confusion_spec({"run-a": rows, "run-a-zero_shot": rows[:2]})
+    assert spec["facet"]["sort"] == ["run-a", "run-a-zero_shot"]
+    cells = {(c["label"], c["pred"]): c["cases"] for c in spec["data"]["values"] if c["run"] == "run-a"}
+    expected = confusion_matrix([r["label"] for r in rows], [r["pred"] for r in rows], labels=list(LABELS))
+    assert [[cells[(t, p)] for p in LABELS] for t in LABELS] == expected.tolist()
+
+
+def test_roc_points_run_from_nothing_to_every_ed_case_and_skip_a_split_without_one():
+    rows = prediction_rows([("ED", "ED"), ("GP", "GP"), ("ED", "GP"), ("HOME", "HOME")], [0.9, 0.6, 0.4, 0.1])
+    points = figures.roc_points("r", rows)
+    assert (points[0]["over_triage"], points[0]["ed_recall"]) == (0.0, 0.0)
+    assert (points[-1]["over_triage"], points[-1]["ed_recall"]) == (1.0, 1.0)
+    assert {"over_triage": 0.5, "ed_recall": 1.0, "run": "r"} in points  # threshold 0.4: both ED, one of two others
+    assert figures.roc_points("r", prediction_rows([("GP", "GP")])) == []
+
+
+def test_study_figures_are_png_and_svg_files_and_only_those_with_data(tmp_path):
+    rows = prediction_rows([("ED", "ED"), ("GP", "HOME"), ("HOME", "HOME")], [0.8, 0.3, 0.1])
+    paired = [{"a": "r", "b": "r-zero_shot", "metric": "accuracy", "diff": 0.2, "low": -0.1, "high": 0.5,
+               "verdict": "no detectable difference"}]
+    made = figures.study_figures(tmp_path, {"r": rows}, [{"run": "r", "peak_memory_mb": 900.0, "ed_recall": 1.0}],
+                                 [{"run": "r", "step": 0, "loss": 3.0, "split": "validation"}], {}, paired)
+    assert "MC-dropout uncertainty" not in made and len(made) == 5
+    for name in made.values():
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (tmp_path / name.replace(".png", ".svg")).read_text().lstrip().startswith("<svg")
+    report = report_markdown(summary([], [], {}, [], []), GATES, {title: f"figures/{n}" for title, n in made.items()})
+    assert "![Paired differences (forest plot)](figures/paired_forest.png)" in report

@@ -188,8 +188,10 @@ def headline_summary(study: dict) -> dict:
                "n_missing": len(study["missing"]), "best": best["run"] if best else None}
     if best:
         compact["best_test"] = {key: best[key] for key in ("accuracy", "ed_recall", "ed_auroc")} | {"safe": int(best["safe"])}
+        floors = set(study.get("classical", {}))
         for row in study["paired"]:
-            if row["a"] == best["run"] and row["metric"] in ("accuracy", "ed_auroc"):
+            if row["a"] == best["run"] and row["metric"] in ("accuracy", "ed_auroc") and (
+                    row["b"].endswith(ZERO_SHOT) or row["b"] in floors):
                 against = "vs_zero_shot" if row["b"].endswith(ZERO_SHOT) else f"vs_{row['b']}"
                 compact.setdefault(f"best_{against}", {})[row["metric"]] = {
                     key: row[key] for key in ("diff", "low", "high")}
@@ -314,7 +316,7 @@ def _sources(rows: list[dict]) -> str | None:
     return _table(lines, ("variant", "source precision", "bits/weight", "MB on disk")) if lines else None
 
 
-def report_markdown(study: dict, gates: dict[str, float]) -> str:
+def report_markdown(study: dict, gates: dict[str, float], figures: dict[str, str] | None = None) -> str:
     """The reviewer's report: leaderboard, 4 vs 8 bit, standard vs safety, baselines, sources, missing runs."""
     rows = list(study["runs"].values())
     ranked = sorted(rows, key=leaderboard_key)
@@ -347,6 +349,9 @@ def report_markdown(study: dict, gates: dict[str, float]) -> str:
     if any(str(r["source_precision"] or "").startswith("Q") for r in rows):
         parts.append("A quantized GGUF source caps every variant made from it: its 8-bit variant "
                      "cannot be better than the source precision listed above.")
+    if figures:
+        parts += ["## Figures", "Rendered by vl-convert-python (Vega-Lite, offline); each PNG has an SVG beside it."]
+        parts += [f"### {title}\n\n![{title}]({link})" for title, link in figures.items()]
     if study["missing"]:
         parts += ["## Missing runs", "Selected in params.yaml `run:` but without results:",
                   "\n".join(f"- {name}" for name in study["missing"])]
