@@ -95,6 +95,14 @@ def test_predict_answers_with_label_probabilities_and_uncertainty(reproduced):
     assert result["decision_rule"] == headline and result["pred"] == result[headline] in LABELS
     assert abs(result["p_ED"] + result["p_GP"] + result["p_HOME"] - 1) < 1e-3
     assert result["mc_uncertainty"] >= 0 and isinstance(result["flagged"], bool)  # balanced_safe has dropout
+    short = yaml.safe_load((reproduced / "params.yaml").read_text())
+    short["train"]["max_seq_length"] = 16
+    (reproduced / "short.yaml").write_text(yaml.safe_dump(short))
+    (reproduced / "long.jsonl").write_text('{"id": "m-7", "text": "Crushing chest pain and sweating"}\n')
+    long = run(["python", "-m", "triage", "--params", "short.yaml", "predict", "--run", "tiny-4bit-balanced_safe",
+                "--file", "long.jsonl"], reproduced, check=False)
+    assert long.returncode == 1 and "long.jsonl: field 'text': message 'm-7' is" in long.stderr, long.stderr
+    assert "above train.max_seq_length=16" in long.stderr and "Traceback" not in long.stderr
     missing = run(["python", "-m", "triage", "predict", "--run", "nope-4bit-x", "hello"], reproduced, check=False)
     assert missing.returncode == 1 and "unknown run 'nope-4bit-x'" in missing.stderr
     assert "tiny-4bit-balanced_safe" in missing.stderr

@@ -24,7 +24,8 @@ def test_an_empty_message_is_refused(tmp_path, message):
     (b'{"text": "chest pain"}\n{"text": "cough"\n', "{path}:2: invalid JSON"),
     (b'{"text": "chest pain"}\n\n{"text": ""}\n', "{path}:3: field 'text'"),
     (b'{"text": "chest pain"}\n["cough"]\n', "{path}:2: field 'text'"),
-    (b'{"text": "chest pain"}\n{"text": "caf\xe9"}\n', "{path}:2: not UTF-8 text (byte 0xe9"),
+    (b'{"text": "chest pain"}\n{"text": "caf\xe9"}\n', "{path}:2: not UTF-8 text (byte 0xe9 at byte offset 36 of"),
+    (b'{"id": "a", "text": "chest pain"}\n{"id": "a", "text": "cough"}\n', "{path}:2: field 'id': id 'a' is already on line 1"),
     (b"\n\n", "{path}: no messages"),
 ])
 def test_a_bad_file_names_its_line(tmp_path, lines, where):

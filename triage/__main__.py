@@ -22,12 +22,16 @@ from triage.schema import DataError, read_examples
 
 def read_messages(path: Path) -> list[tuple[str, str]]:
     """(id, text) pairs from a JSONL file with a `text` field per line (and an optional `id`)."""
-    messages = []
+    messages, lines = [], {}
     for line, row in iter_jsonl(path):
         text = row.get("text") if isinstance(row, dict) else None
         if not isinstance(text, str) or not text.strip():
             raise DataError(path, line, "text", "each line needs a JSON object with a non-empty string field 'text'")
-        messages.append((str(row.get("id", line)), text))
+        case_id = str(row.get("id", line))
+        if case_id in lines:
+            raise DataError(path, line, "id", f"id {case_id!r} is already on line {lines[case_id]}; ids must be unique")
+        lines[case_id] = line
+        messages.append((case_id, text))
     if not messages:
         raise DataError(path, None, None, "no messages: the file has no non-blank line")
     return messages
@@ -54,7 +58,8 @@ def predict(args: argparse.Namespace) -> None:
         if not text.strip():
             raise DataError("<command line>", None, "text", "the message is empty")
         messages = [("1", text)]
-    triager = Triager(resolve_run(args.root, args.run), params.evaluate, params.train.cpu_streams)
+    triager = Triager(resolve_run(args.root, args.run), params.evaluate, params.train.cpu_streams,
+                      params.train.max_seq_length, str(args.file or "<command line>"))
     if not args.json:
         print(NOT_FOR_CLINICAL_USE, file=sys.stderr)
     for (_, text), result in zip(messages, triager.triage(messages)):

@@ -16,7 +16,7 @@ from triage.evaluate.metrics import flag_uncertain, vote_summary
 from triage.model.device import cpu_streams, optimize_for_device
 from triage.model.lm import ChatFormat
 from triage.model.scoring import label_probabilities
-from triage.schema import LABELS, render_prompt
+from triage.schema import LABELS, DataError, render_prompt
 
 NOT_FOR_CLINICAL_USE = "Research tool, not for clinical use: do not use it to triage real patients."
 
@@ -69,7 +69,7 @@ def frozen_threshold(paths: RunPaths, params: EvaluateParams) -> EdThreshold:
 class Triager:
     """A run loaded once, answering as its evaluate stage does: the same label scores, decision rules and MC-dropout votes."""
 
-    def __init__(self, paths: RunPaths, params: EvaluateParams, streams: int):
+    def __init__(self, paths: RunPaths, params: EvaluateParams, streams: int, max_len: int, source: str):
         from mlx_lm import load
 
         adapter = str(paths.adapter_dir) if paths.adapter_dir else None
@@ -80,10 +80,12 @@ class Triager:
         self.rules = decision_rules(params, frozen_threshold(paths, params))
         self.not_applicable = mc_not_applicable(adapter_dropout(paths.adapter_dir))
         self.streams = cpu_streams(streams)
+        self.max_len, self.source = max_len, source
 
     def triage(self, messages: list[tuple[str, str]]) -> list[dict]:
         """One answer per ``(id, text)``, scored in batches that share the prompt prefix, as evaluate scores a split."""
         prompts = [render_prompt(text) for _, text in messages]
+        self._check_lengths([case_id for case_id, _ in messages], prompts)
         probs = label_probabilities(self.model, self.fmt, prompts, self.params.batch_size, self.streams)
         answers = {name: rule(probs) for name, rule in self.rules.items()}
         rows = [{"id": case_id, "pred": answers[self.params.decision][i], "decision_rule": self.params.decision,
@@ -91,6 +93,15 @@ class Triager:
                  **{f"p_{label}": round(float(probs[i, j]), 6) for j, label in enumerate(LABELS)}}
                 for i, (case_id, _) in enumerate(messages)]
         return [row | mc for row, mc in zip(rows, self._uncertainty(prompts))]
+
+    def _check_lengths(self, ids: list[str], prompts: list[str]) -> None:
+        """Nothing is truncated: a message whose prompt and longest label exceed the limit is an error naming it."""
+        longest_label = max(len(tokens) for tokens in self.fmt.label_tokens)
+        for case_id, prompt in zip(ids, prompts):
+            length = len(self.fmt.prompt_tokens(prompt)) + longest_label
+            if length > self.max_len:
+                raise DataError(self.source, None, "text", f"message {case_id!r} is {length} tokens with the prompt "
+                                f"and its answer, above train.max_seq_length={self.max_len}; shorten it")
 
     def _uncertainty(self, prompts: list[str]) -> list[dict]:
         if self.not_applicable is not None:
