@@ -49,7 +49,7 @@ def write_figures(directory: Path, runs: Path, rows: list[dict], contenders: dic
                   paired: list[dict]) -> dict[str, str]:
     predictions = {name: list(read_case_predictions(contenders[name]).values())
                    for name in figure_order(rows, contenders) if name in contenders}
-    curves = [point for row in rows for point in curve_rows(row["run"], runs / row["run"] / "curves")]
+    curves = [point for row in rows for point in curve_rows(row["run"], runs / row["run"] / "dvclive")]
     histograms = {row["run"]: uncertainty_histogram(values) for row in rows
                   if (values := mc_uncertainties(runs / row["run"] / "predictions.jsonl"))}
     with staged_directory(directory) as staged:

@@ -18,20 +18,12 @@ from triage.model.device import optimize_for_device
 from triage.train.batches import validation_indices
 from triage.config import load_params
 from triage.train.validation import task_metrics
-from triage.io import atomic_write_text, write_json
+from triage.io import write_json
 from triage.model.lm import ChatFormat, check_supported, tokenize_split
 from triage.train.losses import make_completion_loss, make_safety_loss
 from triage.schema import read_examples
 from triage.stage import run_stage
 from triage.train.loop import TrainingDiverged, add_lora, fingerprint, run_training, save_adapter, tree_digest
-
-
-def tsv(rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    columns = list(rows[0])
-    lines = ["\t".join(columns)] + ["\t".join(f"{row[c]:.6g}" for c in columns) for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -41,7 +33,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--adapter", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--curves", type=Path, required=True, help="directory for train.tsv and val.tsv")
+    parser.add_argument("--log", type=Path, required=True, help="DVCLive directory for the training curves")
     parser.add_argument("--checkpoints", type=Path, required=True)
     args = parser.parse_args()
 
@@ -73,7 +65,8 @@ def main() -> None:
     val_examples = [valid_examples[i] for i in picked]
     run_id = fingerprint(asdict(config), asdict(params.train), tree_digest(args.model_dir), tree_digest(args.data))
     result = run_training(model, train_cases, val_cases, config, params.train, loss, args.checkpoints, run_id,
-                          lambda streams: task_metrics(model, fmt, val_examples, config.batch_size, streams))
+                          lambda streams: task_metrics(model, fmt, val_examples, config.batch_size, streams),
+                          log_dir=args.log)
 
     save_adapter(args.adapter, model, lora["adapter_config"])
     write_json(args.metrics, {
@@ -83,8 +76,6 @@ def main() -> None:
         "trainable_params": lora["trainable_params"], "trainable_share": round(lora["trainable_share"], 6),
         **result.metrics,
     })
-    atomic_write_text(args.curves / "train.tsv", tsv(result.train_rows))
-    atomic_write_text(args.curves / "val.tsv", tsv(result.val_rows))
     shutil.rmtree(args.checkpoints, ignore_errors=True)
 
 

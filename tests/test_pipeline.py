@@ -151,7 +151,8 @@ def test_dvc_plots_show_renders_every_plot(reproduced):
     assert all(render[0]["content"]["data"]["values"] for render in shown["data"].values())
     for name in RUNS:
         assert f"metrics/runs/{name}/confusion.csv" in ids
-        assert f"metrics/runs/{name}/curves/train.tsv" in ids
+        assert f"metrics/runs/{name}/dvclive/plots/metrics/train/loss.tsv" in ids
+        assert f"metrics/runs/{name}/dvclive/plots/metrics/val/accuracy.tsv" in ids
     assert "metrics/baseline/tiny-4bit/confusion.csv" in ids
     assert "metrics/plots/ed_recall_vs_memory.json" in ids
     assert "metrics/plots/uncertainty/tiny-4bit-balanced_safe.json" in ids
@@ -182,7 +183,10 @@ def test_dvc_metrics_are_a_dozen_numbers_per_run_and_a_compact_summary(reproduce
     """What a pull request's `dvc metrics diff` shows; provenance and per-rule detail stay in outs."""
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], reproduced).stdout)
     files = next(iter(shown.values()))["data"]
-    assert set(files) == {f"metrics/runs/{name}/eval.json" for name in RUNS} | {"metrics/summary.json"}
+    logs = {f"metrics/runs/{name}/dvclive/metrics.json" for name in RUNS}
+    assert set(files) == {f"metrics/runs/{name}/eval.json" for name in RUNS} | logs | {"metrics/summary.json"}
+    for log in logs:  # DVCLive's last values: the step, 4 training and up to 5 validation numbers
+        assert leaves(files[log]["data"]) <= 10 and files[log]["data"]["step"] > 0
     study = json.loads((reproduced / "reports/study.json").read_text())
     for name in RUNS:
         compact = files[f"metrics/runs/{name}/eval.json"]["data"]
@@ -190,7 +194,7 @@ def test_dvc_metrics_are_a_dozen_numbers_per_run_and_a_compact_summary(reproduce
     assert leaves(files["metrics/summary.json"]["data"]) <= 21  # counts, the best run, 2 x 2 paired rows
     diff = run(["dvc", "metrics", "diff", "--md", "--all", "HEAD"], reproduced).stdout
     rows = [line for line in diff.splitlines() if line.startswith("| metrics/")]
-    assert 0 < len(rows) <= sum(leaves(f["data"]) for f in files.values()) <= 14 * len(RUNS) + 21
+    assert 0 < len(rows) <= sum(leaves(f["data"]) for f in files.values()) <= 24 * len(RUNS) + 21
 
 
 @pytest.fixture

@@ -46,10 +46,12 @@ WORK_DIRS = ("data", "models", "runs", "metrics")
 USER_FILES = ("params.yaml", "data/raw")
 MEASURED_KEYS = frozenset({"seconds", "train_seconds", "tokens_per_s", "peak_memory_mb"})
 """What a run measures about itself rather than computes: wall-clock training time (train.json, and
-summary.json's copy), training throughput and MLX's peak memory
-(train.json, summary.json, the columns of curves/train.tsv, the memory plot). Peak memory moves by a
+study.json's copy), training throughput and MLX's peak memory
+(train.json, eval.json, study.json, the DVCLive metrics and TSVs, the memory plot and figure). Peak memory moves by a
 few kB between identical runs: MLX evaluates lazily on a worker stream, so when buffers are freed
 depends on timing."""
+
+MEASURED_FIGURES = frozenset({"ed_recall_vs_memory"})
 
 SNAPSHOTS = {  # name: the stages `dvc repro` runs to reach it from the previous snapshot
     "fresh": [],
@@ -311,7 +313,12 @@ def unmeasured(value: object) -> object:
 
 
 def comparable(path: Path) -> object:
-    """A file's text with measured values masked: JSON keys, or TSV columns, named in MEASURED_KEYS."""
+    """A file's text with measured values masked: JSON keys, or TSV columns, named in MEASURED_KEYS; a figure
+    that draws a measurement (MEASURED_FIGURES) only has to exist, every other one must be the same bytes."""
+    if path.stem in MEASURED_FIGURES:
+        return path.suffix
+    if path.suffix == ".png":
+        return md5_of(path)
     text = path.read_text()
     if path.suffix == ".json":
         return json.dumps(unmeasured(json.loads(text)), indent=2)

@@ -80,7 +80,7 @@ TRAIN_PROFILE = {
 
 def train_args(run: str) -> list[str]:
     return ["--config", "balanced_safe", "--model-dir", "model", "--data", "data/prepared",
-            "--adapter", f"{run}/adapter", "--metrics", f"{run}/train.json", "--curves", f"{run}/curves",
+            "--adapter", f"{run}/adapter", "--metrics", f"{run}/train.json", "--log", f"{run}/dvclive",
             "--checkpoints", f"{run}/checkpoints"]
 
 
@@ -113,4 +113,10 @@ def test_training_killed_with_sigkill_resumes_to_the_same_adapter(tmp_path, tiny
     assert straight.keys() == resumed.keys()
     for key in straight:
         np.testing.assert_allclose(np.array(resumed[key]), np.array(straight[key]), rtol=1e-5, atol=1e-6)
+    for curve in ("train/loss.tsv", "val/loss.tsv"):  # the resumed run's DVCLive log has every step once
+        straight_rows, resumed_rows = ([line.split("\t") for line in (cwd / run / "dvclive/plots/metrics" / curve)
+                                        .read_text().splitlines()] for run in ("straight", "killed"))
+        assert [row[0] for row in resumed_rows] == [row[0] for row in straight_rows], curve
+        np.testing.assert_allclose([float(r[1]) for r in resumed_rows[1:]], [float(r[1]) for r in straight_rows[1:]],
+                                   rtol=1e-4)
     assert not (cwd / "killed/checkpoints").exists()

@@ -135,16 +135,16 @@ def render(spec: dict, directory: Path, name: str) -> str:
     return f"{name}.png"
 
 
-def curve_rows(run: str, curves_dir: Path) -> list[dict]:
-    """Train and validation loss of one run from its curves/train.tsv and val.tsv."""
+def curve_rows(run: str, log_dir: Path) -> list[dict]:
+    """Train and validation loss of one run, from the DVCLive TSVs its training wrote."""
     import csv
 
     rows = []
-    for split, column in (("train", "train_loss"), ("validation", "val_loss")):
-        path = curves_dir / f"{split if split == 'train' else 'val'}.tsv"
+    for split, path in (("train", "train/loss.tsv"), ("validation", "val/loss.tsv")):
+        path = log_dir / "plots" / "metrics" / path
         if path.is_file():
             with path.open(encoding="utf-8") as handle:
-                rows += [{"run": run, "step": int(r["step"]), "loss": float(r[column]), "split": split}
+                rows += [{"run": run, "step": int(r["step"]), "loss": float(r["loss"]), "split": split}
                          for r in csv.DictReader(handle, delimiter="\t")]
     return rows
 

@@ -21,6 +21,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import get_total_parameters
 
 from triage.train.batches import make_iterate_batches
+from triage.train.log import TrainingLog
 from triage.config import LoraConfig, TrainParams
 from triage.io import atomic_file, atomic_write_text, staged_directory, write_json
 from triage.model.lm import TokenizedCase
@@ -158,9 +159,10 @@ class Monitor(TrainingCallback):
     """Logs progress, validates every ``steps_per_eval``, checkpoints, stops on NaN or early."""
 
     def __init__(self, model, optimizer, validate: Callable[[], dict], params: TrainParams, iters: int,
-                 checkpoint_dir: Path, state: Checkpoint):
+                 checkpoint_dir: Path, state: Checkpoint, log: TrainingLog | None = None):
         self.model, self.optimizer, self.validate = model, optimizer, validate
         self.params, self.iters, self.checkpoint_dir, self.state = params, iters, checkpoint_dir, state
+        self.log = log
         self.offset = state.step
         self.started = time.perf_counter()
 
@@ -175,6 +177,8 @@ class Monitor(TrainingCallback):
         row = {"step": step, "train_loss": loss, "learning_rate": info["learning_rate"],
                "tokens_per_s": info["tokens_per_second"], "peak_memory_mb": info["peak_memory"] * 1e9 / 2**20}
         self.state.train_rows.append(row)
+        if self.log:
+            self.log.train(row)
         validated = step % self.params.steps_per_eval == 0 or step == self.iters
         if validated:
             self._validate(step)
@@ -189,6 +193,8 @@ class Monitor(TrainingCallback):
 
     def _validate(self, step: int) -> None:
         self.state.val_rows.append({"step": step, **self.validate()})
+        if self.log:
+            self.log.validation(self.state.val_rows[-1])
         self.model.train()
         keep_best(self.model, self.params, self.state.val_rows, self.checkpoint_dir)
 
@@ -240,7 +246,7 @@ def colour_only_on_a_terminal() -> None:
 def run_training(
     model: nn.Module, train_cases: list[TokenizedCase], val_cases: list[TokenizedCase],
     config: LoraConfig, params: TrainParams, loss: Loss, checkpoint_dir: Path, run_fingerprint: str,
-    task_metrics: Callable[[list], dict] | None = None,
+    task_metrics: Callable[[list], dict] | None = None, log_dir: Path | None = None,
 ) -> TrainResult:
     """Train ``model`` (already wrapped with LoRA) for ``config.iters`` steps, resuming if possible.
 
@@ -248,7 +254,8 @@ def run_training(
     label tokens and of the reason text apart, and ``task_metrics(streams)``
     (e.g. validation accuracy and ED AUROC from label scoring) when given;
     ``train.select_on`` picks which of them early stopping and the best
-    adapter follow.
+    adapter follow. With ``log_dir`` every train and validation row also goes to
+    DVCLive there (:mod:`triage.train.log`).
     """
     if params.select_on != "val_loss" and task_metrics is None:
         raise ValueError(f"train.select_on {params.select_on} needs task metrics at every validation")
@@ -282,7 +289,8 @@ def run_training(
         state.val_rows.append({"step": 0, **validate()})
         keep_best(model, params, state.val_rows, checkpoint_dir)
         model.train()
-    monitor = Monitor(model, optimizer, validate, params, config.iters, checkpoint_dir, state)
+    log = TrainingLog(log_dir, state.train_rows, state.val_rows) if log_dir else None
+    monitor = Monitor(model, optimizer, validate, params, config.iters, checkpoint_dir, state, log)
     started = time.perf_counter()
     mx.reset_peak_memory()
     stopped_at = None
@@ -298,6 +306,8 @@ def run_training(
         print(f"[train] early stop at step {stopped_at}: no improvement in "
               f"{params.early_stopping_patience} validations; keeping the best adapter")
     seconds = time.perf_counter() - started
+    if log:
+        log.close()
     rows, vals = state.train_rows, state.val_rows
     # The best validation is the last one that counted as an improvement: with early stopping
     # that is the adapter kept; with min_delta 0 it is the best value of train.select_on.
