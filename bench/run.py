@@ -36,7 +36,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from triage.model.device import cpu_streams, matmul_peak_gflops, optimize_for_device  # noqa: E402
+from triage.model.device import cpu_streams, measure_blas_in_subprocess, optimize_for_device  # noqa: E402
 from triage.train.batches import make_iterate_batches  # noqa: E402
 from triage.config import LoraConfig  # noqa: E402
 from triage.evaluate.mc_dropout import mc_dropout_votes  # noqa: E402
@@ -491,6 +491,26 @@ def print_table(report: dict) -> None:
                    headers=["target", "ratio", "needs >=", "result"], floatfmt=".2f", missingval="-"))
 
 
+PEAK_PROCESSES = 3
+
+
+def matmul_peak() -> tuple[float, list[float]]:
+    """The fp32 matmul peak that MFU divides by: the best of PEAK_PROCESSES fresh processes, 5 repeats each.
+
+    A peak read on busy cores is too low and inflates MFU, so this warns when the load
+    is high and when the runs disagree by more than 20%.
+    """
+    load = os.getloadavg()[0]
+    if load >= 0.5:
+        print(f"[bench] WARNING: load average {load:.1f} while measuring the matmul peak: it may read low, "
+              "and MFU (which divides by it) high", flush=True)
+    runs = [measure_blas_in_subprocess("auto", 1024, 5, blas_threads())["gflops"] for _ in range(PEAK_PROCESSES)]
+    if min(runs) < 0.8 * max(runs):
+        print(f"[bench] WARNING: matmul peak runs disagree ({', '.join(f'{r:.1f}' for r in runs)} GFLOP/s): "
+              "another process competes for the cores", flush=True)
+    return max(runs), runs
+
+
 def machine() -> dict:
     """Where the numbers come from; warns when other processes compete for the cores."""
     load, cpus = os.getloadavg(), os.cpu_count() or 1
@@ -531,7 +551,7 @@ def benchmark(setup: Setup, cache: Path, torch_interpreter: Path | None) -> dict
         "P_blocks": sum(flops.block_params), "P_top": sum(flops.block_params[-setup.num_layers:]),
         "P_vocab": flops.vocab_params, "B": setup.batch_size, "T": setup.seq_len, "C": completion,
     }
-    report["matmul_peak_gflops"] = matmul_peak_gflops(n=1024, repeats=5)
+    report["matmul_peak_gflops"], report["matmul_peak_runs"] = matmul_peak()
     report["cpu_ns_per_element"] = per_element_ns()
     with tempfile.TemporaryDirectory() as scratch:
         for name in VARIANTS:
