@@ -219,7 +219,7 @@ def kill_at(project: Path, kill: Kill) -> str:
     return output
 
 
-UNCACHED_DIRECTORIES = {"metrics/plots/uncertainty"}
+UNCACHED_DIRECTORIES = {"metrics/plots/uncertainty", "reports/figures"}
 
 
 def outputs_differing_from_lock(project: Path) -> list[str]:
