@@ -330,10 +330,11 @@ def comparable(path: Path) -> object:
 
 
 def recorded_artifacts(project: Path) -> dict[str, str]:
-    """md5 of every output dvc.lock records outside metrics/: prepared data, models, adapters."""
+    """md5 of every output dvc.lock records outside metrics/ and reports/ (compared with measurements masked):
+    prepared data, models, adapters."""
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     outs = [out for stage in lock["stages"].values() for out in stage.get("outs", [])]
-    return {out["path"]: out["md5"] for out in outs if not out["path"].startswith("metrics/")}
+    return {out["path"]: out["md5"] for out in outs if not out["path"].startswith(("metrics/", "reports/"))}
 
 
 @pytest.fixture(scope="module")
