@@ -100,3 +100,17 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     fetch_base_model("tiny", "builtin:tiny", root / "float")
     quantize_model(root / "float", root / "4bit", bits=4, group_size=64)
     return root
+
+
+@pytest.fixture
+def mlx_lm_originals(monkeypatch):
+    """mlx-lm's own attention and SwiGLU, whatever an earlier test installed, put back afterwards.
+
+    triage.model.fastmath.install swaps them process-wide, and every test that loads a model for
+    inference installs it; a test of the swap itself must start from the originals.
+    """
+    from mlx_lm.models import activations, base, gemma3_text, llama
+
+    monkeypatch.setattr(llama, "scaled_dot_product_attention", base.scaled_dot_product_attention)
+    monkeypatch.setattr(gemma3_text, "scaled_dot_product_attention", base.scaled_dot_product_attention)
+    monkeypatch.setattr(llama, "swiglu", activations.swiglu)

@@ -106,12 +106,9 @@ def test_swap_count_idempotence_and_undo():
     assert type(model.model.embed_tokens) is nn.QuantizedEmbedding
 
 
-def test_optimize_for_device_switches_layers_and_activations_only_on_cpu(monkeypatch):
+def test_optimize_for_device_switches_layers_and_activations_only_on_cpu(monkeypatch, mlx_lm_originals):
     from mlx_lm.models import gemma3_text, llama
 
-    for module, name in ((llama, "scaled_dot_product_attention"), (gemma3_text, "scaled_dot_product_attention"),
-                         (llama, "swiglu")):
-        monkeypatch.setattr(module, name, getattr(module, name))  # undone after the test
     blas_threads = []
     monkeypatch.setattr(device, "set_blas_threads", blas_threads.append)
     monkeypatch.delenv(device.THREADS_ENV, raising=False)
