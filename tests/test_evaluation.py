@@ -39,11 +39,12 @@ from triage.model.device import optimize_for_device
 from triage.predict import RunPaths, export_run
 from triage.weights.sources import quantize_model
 
-EXPORT_TOLERANCE = {8: 0.05, 4: 0.75}
-"""The export's error as a share of the adapter's own effect (mean |change of a label log-likelihood|), by bits.
+EXPORT_TOLERANCE = 1e-3
+"""The export's error as a share of the adapter's own effect (mean |change of a label log-likelihood|).
 
-Measured on the tiny model: 0.012 of 0.89 nats at 8 bits, 0.42 of 0.70 at 4 bits, where a 64-wide model has one
-quantization group per row, so re-quantizing the fused weights is coarse."""
+The adapted layers are exported in float. Re-quantized to the base's bits, as mlx-lm fuses by default,
+the error was 0.012 of 0.89 nats at 8 bits and 0.42 of 0.70 at 4 bits on the tiny model, and the
+fused 4-bit SmolLM2-135M answered like its base (93% argmax agreement) instead of like base + adapter (19%)."""
 HEADLINE = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_fn", "safe", "test_loss")
 RULES = ("argmax", "cost_aware", "ed_threshold")
 MIX = {"ED": 0.3, "GP": 0.45, "HOME": 0.25}
@@ -434,10 +435,9 @@ def test_export_answers_like_base_plus_adapter_not_like_the_base(tiny_model_dir,
 
     base, adapted, exported = (log_likelihoods(model_dir), log_likelihoods(model_dir, adapter),
                                log_likelihoods(tmp_path / "exported"))
-    # Fusing into the quantized base re-quantizes the adapted weights (EXPORT_TOLERANCE).
     adapter_effect, export_error = np.abs(adapted - base).mean(), np.abs(exported - adapted).mean()
-    assert export_error < EXPORT_TOLERANCE[bits] * adapter_effect, (export_error, adapter_effect)
+    assert export_error < EXPORT_TOLERANCE * adapter_effect, (export_error, adapter_effect)
     assert np.abs(exported - base).mean() > 0.5 * adapter_effect  # not the base model
     probs = softmax(adapted, axis=1), softmax(exported, axis=1)
     assert check.cases == len(prompts) and check.max_abs_diff == pytest.approx(np.abs(probs[1] - probs[0]).max(), abs=1e-5)
-    assert check.agreement == np.mean(probs[0].argmax(axis=1) == probs[1].argmax(axis=1)) >= (0.9 if bits == 8 else 0.5)
+    assert check.agreement == np.mean(probs[0].argmax(axis=1) == probs[1].argmax(axis=1)) == 1.0

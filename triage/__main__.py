@@ -77,7 +77,7 @@ def export(args: argparse.Namespace) -> None:
     check = export_run(paths, args.out, prompts, load_params(args.params).evaluate.batch_size)
     print(f"exported {args.run} (adapter fused into its base) to {args.out}; load it with mlx_lm.load('{args.out}')")
     print(f"check on the {check.cases} test cases: argmax agreement with base + adapter {check.agreement:.1%}, "
-          f"largest label-probability difference {check.max_abs_diff:.4f} (the fused weights are re-quantized)")
+          f"largest label-probability difference {check.max_abs_diff:.4f}")
 
 
 def offline_plots(args: argparse.Namespace) -> None:
