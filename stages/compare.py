@@ -23,18 +23,23 @@ def read_baselines(directory: Path, models: list[str], bits: list[str]) -> dict[
     for variant in (f"{m}-{b}" for m in models for b in bits):
         path = directory / variant / "evaluation.json"
         if path.is_file():
-            found[variant] = {k: json.loads(path.read_text())[k] for k in RUN_HEADLINE}
+            evaluation = json.loads(path.read_text())
+            found[variant] = {k: evaluation[k] for k in RUN_HEADLINE}
     return found
 
 
-def write_uncertainty_plots(directory: Path, runs: Path, rows: list[dict]) -> None:
+def uncertainty_histograms(runs: Path, rows: list[dict]) -> dict[str, list[dict]]:
+    """The MC-dropout vote-entropy histogram of each run evaluated with MC dropout."""
+    return {row["run"]: uncertainty_histogram(values) for row in rows
+            if (values := mc_uncertainties(runs / row["run"] / "predictions.jsonl"))}
+
+
+def write_uncertainty_plots(directory: Path, histograms: dict[str, list[dict]]) -> None:
     """One histogram per run evaluated with MC dropout, named after the run."""
     with staged_directory(directory) as staged:
         staged.mkdir(parents=True)
-        for row in rows:
-            values = mc_uncertainties(runs / row["run"] / "predictions.jsonl")
-            if values:
-                write_json(staged / f"{row['run']}.json", uncertainty_histogram(values))
+        for run, histogram in histograms.items():
+            write_json(staged / f"{run}.json", histogram)
 
 
 def figure_order(rows: list[dict], contenders: dict[str, Path]) -> list[str]:
@@ -46,12 +51,10 @@ def figure_order(rows: list[dict], contenders: dict[str, Path]) -> list[str]:
 
 
 def write_figures(directory: Path, runs: Path, rows: list[dict], contenders: dict[str, Path],
-                  paired: list[dict]) -> dict[str, str]:
+                  histograms: dict[str, list[dict]], paired: list[dict]) -> dict[str, str]:
     predictions = {name: list(read_case_predictions(contenders[name]).values())
                    for name in figure_order(rows, contenders) if name in contenders}
     curves = [point for row in rows for point in curve_rows(row["run"], runs / row["run"] / "dvclive")]
-    histograms = {row["run"]: uncertainty_histogram(values) for row in rows
-                  if (values := mc_uncertainties(runs / row["run"] / "predictions.jsonl"))}
     with staged_directory(directory) as staged:
         return study_figures(staged, predictions, memory_points(rows), curves, histograms, paired)
 
@@ -84,10 +87,11 @@ def main() -> None:
     write_json(args.study, study)
     write_json(args.summary, headline_summary(study))
     write_json(args.memory_plot, memory_points(rows))
-    write_uncertainty_plots(args.uncertainty_plots, args.runs, rows)
+    histograms = uncertainty_histograms(args.runs, rows)
+    write_uncertainty_plots(args.uncertainty_plots, histograms)
     gates = {"ed_recall": params.evaluate.gates.ed_recall_min, "ed_f2": params.evaluate.gates.ed_f2_min,
              "ed_fnr": params.evaluate.gates.ed_fnr_max}
-    figures = write_figures(args.figures, args.runs, rows, contenders, study["paired"])
+    figures = write_figures(args.figures, args.runs, rows, contenders, histograms, study["paired"])
     links = Path(os.path.relpath(args.figures, args.report.parent))
     report = report_markdown(study, gates, {title: f"{links.as_posix()}/{name}" for title, name in figures.items()})
     atomic_write_text(args.report, report)
