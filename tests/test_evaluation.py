@@ -208,7 +208,7 @@ def test_a_trained_dropout_adapter_spreads_its_votes(model_dir, tmp_path):
     params = TrainParams(weight_decay=0.01, warmup_ratio=0.1, schedule="cosine", num_layers=2, max_seq_length=2048,
                          seed=42, steps_per_report=5, steps_per_eval=10, steps_per_save=100, val_batches=1,
                          grad_checkpoint=False, mask_prompt=True, early_stopping_patience=0,
-                         early_stopping_min_delta=0.0, select_on="val_loss", label_weight=1.0, cpu_streams=1)
+                         early_stopping_min_delta=0.0, select_on="val_loss", label_weight=1.0, cpu_streams=1, share_prompt_prefix=True)
     run_training(model, cases, cases[:4], config, params, plain_loss, tmp_path / "checkpoints", "spread")
     votes = mc_dropout_votes(model, fmt, prompts_of(examples[:8]), SAMPLES, seed=7, rule=argmax_decision)
     assert max(vote_summary(votes)["uncertainty"]) > 0

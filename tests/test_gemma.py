@@ -72,7 +72,7 @@ def test_gemma3_trains_and_evaluates_like_the_llama(gemma_dir, data_dir, tmp_pat
     params = TrainParams(weight_decay=0.0, warmup_ratio=0.0, schedule="constant", num_layers=-1,
                          max_seq_length=2048, seed=3, steps_per_report=3, steps_per_eval=3, steps_per_save=100,
                          val_batches=-1, grad_checkpoint=False, mask_prompt=True, early_stopping_patience=0,
-                         early_stopping_min_delta=0.0, select_on="val_loss", label_weight=5.0, cpu_streams=2)
+                         early_stopping_min_delta=0.0, select_on="val_loss", label_weight=5.0, cpu_streams=2, share_prompt_prefix=True)
     train = tokenize_split(fmt, read_examples(data_dir / "train.jsonl"), "train", 2048)
     valid = tokenize_split(fmt, read_examples(data_dir / "valid.jsonl"), "valid", 2048)
     result = run_training(model, train, valid, config, params, make_completion_loss(params.label_weight),

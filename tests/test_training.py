@@ -118,7 +118,7 @@ def train_params(**changes) -> TrainParams:
     base = dict(weight_decay=0.01, warmup_ratio=0.1, schedule="cosine", num_layers=16, max_seq_length=512,
                 seed=42, steps_per_report=10, steps_per_eval=20, steps_per_save=10, val_batches=2,
                 grad_checkpoint=False, mask_prompt=True, early_stopping_patience=0, early_stopping_min_delta=0.0,
-                select_on="val_loss", label_weight=1.0, cpu_streams=2)
+                select_on="val_loss", label_weight=1.0, cpu_streams=2, share_prompt_prefix=True)
     return TrainParams(**{**base, **changes})
 
 
@@ -157,7 +157,7 @@ def test_training_the_cost_term_and_scoring_read_the_same_label_tokens(tiny):
         # term's option of this label is their first token.
         assert case.tokens[case.prompt_length:case.prompt_length + len(scored)] == scored
         assert fmt.label_first_tokens[LABELS.index(label)] == scored[0]
-        _, _, positions, mask, _ = collate([case], mask_prompt=True)
+        _, _, positions, mask, _, _ = collate([case], mask_prompt=True)
         assert case.tokens[int(positions[0, 0]) + 1] == scored[0]
 
 
@@ -368,7 +368,7 @@ def per_token_cross_entropy(model, batch) -> tuple[np.ndarray, np.ndarray, np.nd
     """Each trained position's cross-entropy, computed by hand, with the mask and the label mask."""
     from triage.train.losses import completion_logits
 
-    tokens, _, positions, mask, label_mask = batch
+    tokens, _, positions, mask, label_mask, _ = batch
     logits = np.array(completion_logits(model, tokens, positions), dtype=np.float64)
     targets = np.take_along_axis(np.array(tokens), np.array(positions) + 1, axis=1)
     log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
@@ -416,7 +416,7 @@ def test_validation_indices_are_the_cases_the_validation_batches_hold(tiny):
     _, fmt = fresh(tiny, lora_config())
     cases = short_cases(fmt, 23, 0.3, seed=9)
     picked = validation_indices(cases, 4, 2, seed=42)
-    batches = list(make_iterate_batches(True, 42)(cases, 4, 512))[:2]
+    batches = list(make_iterate_batches(True, 42, share_prefix=False)(cases, 4, 512))[:2]
     seen = sorted(tuple(np.array(row)[: len(cases[0].tokens)]) for batch in batches for row in batch[0])
     assert len(picked) == 8
     assert sorted(tuple(cases[i].tokens[: len(cases[0].tokens)]) for i in picked) == seen

@@ -78,6 +78,7 @@ class TrainParams:
     select_on: Literal["val_loss", "val_accuracy", "val_ed_auroc"]
     label_weight: float
     cpu_streams: int
+    share_prompt_prefix: bool
 
 
 @dataclass(frozen=True)

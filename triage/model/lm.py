@@ -132,22 +132,41 @@ class SharedPrefix:
     """The tokens every prompt of a set starts with, and the model's cache (one row) after them."""
 
     tokens: tuple[int, ...]
-    cache: list
+    cache: list | None
+
+
+def prefix_cache(model: nn.Module, tokens: mx.array) -> list | None:
+    """The model's cache after running ``tokens`` (shape (1, P)) as one row; None for no tokens.
+
+    Differentiable and lazy: training calls it inside the loss, so gradients
+    reach the adapted layers through the prefix's keys and values.
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    if not tokens.size:
+        return None
+    cache = make_prompt_cache(model)
+    hidden_states(model, tokens, cache)
+    return cache
+
+
+def common_prefix(prompts: list[list[int]]) -> list[int]:
+    """The tokens all ``prompts`` start with, leaving each prompt at least its last token.
+
+    That token's hidden state predicts the label, so it has to be computed per prompt.
+    """
+    return commonprefix(prompts)[: min(map(len, prompts)) - 1]  # works on lists of tokens too
 
 
 def shared_prefix(model: nn.Module, prompts: list[list[int]]) -> SharedPrefix:
     """Run the tokens all ``prompts`` start with through the model once.
 
     With a chat template and fixed instructions that is most of a prompt (76 of
-    ~125 tokens for SmolLM2 and the study's data). Each prompt keeps at least
-    its last token, whose hidden state predicts the label.
+    ~125 tokens for SmolLM2 and the study's data).
     """
-    from mlx_lm.models.cache import make_prompt_cache
-
-    common = commonprefix(prompts)[: min(map(len, prompts)) - 1]  # works on lists of tokens too
-    cache = make_prompt_cache(model)
-    if common:
-        hidden_states(model, mx.array([common]), cache)
+    common = common_prefix(prompts)
+    cache = prefix_cache(model, mx.array([common], mx.int32))
+    if cache:
         mx.eval([(layer.keys, layer.values) for layer in cache])
     return SharedPrefix(tuple(common), cache)
 
@@ -163,6 +182,15 @@ def _fork(cache: list, rows: int) -> list:
     return forked
 
 
+def hidden_after_prefix(model: nn.Module, rows: mx.array, cache: list | None) -> mx.array:
+    """Hidden states of ``rows`` (right-padded), each continuing the one-row prefix held in ``cache``.
+
+    Every row attends to the prefix's keys and values at the positions after it;
+    ``cache`` itself is left as it was. No cache: a plain forward pass.
+    """
+    return hidden_states(model, rows, _fork(cache, rows.shape[0]) if cache else None)
+
+
 def batch_label_log_probs(
     model: nn.Module, fmt: ChatFormat, prompts: list[list[int]], prefix: SharedPrefix | None = None
 ) -> mx.array:
@@ -174,17 +202,14 @@ def batch_label_log_probs(
     after every real token, so causal attention keeps it out of each score, and
     all rows share the prefix's positions.
     """
-    from mlx_lm.models.cache import make_prompt_cache
-
-    prefix = prefix or SharedPrefix((), make_prompt_cache(model))
+    prefix = prefix or SharedPrefix((), None)
     skip = len(prefix.tokens)
     if any(tuple(prompt[:skip]) != prefix.tokens or len(prompt) <= skip for prompt in prompts):
         raise ValueError("every prompt must start with the shared prefix and go on after it")
     continuations = sorted({tuple(ids[:-1]) for ids in fmt.label_tokens})
     rows = [prompt[skip:] + list(tail) for prompt in prompts for tail in continuations]
     width = max(map(len, rows))
-    hidden = hidden_states(model, mx.array([row + [0] * (width - len(row)) for row in rows]),
-                           _fork(prefix.cache, len(rows)))
+    hidden = hidden_after_prefix(model, mx.array([row + [0] * (width - len(row)) for row in rows]), prefix.cache)
     # One pick per label token: the row holding its label's prefix, the position predicting it.
     row_of, position, target, slot = [], [], [], []
     for i, prompt in enumerate(prompts):

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 import mlx.core as mx
 import numpy as np
 
-from triage.model.lm import TokenizedCase
+from triage.model.lm import TokenizedCase, common_prefix
 
 PAD_MULTIPLE = 32  # padding lengths to a multiple keeps the compiled step's shape count small
 POSITION_MULTIPLE = 8
@@ -36,41 +36,65 @@ def validation_indices(cases: Sequence[TokenizedCase], batch_size: int, val_batc
     return [index for _, batch in zip(range(wanted), order) for index in batch]
 
 
-def collate(cases: Sequence[TokenizedCase], mask_prompt: bool) -> tuple[mx.array, ...]:
+def prefix_length(cases: Sequence[TokenizedCase], mask_prompt: bool) -> int:
+    """How many leading tokens every case's prompt shares, to be computed once per batch (0: none).
+
+    Only the completion is trained on with ``mask_prompt``, so the shared part
+    of the prompt needs no logits, only its keys and values; without it every
+    prompt position is trained on and nothing is shared.
+    """
+    if not mask_prompt or not cases:
+        return 0
+    return len(common_prefix([case.tokens[: case.prompt_length] for case in cases]))
+
+
+def collate(cases: Sequence[TokenizedCase], mask_prompt: bool, shared: int = 0) -> tuple[mx.array, ...]:
     """Pad token ids and list, per case, the positions whose next token is trained on.
 
-    Returns ``(tokens, labels, positions, mask, label_mask)``: ``mask`` is 1 at
-    every trained position, ``label_mask`` 1 at those that predict a token of
-    the label (the start of the completion), so an objective can weigh the
-    decision apart from the reason text.
+    Returns ``(tokens, labels, positions, mask, label_mask, prefix)``: ``mask``
+    is 1 at every trained position, ``label_mask`` 1 at those that predict a
+    token of the label (the start of the completion), so an objective can weigh
+    the decision apart from the reason text. The first ``shared`` tokens, which
+    every case starts with, are cut off the rows and returned once as
+    ``prefix`` (shape (1, shared)); positions count from the end of the prefix.
     """
-    longest = max(len(c.tokens) for c in cases)
+    if shared and not mask_prompt:
+        raise ValueError("a shared prefix needs mask_prompt: without it the prompt's own tokens are trained on")
+    rows = [c.tokens[shared:] for c in cases]
+    if any(c.tokens[:shared] != cases[0].tokens[:shared] or c.prompt_length <= shared for c in cases):
+        raise ValueError(f"every case must start with the same {shared} prompt tokens and go on after them")
+    longest = max(map(len, rows))
     width = PAD_MULTIPLE * -(-longest // PAD_MULTIPLE) + 1
     tokens = np.zeros((len(cases), width), np.int32)
-    starts = [c.prompt_length if mask_prompt else 1 for c in cases]
-    counts = [len(c.tokens) - start for c, start in zip(cases, starts)]
+    starts = [c.prompt_length - shared if mask_prompt else 1 for c in cases]
+    counts = [len(row) - start for row, start in zip(rows, starts)]
     k = POSITION_MULTIPLE * -(-max(counts) // POSITION_MULTIPLE)
     positions = np.zeros((len(cases), k), np.int32)
     mask = np.zeros((len(cases), k), np.float32)
     label_mask = np.zeros((len(cases), k), np.float32)
-    for i, (case, start, count) in enumerate(zip(cases, starts, counts)):
-        tokens[i, : len(case.tokens)] = case.tokens
+    for i, (case, row, start, count) in enumerate(zip(cases, rows, starts, counts)):
+        tokens[i, : len(row)] = row
         positions[i, :count] = np.arange(start - 1, start - 1 + count)
         mask[i, :count] = 1.0
-        first_label = case.prompt_length - start  # index of the label's first token among the trained positions
+        first_label = case.prompt_length - shared - start  # index of the label's first token among the trained positions
         label_mask[i, first_label : first_label + case.label_length] = 1.0
     labels = np.array([c.label for c in cases], np.int32)
-    return mx.array(tokens), mx.array(labels), mx.array(positions), mx.array(mask), mx.array(label_mask)
+    prefix = np.array([cases[0].tokens[:shared]], np.int32).reshape(1, shared)
+    return (mx.array(tokens), mx.array(labels), mx.array(positions), mx.array(mask), mx.array(label_mask),
+            mx.array(prefix))
 
 
-def make_iterate_batches(mask_prompt: bool, seed: int, skip: int = 0):
+def make_iterate_batches(mask_prompt: bool, seed: int, skip: int = 0, share_prefix: bool = True):
     """An ``iterate_batches`` for mlx-lm's trainer and evaluator.
 
     The order depends only on ``seed`` (mlx-lm passes none); ``skip`` drops the
-    training batches a resumed run has already seen.
+    training batches a resumed run has already seen. With ``share_prefix`` the
+    prompt tokens that every case of the dataset starts with travel once per
+    batch (see :func:`collate`).
     """
 
     def iterate_batches(dataset, batch_size, max_seq_length, loop=False, **_):
+        shared = prefix_length(dataset, mask_prompt) if share_prefix else 0
         lengths = [len(case.tokens) for case in dataset]
         order = batch_order(len(dataset), lengths, batch_size, seed)
         n_batches = len(dataset) // batch_size
@@ -78,6 +102,6 @@ def make_iterate_batches(mask_prompt: bool, seed: int, skip: int = 0):
             if not loop and step >= n_batches:
                 return
             if step >= skip or not loop:
-                yield collate([dataset[i] for i in indices], mask_prompt)
+                yield collate([dataset[i] for i in indices], mask_prompt, shared)
 
     return iterate_batches

@@ -272,7 +272,7 @@ def run_training(
         max_seq_length=params.max_seq_length, grad_checkpoint=params.grad_checkpoint,
         adapter_file=str(checkpoint_dir / "last_adapters.safetensors"),
     )
-    validation_batches = make_iterate_batches(params.mask_prompt, params.seed)
+    validation_batches = make_iterate_batches(params.mask_prompt, params.seed, share_prefix=params.share_prompt_prefix)
 
     def validation_loss(loss_fn: Loss = loss) -> float:
         return evaluate(model, val_cases, config.batch_size, params.val_batches,
@@ -298,7 +298,8 @@ def run_training(
         if args.iters > 0:
             colour_only_on_a_terminal()
             train(model, optimizer, train_cases, None, args, loss=sharded(loss, streams),
-                  iterate_batches=make_iterate_batches(params.mask_prompt, params.seed, skip=state.step),
+                  iterate_batches=make_iterate_batches(params.mask_prompt, params.seed, skip=state.step,
+                                                       share_prefix=params.share_prompt_prefix),
                   training_callback=monitor)
     except EarlyStop as stop:
         stopped_at = stop.args[0]

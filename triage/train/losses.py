@@ -1,9 +1,13 @@
 """Training objectives on the completion tokens, for mlx-lm's ``train(loss=...)``.
 
-Batches come from ``triage.train.batches`` as ``(tokens, labels, positions, mask, label_mask)``:
+Batches come from ``triage.train.batches`` as ``(tokens, labels, positions, mask, label_mask, prefix)``:
 ``positions[i, k]`` is the hidden-state index that predicts completion token k
 of example i, so the vocabulary projection runs only there, never on the prompt;
-``label_mask`` marks the completion tokens that spell the label.
+``label_mask`` marks the completion tokens that spell the label. ``prefix``
+holds the prompt tokens every row starts with, cut off the rows: it runs once,
+as one row, and every row attends to its keys and values. With dropout 0 that
+is the plain batch's loss and gradient; with dropout the prefix's activations
+share one dropout mask across the rows of a step.
 
 Standard configs minimise the masked cross-entropy, averaged over completion tokens:
 
@@ -35,15 +39,19 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from triage.model.lm import hidden_states, project
+from triage.model.lm import hidden_after_prefix, prefix_cache, project
 from triage.schema import LABELS
 
 Loss = Callable[..., tuple[mx.array, mx.array]]
 
 
-def completion_logits(model: nn.Module, tokens: mx.array, positions: mx.array) -> mx.array:
-    """Logits at the gathered positions only: shape (batch, K, vocab)."""
-    hidden = hidden_states(model, tokens[:, :-1])
+Prefix = mx.array | list | None  # the shared prompt tokens (1, P), or the model cache after them
+
+
+def completion_logits(model: nn.Module, tokens: mx.array, positions: mx.array, prefix: Prefix = None) -> mx.array:
+    """Logits at the gathered positions only: shape (batch, K, vocab); the rows continue ``prefix``."""
+    cache = prefix_cache(model, prefix) if isinstance(prefix, mx.array) else prefix
+    hidden = hidden_after_prefix(model, tokens[:, :-1], cache)
     picked = mx.take_along_axis(hidden, positions[..., None], axis=1)
     return project(model, picked).astype(mx.float32)
 
@@ -59,9 +67,10 @@ def token_weights(mask: mx.array, label_mask: mx.array, label_weight: float) -> 
     return mask if label_weight == 1.0 else mask + (label_weight - 1.0) * label_mask
 
 
-def plain_loss(model: nn.Module, tokens, labels, positions, mask, label_mask) -> tuple[mx.array, mx.array]:
+def plain_loss(model: nn.Module, tokens, labels, positions, mask, label_mask, prefix: Prefix = None
+               ) -> tuple[mx.array, mx.array]:
     """Masked cross-entropy on the completion, mean over its tokens (the study's objective and test loss)."""
-    logits = completion_logits(model, tokens, positions)
+    logits = completion_logits(model, tokens, positions, prefix)
     ntoks = mask.sum()
     return token_cross_entropy(logits, tokens, positions, mask).sum() / ntoks, ntoks
 
@@ -71,8 +80,9 @@ def make_completion_loss(label_weight: float) -> Loss:
     if label_weight == 1.0:
         return plain_loss
 
-    def loss(model: nn.Module, tokens, labels, positions, mask, label_mask) -> tuple[mx.array, mx.array]:
-        logits = completion_logits(model, tokens, positions)
+    def loss(model: nn.Module, tokens, labels, positions, mask, label_mask, prefix: Prefix = None
+             ) -> tuple[mx.array, mx.array]:
+        logits = completion_logits(model, tokens, positions, prefix)
         ntoks = mask.sum()
         weights = token_weights(mask, label_mask, label_weight)
         return token_cross_entropy(logits, tokens, positions, weights).sum() / ntoks, ntoks
@@ -80,9 +90,10 @@ def make_completion_loss(label_weight: float) -> Loss:
     return loss
 
 
-def split_cross_entropy(model: nn.Module, tokens, labels, positions, mask, label_mask) -> mx.array:
+def split_cross_entropy(model: nn.Module, tokens, labels, positions, mask, label_mask, prefix: Prefix = None
+                        ) -> mx.array:
     """[summed CE of the label tokens, their count, summed CE of the reason text, its count], for curves."""
-    logits = completion_logits(model, tokens, positions)
+    logits = completion_logits(model, tokens, positions, prefix)
     reason_mask = mask - label_mask
     return mx.stack([token_cross_entropy(logits, tokens, positions, label_mask).sum(), label_mask.sum(),
                      token_cross_entropy(logits, tokens, positions, reason_mask).sum(), reason_mask.sum()])
@@ -91,22 +102,26 @@ def split_cross_entropy(model: nn.Module, tokens, labels, positions, mask, label
 def sharded(loss: Loss, streams: list) -> Loss:
     """``loss`` of the whole batch, computed as row shards, each on its own MLX stream.
 
-    Every loss here is (sum over the batch) / (completion tokens), so the
-    token-weighted mean of the shards' values is the whole batch's loss, up to
-    the order of summation. Gradients follow: MLX builds each shard's backward
-    pass on the stream of its forward ops. No streams: ``loss`` unchanged.
+    The shared prefix runs once, before the shards, and every shard's rows
+    continue its cache. Every loss here is (sum over the batch) / (completion
+    tokens), so the token-weighted mean of the shards' values is the whole
+    batch's loss, up to the order of summation. Gradients follow: MLX builds
+    each shard's backward pass on the stream of its forward ops. No streams:
+    ``loss`` unchanged.
     """
     if len(streams) < 2:
         return loss
 
     def sharded_loss(model: nn.Module, *batch) -> tuple[mx.array, mx.array]:
-        rows = batch[0].shape[0]
+        *rows_of, prefix = batch
+        cache = prefix_cache(model, prefix)
+        rows = rows_of[0].shape[0]
         bounds = [round(rows * k / len(streams)) for k in range(len(streams) + 1)]
         total = count = mx.array(0.0)
         for stream, start, stop in zip(streams, bounds, bounds[1:]):
             if start < stop:
                 with mx.stream(stream):
-                    value, ntoks = loss(model, *(part[start:stop] for part in batch))
+                    value, ntoks = loss(model, *(part[start:stop] for part in rows_of), cache)
                 total, count = total + value * ntoks, count + ntoks
         return total / count, count
 
@@ -143,8 +158,9 @@ def make_safety_loss(
     weights = mx.array([class_weights[label] for label in LABELS])
     cost = mx.array([[cost_matrix[true][pred] for pred in LABELS] for true in LABELS])
 
-    def loss(model: nn.Module, tokens, labels, positions, mask, label_mask) -> tuple[mx.array, mx.array]:
-        logits = completion_logits(model, tokens, positions)
+    def loss(model: nn.Module, tokens, labels, positions, mask, label_mask, prefix: Prefix = None
+             ) -> tuple[mx.array, mx.array]:
+        logits = completion_logits(model, tokens, positions, prefix)
         ntoks = mask.sum()
         token_weight = token_weights(mask, label_mask, label_weight)
         total = safety_objective(logits, tokens, labels, positions, token_weight, first, weights, cost)
