@@ -2,13 +2,16 @@
 
     python bench/run.py                 # SmolLM2-135M float / 8-bit / 4-bit + PyTorch reference
     python bench/run.py --smoke         # the tiny random model, seconds, no PyTorch
+    python bench/run.py --model gemma3-270m --real-only --out bench/gemma3-270m.json
 
 Writes ``bench/latest.json`` (atomically) and prints a table. Every number comes
 from this run: the fp32 matmul peak, then per variant LoRA training steps through
 mlx-lm's own trainer with the project's loss and batches, label scoring, greedy
 generation and MC-dropout scoring, then Hugging Face transformers + PEFT on
 PyTorch CPU (``bench/torch_peft.py``, in a separate virtual environment that this
-script creates under the cache directory on first use). See bench/README.md.
+script creates under the cache directory on first use). The real workload
+(``real_workload``) trains ``medical_baseline`` on the built-in train split, in
+the train stage's batch order, on both sides. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -37,13 +40,13 @@ import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from triage.model.device import cpu_streams, measure_blas_in_subprocess, optimize_for_device  # noqa: E402
-from triage.train.batches import make_iterate_batches  # noqa: E402
+from triage.train.batches import batch_order, make_iterate_batches, prefix_length  # noqa: E402
 from triage.config import LoraConfig  # noqa: E402
 from triage.evaluate.mc_dropout import mc_dropout_votes  # noqa: E402
 from triage.model.scoring import label_probabilities  # noqa: E402
 from triage.io import write_json  # noqa: E402
 from triage.model.lm import ChatFormat, TokenizedCase, check_supported, label_log_probs  # noqa: E402
-from triage.train.losses import plain_loss, sharded  # noqa: E402
+from triage.train.losses import make_completion_loss, plain_loss, sharded  # noqa: E402
 from triage.runtime.blas import THREADS_ENV, set_blas_threads  # noqa: E402
 from triage.runtime.blas_proof import this_cpu  # noqa: E402
 from triage.config import load_params  # noqa: E402
@@ -51,7 +54,8 @@ from triage.schema import Example  # noqa: E402
 from triage.train.loop import add_lora  # noqa: E402
 
 PARAMS = load_params(ROOT / "params.yaml")  # the study's model sources, label mix and group size
-BENCHED = ("smollm2-135m", "tiny")
+BENCHED = ("smollm2-135m", "gemma3-270m", "tiny")
+REAL_CONFIG = "medical_baseline"  # the config the real workload trains, as the train stage would
 MODELS = {name: PARAMS.models[name].source for name in BENCHED}
 VARIANTS = {"float": None, "q8": 8, "q4": 4}  # name -> bits (None: the float32 model)
 GROUP_SIZE = PARAMS.quantize.group_size
@@ -88,6 +92,9 @@ class Setup:
     cpu_streams: int = 2  # train.cpu_streams in params.yaml
     mc_sequential_variant: str = "q4"  # 50 sequential passes cost ~a minute per variant: one variant
     torch: bool = True
+    real_warmup_steps: int = 4  # the real workload's first steps, untimed (the first shapes compile)
+    real_steps: int = 24  # its timed steps: every one counts, as in a run
+    real_only: bool = False
 
 
 # --------------------------------------------------------------------------
@@ -215,10 +222,18 @@ def lora_config(setup: Setup) -> LoraConfig:
 
 
 def train_step_seconds(model, cases: list[TokenizedCase], setup: Setup, scratch: Path) -> list[float]:
+    """Per-step wall time of the synthetic shape: the plain loss on ``cases``, as the train stage splits a batch."""
+    loss = sharded(plain_loss, cpu_streams(setup.cpu_streams))
+    return mlx_step_seconds(model, cases, loss, make_iterate_batches(mask_prompt=True, seed=0), setup.batch_size,
+                            setup.warmup_steps + setup.steps, setup.seq_len + 1, scratch)
+
+
+def mlx_step_seconds(model, dataset: list[TokenizedCase], loss, iterate_batches, batch_size: int, steps: int,
+                     max_seq_length: int, scratch: Path) -> list[float]:
     """Per-step wall time of mlx-lm's own ``train`` (compiled step, AdamW) with the project's loss and batches.
 
-    As the train stage runs it: the batch split over ``setup.cpu_streams`` CPU streams, BLAS threads
-    divided among them; the BLAS thread count is restored afterwards for the scoring measurements.
+    The loss splits the batch over the CPU streams as the train stage does, BLAS threads divided
+    among them; the BLAS thread count is restored afterwards for the scoring measurements.
 
     mlx-lm times each step from after the batch is built to after the update is
     evaluated and reports it through the callback as iterations per second.
@@ -233,19 +248,16 @@ def train_step_seconds(model, cases: list[TokenizedCase], setup: Setup, scratch:
         def on_train_loss_report(self, info: dict) -> None:
             self.times.append(1.0 / info["iterations_per_second"])
 
-    args = TrainingArgs(
-        batch_size=setup.batch_size, iters=setup.warmup_steps + setup.steps, steps_per_report=1,
-        steps_per_eval=10**9, steps_per_save=10**9, max_seq_length=setup.seq_len + 1,
-        adapter_file=str(scratch / "adapters.safetensors"),
-    )
+    args = TrainingArgs(batch_size=batch_size, iters=steps, steps_per_report=1, steps_per_eval=10**9,
+                        steps_per_save=10**9, max_seq_length=max_seq_length,
+                        adapter_file=str(scratch / "adapters.safetensors"))
     callback = StepTimes()
     optimizer = optim.AdamW(learning_rate=1e-5, weight_decay=0.01)
     threads = blas_threads()
-    loss = sharded(plain_loss, cpu_streams(setup.cpu_streams))
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm's progress lines would break our table
-            train(model, optimizer, cases, None, args, loss=loss,
-                  iterate_batches=make_iterate_batches(mask_prompt=True, seed=0), training_callback=callback)
+            train(model, optimizer, dataset, None, args, loss=loss, iterate_batches=iterate_batches,
+                  training_callback=callback)
     finally:
         set_blas_threads(threads)
     return callback.times
@@ -371,6 +383,86 @@ def measure_variant(name: str, path: Path, train_cases: list[TokenizedCase], exa
 
 
 # --------------------------------------------------------------------------
+# The real job: medical_baseline on the built-in train split
+# --------------------------------------------------------------------------
+
+
+def real_train_cases(fmt: ChatFormat) -> list[TokenizedCase]:
+    """The built-in train split, tokenised as the train stage tokenises it."""
+    from triage.data.sources import load_splits
+
+    return [fmt.case(example) for example in load_splits(PARAMS.data)["train"]]
+
+
+def real_batch_indices(cases: list[TokenizedCase], setup: Setup) -> list[list[int]]:
+    """The cases of the train stage's first batches, in its order (both sides train on exactly these)."""
+    order = batch_order(len(cases), [len(c.tokens) for c in cases], PARAMS.config(REAL_CONFIG).batch_size,
+                        PARAMS.train.seed)
+    return [next(order) for _ in range(setup.real_warmup_steps + setup.real_steps)]
+
+
+def real_step_positions(cases: list[TokenizedCase], batches: list[list[int]], shared: int) -> float:
+    """Mean token positions a step runs through the model: the padded rows, plus the prefix's one row."""
+    from triage.train.batches import collate
+
+    sizes = [collate([cases[i] for i in batch], True, shared)[0].shape for batch in batches]
+    return shared + statistics.mean(rows * (width - 1) for rows, width in sizes)
+
+
+def real_workload_variant(path: Path, cases: list[TokenizedCase], setup: Setup, share_prefix: bool,
+                          scratch: Path) -> dict:
+    """The train stage's steps of ``medical_baseline`` on one variant: its loss, its batches, its streams."""
+    from mlx_lm import load
+
+    config = PARAMS.config(REAL_CONFIG)
+    model, _ = load(str(path))
+    add_lora(model, config, PARAMS.train.num_layers)
+    optimize_for_device(model)
+    loss = sharded(make_completion_loss(PARAMS.train.label_weight), cpu_streams(PARAMS.train.cpu_streams))
+    batches = make_iterate_batches(PARAMS.train.mask_prompt, PARAMS.train.seed, share_prefix=share_prefix)
+    mx.reset_peak_memory()
+    steps = mlx_step_seconds(model, cases, loss, batches, config.batch_size,
+                             setup.real_warmup_steps + setup.real_steps, PARAMS.train.max_seq_length, scratch)
+    timed = steps[setup.real_warmup_steps :]
+    return {"share_prompt_prefix": share_prefix, "step_seconds": [round(t, 3) for t in steps],
+            "seconds_per_step": statistics.mean(timed), "cases_per_s": config.batch_size * len(timed) / sum(timed),
+            "peak_memory_mb": mx.get_peak_memory() / 2**20}
+
+
+def real_workload(paths: dict[str, Path], fmt: ChatFormat, setup: Setup, cache: Path,
+                  torch_interpreter: Path | None, scratch: Path) -> dict:
+    """Ours at float, q8 and q4 (and q4 on the plain batch) against transformers + PEFT, same cases, same order."""
+    cases = real_train_cases(fmt)
+    batches = real_batch_indices(cases, setup)
+    shared = prefix_length(cases, PARAMS.train.mask_prompt)
+    config = PARAMS.config(REAL_CONFIG)
+    result: dict[str, Any] = {
+        "config": REAL_CONFIG, "batch_size": config.batch_size, "rank": config.rank, "dropout": config.dropout,
+        "num_layers": PARAMS.train.num_layers, "train_cases": len(cases),
+        "warmup_steps": setup.real_warmup_steps, "timed_steps": setup.real_steps,
+        "mean_case_tokens": statistics.mean(len(c.tokens) for c in cases), "shared_prefix_tokens": shared,
+        "token_positions_per_step": {"plain_batch": real_step_positions(cases, batches, 0),
+                                     "shared_prefix": real_step_positions(cases, batches, shared)},
+        "timing": "seconds_per_step is the mean of every timed step (lengths vary, new shapes compile); "
+                  "cases_per_s = batch_size / seconds_per_step",
+    }
+    for name in VARIANTS:
+        print(f"[bench] real workload, {name}", flush=True)
+        result[name] = real_workload_variant(paths[name], cases, setup, PARAMS.train.share_prompt_prefix, scratch)
+    print("[bench] real workload, q4 on the plain batch", flush=True)
+    result["q4_plain_batch"] = real_workload_variant(paths["q4"], cases, setup, False, scratch)
+    spec = {"batches": [[{"tokens": cases[i].tokens, "prompt_length": cases[i].prompt_length} for i in batch]
+                        for batch in batches]}
+    result["torch_peft"] = torch_reference(setup, cache, torch_interpreter, paths["hf"], spec, scratch,
+                                           rank=config.rank, scale=config.scale, dropout=config.dropout,
+                                           num_layers=PARAMS.train.num_layers, warmup=setup.real_warmup_steps,
+                                           steps=setup.real_steps)
+    torch_rate = result["torch_peft"].get("cases_per_s")
+    result["vs_torch_peft"] = result["q4"]["cases_per_s"] / torch_rate if torch_rate else None
+    return result
+
+
+# --------------------------------------------------------------------------
 # PyTorch reference
 # --------------------------------------------------------------------------
 
@@ -411,19 +503,15 @@ def torch_python(cache: Path) -> Path:
     return python
 
 
-def run_torch(python: Path, hf_dir: Path, train_cases: list[TokenizedCase], setup: Setup,
-              completion: int, scratch: Path) -> dict:
-    """Run bench/torch_peft.py on the same token sequences; its JSON result."""
+def run_torch(python: Path, hf_dir: Path, spec: dict, scratch: Path, **hyper: float) -> dict:
+    """Run bench/torch_peft.py on the batches in ``spec`` (its BATCHES.json), with ``hyper`` as its options; its JSON result."""
     batches = scratch / "batches.json"
-    batches.write_text(json.dumps({"sequences": [c.tokens for c in train_cases], "batch_size": setup.batch_size,
-                                   "completion_tokens": completion}))
+    batches.write_text(json.dumps(spec))
     out = scratch / "torch.json"
+    options = [item for key, value in hyper.items() for item in (f"--{key.replace('_', '-')}", str(value))]
     command = [str(python), str(Path(__file__).with_name("torch_peft.py")), "--model-dir", str(hf_dir),
-               "--batches", str(batches), "--out", str(out), "--rank", str(setup.rank),
-               "--scale", str(setup.scale), "--dropout", str(setup.dropout),
-               "--num-layers", str(setup.num_layers), "--warmup", str(setup.warmup_steps),
-               "--steps", str(setup.steps), "--threads", str(mlx_cores(setup))]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+               "--batches", str(batches), "--out", str(out), *options]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"torch_peft.py failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
     return json.loads(out.read_text())
@@ -441,7 +529,13 @@ def target(value: float | None, threshold: float, what: str) -> dict:
 
 
 def targets(report: dict, setup: Setup) -> dict:
-    """The issue's targets, each a ratio measured within this run."""
+    """The issues' targets, each a ratio measured within this run."""
+    real = {"real_workload_vs_torch_peft": target(
+        report["real_workload"]["vs_torch_peft"], 1.5,
+        f"real workload ({REAL_CONFIG} on the built-in train split, same batches): our 4-bit QLoRA cases/s / "
+        "transformers+PEFT (PyTorch CPU, float32, labels -100 on the prompt) cases/s")}
+    if setup.real_only:
+        return real
     variants = [report[name] for name in VARIANTS]
     torch_rate = report["torch_peft"].get("train_tokens_per_s")
     sequential = report[setup.mc_sequential_variant]
@@ -465,10 +559,22 @@ def targets(report: dict, setup: Setup) -> dict:
             f"{setup.mc_copies} sequential MC-dropout passes / one batch of {setup.mc_copies} (blocks below the "
             "first adapter run once, as evaluate runs it), "
             f"{setup.mc_sequential_variant}"),
-    }
+    } | real
 
 
 def print_table(report: dict) -> None:
+    from tabulate import tabulate
+
+    if "setup" in report:
+        print_synthetic(report)
+    print_real_workload(report["model"], report["real_workload"])
+    print()
+    print(tabulate([[name, t["value"], t["threshold"], {True: "met", False: "NOT met", None: "not measured"}[t["met"]]]
+                    for name, t in report["targets"].items()],
+                   headers=["target", "ratio", "needs >=", "result"], floatfmt=".2f", missingval="-"))
+
+
+def print_synthetic(report: dict) -> None:
     from tabulate import tabulate
 
     rows = [[name, v["train_tokens_per_s"], v["train_gflops"], 100 * v["train_mfu"], v["peak_memory_mb"],
@@ -480,15 +586,33 @@ def print_table(report: dict) -> None:
     print(f"\n{report['model']}: batch {report['setup']['batch_size']} x {report['setup']['seq_len']} tokens, "
           f"LoRA rank {report['setup']['rank']} on {report['setup']['num_layers']} blocks; "
           f"fp32 matmul peak {report['matmul_peak_gflops']:.1f} GFLOP/s; load average "
-          f"{report['machine']['load_average_start'][0]:.2f} -> {report['machine']['load_average_end'][0]:.2f}")
+          f"{report['machine']['load_average_start'][0]:.2f} -> {report['machine']['load_average_end'][0]:.2f}; "
+          f"{report['machine']['cpu_model']}")
     print(tabulate(rows, headers=["variant", "train tok/s", "GFLOP/s", "MFU %", "peak MB",
                                   "eval cases/s", "MC samples/s"], floatfmt=".1f", missingval="-"))
     if "skipped" in torch_result:
         print(f"torch+PEFT: not measured ({torch_result['skipped']})")
-    print()
-    print(tabulate([[name, t["value"], t["threshold"], {True: "met", False: "NOT met", None: "not measured"}[t["met"]]]
-                    for name, t in report["targets"].items()],
-                   headers=["target", "ratio", "needs >=", "result"], floatfmt=".2f", missingval="-"))
+
+
+def print_real_workload(model: str, real: dict) -> None:
+    from tabulate import tabulate
+
+    positions = real["token_positions_per_step"]
+    print(f"\n{model}, real workload: {real['config']} (batch {real['batch_size']}, rank {real['rank']}) on the "
+          f"built-in train split ({real['train_cases']} cases, {real['mean_case_tokens']:.0f} tokens on average, "
+          f"{real['shared_prefix_tokens']} shared); {real['timed_steps']} timed steps after "
+          f"{real['warmup_steps']}; token positions per step {positions['plain_batch']:.0f} plain, "
+          f"{positions['shared_prefix']:.0f} with the shared prefix")
+    names = [*VARIANTS, "q4_plain_batch"]
+    rows = [[name, real[name]["seconds_per_step"], real[name]["cases_per_s"], real[name]["peak_memory_mb"]]
+            for name in names]
+    torch_result = real["torch_peft"]
+    if "cases_per_s" in torch_result:
+        rows.append(["torch+PEFT float", torch_result["seconds_per_step"], torch_result["cases_per_s"],
+                     torch_result["peak_rss_mb"]])
+    print(tabulate(rows, headers=["variant", "s/step", "cases/s", "peak MB"], floatfmt=".3f"))
+    if "skipped" in torch_result:
+        print(f"torch+PEFT: not measured ({torch_result['skipped']})")
 
 
 PEAK_PROCESSES = 3
@@ -530,6 +654,18 @@ def benchmark(setup: Setup, cache: Path, torch_interpreter: Path | None) -> dict
     report: dict[str, Any] = {"model": setup.model, "source": MODELS[setup.model], "machine": machine()}
     paths = prepare_models(setup.model, cache)
     fmt = ChatFormat(load_tokenizer(paths["float"]))
+    with tempfile.TemporaryDirectory() as scratch:
+        if not setup.real_only:
+            report |= synthetic(setup, paths, fmt, cache, torch_interpreter, Path(scratch))
+        report["real_workload"] = real_workload(paths, fmt, setup, cache, torch_interpreter, Path(scratch))
+    report["machine"]["load_average_end"] = list(os.getloadavg())
+    report["targets"] = targets(report, setup)
+    return report
+
+
+def synthetic(setup: Setup, paths: dict[str, Path], fmt: ChatFormat, cache: Path, torch_interpreter: Path | None,
+              scratch: Path) -> dict:
+    """The fixed B x T shape: training per variant with MFU, scoring, generation, MC dropout, and PEFT on it."""
     examples = real_examples(200)
     cases = [fmt.case(e) for e in examples]
     completion = median_completion_tokens(cases)
@@ -537,14 +673,14 @@ def benchmark(setup: Setup, cache: Path, torch_interpreter: Path | None) -> dict
     typical = typical_examples(examples, cases, max(setup.eval_cases, setup.generation_cases))
     flops = flop_model(paths["float"])
     tokens = setup.batch_size * setup.seq_len
-    report["setup"] = {
+    report: dict[str, Any] = {"setup": {
         **asdict(setup), "completion_positions": completion,
         "completion_positions_note": "C: median completion length in tokens of the generated study data "
                                      "('LABEL - reason' + end of turn); also generation's max_tokens",
         "mc_prompt_tokens": len(fmt.prompt_tokens(typical[0].prompt)),
         "timing": "train_tokens_per_s and train_gflops use the fastest timed step (like the matmul peak: "
                   "on a shared machine the rest is other load); every step time is listed",
-    }
+    }}
     report["flops"] = {
         "formula": FLOPS_FORMULA, "per_train_step": flops.train_step(tokens, setup.batch_size * completion,
                                                                      setup.num_layers),
@@ -553,27 +689,30 @@ def benchmark(setup: Setup, cache: Path, torch_interpreter: Path | None) -> dict
     }
     report["matmul_peak_gflops"], report["matmul_peak_runs"] = matmul_peak()
     report["cpu_ns_per_element"] = per_element_ns()
-    with tempfile.TemporaryDirectory() as scratch:
-        for name in VARIANTS:
-            print(f"[bench] {name}: training, scoring, generation, MC dropout", flush=True)
-            report[name] = measure_variant(name, paths[name], train_cases, typical, setup, flops, completion,
-                                           report["matmul_peak_gflops"], Path(scratch))
-        report["torch_peft"] = torch_reference(setup, cache, torch_interpreter, paths["hf"], train_cases,
-                                               completion, Path(scratch))
-    report["machine"]["load_average_end"] = list(os.getloadavg())
-    report["targets"] = targets(report, setup)
+    for name in VARIANTS:
+        print(f"[bench] {name}: training, scoring, generation, MC dropout", flush=True)
+        report[name] = measure_variant(name, paths[name], train_cases, typical, setup, flops, completion,
+                                       report["matmul_peak_gflops"], scratch)
+    spec = {"sequences": [c.tokens for c in train_cases], "batch_size": setup.batch_size,
+            "completion_tokens": completion}
+    report["torch_peft"] = torch_reference(setup, cache, torch_interpreter, paths["hf"], spec, scratch,
+                                           rank=setup.rank, scale=setup.scale, dropout=setup.dropout,
+                                           num_layers=setup.num_layers, warmup=setup.warmup_steps, steps=setup.steps)
     return report
 
 
-def torch_reference(setup: Setup, cache: Path, interpreter: Path | None, hf_dir: Path,
-                    train_cases: list[TokenizedCase], completion: int, scratch: Path) -> dict:
-    """The PyTorch numbers, or why there are none (the report says so instead of failing)."""
+def torch_reference(setup: Setup, cache: Path, interpreter: Path | None, hf_dir: Path, spec: dict, scratch: Path,
+                    **hyper: float) -> dict:
+    """The PyTorch numbers on ``spec``'s batches, with as many threads as MLX uses, or why there are none.
+
+    The report says why instead of failing.
+    """
     if not setup.torch:
         return {"skipped": "not requested (--no-torch or --smoke)"}
     print("[bench] torch+PEFT: training", flush=True)
     try:
         python = interpreter or torch_python(cache)
-        return run_torch(python, hf_dir, train_cases, setup, completion, scratch)
+        return run_torch(python, hf_dir, spec, scratch, threads=mlx_cores(setup), **hyper)
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         return {"skipped": f"failed: {err}"}
 
@@ -589,12 +728,15 @@ def main() -> None:
                         help="converted models and the PyTorch venv (git-ignored)")
     parser.add_argument("--torch-python", type=Path, help="an existing interpreter with torch, transformers, peft")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--real-only", action="store_true", help="only the real workload (as for Gemma-3-270M)")
+    parser.add_argument("--real-steps", type=int, default=Setup.real_steps, help="timed steps of the real workload")
     args = parser.parse_args()
 
-    setup = Setup(model=args.model, steps=args.steps, torch=not args.no_torch)
+    setup = Setup(model=args.model, steps=args.steps, torch=not args.no_torch, real_only=args.real_only,
+                  real_steps=args.real_steps)
     if args.smoke:
         setup = replace(setup, model="tiny", seq_len=64, steps=1, eval_cases=4, eval_batch_size=2, generation_cases=1,
-                        mc_copies=4, torch=args.torch_python is not None)
+                        mc_copies=4, torch=args.torch_python is not None, real_warmup_steps=1, real_steps=2)
     args.cache.mkdir(parents=True, exist_ok=True)
     (args.cache / ".gitignore").write_text("*\n")  # models and a venv: never committed
     started = time.perf_counter()

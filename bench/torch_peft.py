@@ -5,10 +5,13 @@ started by ``bench/run.py`` as a subprocess; it imports nothing from ``triage``.
 
     python bench/torch_peft.py --model-dir HF_DIR --batches BATCHES.json --out RESULT.json
 
-``BATCHES.json`` holds the exact token sequences the MLX side trains on
-(``{"sequences": [[...], ...], "completion_tokens": C, "batch_size": B}``); the
-last C tokens of each sequence are the completion. The loss is the standard
-Hugging Face one: ``labels`` set to -100 on the prompt, so the model computes
+``BATCHES.json`` holds the exact token sequences the MLX side trains on, either
+the synthetic shape (``{"sequences": [[...], ...], "completion_tokens": C,
+"batch_size": B}``: the last C tokens of each sequence are the completion) or
+the real job's batches in order (``{"batches": [[{"tokens": [...],
+"prompt_length": P}, ...], ...]}``), each padded on the right to its longest
+row with an attention mask. The loss is the standard Hugging Face one:
+``labels`` set to -100 on the prompt and the padding, so the model computes
 logits at every position and the loss only on the completion.
 """
 
@@ -48,13 +51,30 @@ def load_lora_model(model_dir: Path, rank: int, scale: float, dropout: float, nu
     return model
 
 
-def make_batches(spec: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(input_ids, labels) per batch; labels keep only the completion tokens."""
+def make_batches(spec: dict) -> list[dict[str, torch.Tensor]]:
+    """The model's inputs per batch; labels keep only the completion tokens."""
+    if "batches" in spec:
+        return [padded_batch(batch) for batch in spec["batches"]]
     size, completion = spec["batch_size"], spec["completion_tokens"]
     ids = torch.tensor(spec["sequences"], dtype=torch.long)
     labels = torch.full_like(ids, IGNORE)
     labels[:, -completion:] = ids[:, -completion:]
-    return [(ids[i : i + size], labels[i : i + size]) for i in range(0, len(ids) - size + 1, size)]
+    return [{"input_ids": ids[i : i + size], "labels": labels[i : i + size]}
+            for i in range(0, len(ids) - size + 1, size)]
+
+
+def padded_batch(cases: list[dict]) -> dict[str, torch.Tensor]:
+    """Cases of different lengths, right-padded to the longest, with the attention mask and labels that skip the padding."""
+    width = max(len(case["tokens"]) for case in cases)
+    ids = torch.zeros((len(cases), width), dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE)
+    for row, case in enumerate(cases):
+        tokens, start = case["tokens"], case["prompt_length"]
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        attention[row, : len(tokens)] = 1
+        labels[row, start : len(tokens)] = ids[row, start : len(tokens)]
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
 
 
 def train_steps(model, batches: list, steps: int, learning_rate: float) -> list[float]:
@@ -63,9 +83,9 @@ def train_steps(model, batches: list, steps: int, learning_rate: float) -> list[
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.01)
     times = []
     for step in range(steps):
-        input_ids, labels = batches[step % len(batches)]
+        inputs = batches[step % len(batches)]
         start = time.perf_counter()
-        loss = model(input_ids=input_ids, labels=labels).loss
+        loss = model(**inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -94,23 +114,28 @@ def main() -> None:
     torch.manual_seed(0)
     spec = json.loads(args.batches.read_text())
     model = load_lora_model(args.model_dir, args.rank, args.scale, args.dropout, args.num_layers)
-    times = train_steps(model, make_batches(spec), args.warmup + args.steps, learning_rate=1e-5)
-    tokens = spec["batch_size"] * len(spec["sequences"][0])
+    batches = make_batches(spec)
+    times = train_steps(model, batches, args.warmup + args.steps, learning_rate=1e-5)
     measured = times[args.warmup :]
     result = {
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "threads": torch.get_num_threads(),
         "attention": model.config._attn_implementation,
-        "tokens_per_step": tokens,
         "step_seconds": [round(t, 3) for t in times],
         "warmup_steps": args.warmup,
-        "train_tokens_per_s": tokens / min(measured),
-        "train_tokens_per_s_median": tokens / sorted(measured)[len(measured) // 2],
+        "token_positions_per_step": [int(batch["input_ids"].numel()) for batch in batches[: len(times)]],
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         # Whole process (Python, torch, weights, activations): not comparable byte for byte with MLX's allocator peak.
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "logits_positions_per_sequence": len(spec["sequences"][0]),
     }
+    if "sequences" in spec:  # one shape: the fastest step, as the MLX side reports it
+        tokens = spec["batch_size"] * len(spec["sequences"][0])
+        result |= {"tokens_per_step": tokens, "train_tokens_per_s": tokens / min(measured),
+                   "train_tokens_per_s_median": tokens / sorted(measured)[len(measured) // 2],
+                   "logits_positions_per_sequence": len(spec["sequences"][0])}
+    else:  # the real job: every timed step counts, as a run spends them
+        rows = sum(len(batch["input_ids"]) for batch in batches[args.warmup : len(times)])
+        result |= {"seconds_per_step": sum(measured) / len(measured), "cases_per_s": rows / sum(measured)}
     tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, args.out)

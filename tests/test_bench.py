@@ -17,7 +17,8 @@ VARIANT_KEYS = {
     "mc_samples_per_s", "label_scoring_s_per_case", "generation_s_per_case", "mc_batch_s",
 }
 TARGETS = {"q4_vs_float_training", "training_mfu", "vs_torch_peft", "label_scoring_vs_generation",
-           "mc_batch_vs_sequential"}
+           "mc_batch_vs_sequential", "real_workload_vs_torch_peft"}
+NOT_MEASURED_WITHOUT_TORCH = {"vs_torch_peft", "real_workload_vs_torch_peft"}
 
 
 def test_smoke_run_writes_every_key(tmp_path):
@@ -41,8 +42,18 @@ def test_smoke_run_writes_every_key(tmp_path):
     assert "completion positions" in report["flops"]["formula"]
     assert report["flops"]["C"] == report["setup"]["completion_positions"] > 0
     assert set(report["targets"]) == TARGETS
-    assert report["targets"]["vs_torch_peft"]["met"] is None  # not measured in a smoke run, and says so
-    assert "skipped" in report["torch_peft"]
-    assert all(isinstance(t["met"], bool) for name, t in report["targets"].items() if name != "vs_torch_peft")
+    for name in NOT_MEASURED_WITHOUT_TORCH:  # not measured in a smoke run, and says so
+        assert report["targets"][name]["met"] is None
+    assert "skipped" in report["torch_peft"] and "skipped" in report["real_workload"]["torch_peft"]
+    assert all(isinstance(t["met"], bool) for name, t in report["targets"].items()
+               if name not in NOT_MEASURED_WITHOUT_TORCH)
+    real = report["real_workload"]
+    assert real["config"] == "medical_baseline" and real["timed_steps"] == 2
+    for variant in ("float", "q8", "q4", "q4_plain_batch"):
+        assert len(real[variant]["step_seconds"]) == 3 and real[variant]["cases_per_s"] > 0, variant
+    assert real["q4"]["share_prompt_prefix"] and not real["q4_plain_batch"]["share_prompt_prefix"]
+    positions = real["token_positions_per_step"]
+    assert real["shared_prefix_tokens"] > 0 and positions["shared_prefix"] < positions["plain_batch"]
+    assert "cases/s" in done.stdout
     assert "target" in done.stdout and "train tok/s" in done.stdout
     assert (tmp_path / "cache" / ".gitignore").read_text() == "*\n"
