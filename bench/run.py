@@ -40,7 +40,7 @@ import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from triage.model.device import cpu_streams, measure_blas_in_subprocess, optimize_for_device  # noqa: E402
-from triage.train.batches import batch_order, make_iterate_batches, prefix_length  # noqa: E402
+from triage.train.batches import batch_order, collate, make_iterate_batches, prefix_length  # noqa: E402
 from triage.config import LoraConfig  # noqa: E402
 from triage.evaluate.mc_dropout import mc_dropout_votes  # noqa: E402
 from triage.model.scoring import label_probabilities  # noqa: E402
@@ -92,8 +92,7 @@ class Setup:
     cpu_streams: int = 2  # train.cpu_streams in params.yaml
     mc_sequential_variant: str = "q4"  # 50 sequential passes cost ~a minute per variant: one variant
     torch: bool = True
-    real_warmup_steps: int = 4  # the real workload's first steps, untimed (the first shapes compile)
-    real_steps: int = 24  # its timed steps: every one counts, as in a run
+    real_steps: int = 24  # the real workload's timed steps: every one counts, as in a run
     real_only: bool = False
 
 
@@ -155,7 +154,7 @@ def fixed_length_cases(cases: list[TokenizedCase], seq_len: int, completion: int
     """``n`` cases of exactly ``seq_len`` tokens: a real prompt (repeated to fill) and ``completion`` real completion tokens.
 
     Exactly ``seq_len`` so that the collated input is ``seq_len`` wide (collate pads
-    to a multiple of 32 plus the shifted target); the content only has to be
+    to a multiple of 8 plus the shifted target); the content only has to be
     realistic tokens, the shapes decide the speed.
     """
     prompt_len = seq_len - completion
@@ -394,24 +393,47 @@ def real_train_cases(fmt: ChatFormat) -> list[TokenizedCase]:
     return [fmt.case(example) for example in load_splits(PARAMS.data)["train"]]
 
 
-def real_batch_indices(cases: list[TokenizedCase], setup: Setup) -> list[list[int]]:
-    """The cases of the train stage's first batches, in its order (both sides train on exactly these)."""
+def step_shape(cases: list[TokenizedCase], batch: list[int], shared: int) -> tuple:
+    """The array shapes of a collated batch: mlx-lm's compiled step is traced once per shape."""
+    return tuple(array.shape for array in collate([cases[i] for i in batch], True, shared))
+
+
+def real_batches(cases: list[TokenizedCase], shared: int, setup: Setup) -> tuple[list[list[int]], list[list[int]]]:
+    """(warm-up, timed) batches of case indices; both sides train on exactly these, in this order.
+
+    Timed: the train stage's first ``real_steps`` batches, in its order. Warm-up:
+    before them, the first of those batches of each shape (plain and shared), so
+    that every timed step runs an already compiled step, as nearly every step of
+    a full run does; the one-off compilations are reported apart.
+    """
     order = batch_order(len(cases), [len(c.tokens) for c in cases], PARAMS.config(REAL_CONFIG).batch_size,
                         PARAMS.train.seed)
-    return [next(order) for _ in range(setup.real_warmup_steps + setup.real_steps)]
+    timed = [next(order) for _ in range(setup.real_steps)]
+    first_of_shape: dict[tuple, list[int]] = {}
+    for batch in timed:
+        first_of_shape.setdefault((step_shape(cases, batch, 0), step_shape(cases, batch, shared)), batch)
+    return list(first_of_shape.values()), timed
+
+
+def shapes_per_epoch(cases: list[TokenizedCase], shared: int) -> int:
+    """How many step shapes (so compilations) one epoch of the train stage's batches needs."""
+    batch_size = PARAMS.config(REAL_CONFIG).batch_size
+    order = batch_order(len(cases), [len(c.tokens) for c in cases], batch_size, PARAMS.train.seed)
+    return len({step_shape(cases, next(order), shared) for _ in range(-(-len(cases) // batch_size))})
 
 
 def real_step_positions(cases: list[TokenizedCase], batches: list[list[int]], shared: int) -> float:
     """Mean token positions a step runs through the model: the padded rows, plus the prefix's one row."""
-    from triage.train.batches import collate
-
     sizes = [collate([cases[i] for i in batch], True, shared)[0].shape for batch in batches]
     return shared + statistics.mean(rows * (width - 1) for rows, width in sizes)
 
 
-def real_workload_variant(path: Path, cases: list[TokenizedCase], setup: Setup, share_prefix: bool,
-                          scratch: Path) -> dict:
-    """The train stage's steps of ``medical_baseline`` on one variant: its loss, its batches, its streams."""
+def real_workload_variant(path: Path, cases: list[TokenizedCase], warmup: list[list[int]], timed: list[list[int]],
+                          shared: int, scratch: Path) -> dict:
+    """The train stage's steps of ``medical_baseline`` on one variant: its loss, its collate, its streams.
+
+    ``shared`` is the prefix length its batches share (0: the plain batch).
+    """
     from mlx_lm import load
 
     config = PARAMS.config(REAL_CONFIG)
@@ -419,44 +441,51 @@ def real_workload_variant(path: Path, cases: list[TokenizedCase], setup: Setup, 
     add_lora(model, config, PARAMS.train.num_layers)
     optimize_for_device(model)
     loss = sharded(make_completion_loss(PARAMS.train.label_weight), cpu_streams(PARAMS.train.cpu_streams))
-    batches = make_iterate_batches(PARAMS.train.mask_prompt, PARAMS.train.seed, share_prefix=share_prefix)
+
+    def iterate_batches(dataset, batch_size, max_seq_length, loop=False, **_):
+        for batch in warmup + timed:
+            yield collate([dataset[i] for i in batch], PARAMS.train.mask_prompt, shared)
+
     mx.reset_peak_memory()
-    steps = mlx_step_seconds(model, cases, loss, batches, config.batch_size,
-                             setup.real_warmup_steps + setup.real_steps, PARAMS.train.max_seq_length, scratch)
-    timed = steps[setup.real_warmup_steps :]
-    return {"share_prompt_prefix": share_prefix, "step_seconds": [round(t, 3) for t in steps],
-            "seconds_per_step": statistics.mean(timed), "cases_per_s": config.batch_size * len(timed) / sum(timed),
-            "peak_memory_mb": mx.get_peak_memory() / 2**20}
+    steps = mlx_step_seconds(model, cases, loss, iterate_batches, config.batch_size, len(warmup) + len(timed),
+                             PARAMS.train.max_seq_length, scratch)
+    compiled, measured = steps[: len(warmup)], steps[len(warmup) :]
+    return {"share_prompt_prefix": shared > 0, "warmup_step_seconds": [round(t, 3) for t in compiled],
+            "step_seconds": [round(t, 3) for t in measured], "seconds_per_step": statistics.mean(measured),
+            "cases_per_s": sum(map(len, timed)) / sum(measured), "peak_memory_mb": mx.get_peak_memory() / 2**20}
 
 
 def real_workload(paths: dict[str, Path], fmt: ChatFormat, setup: Setup, cache: Path,
                   torch_interpreter: Path | None, scratch: Path) -> dict:
     """Ours at float, q8 and q4 (and q4 on the plain batch) against transformers + PEFT, same cases, same order."""
     cases = real_train_cases(fmt)
-    batches = real_batch_indices(cases, setup)
-    shared = prefix_length(cases, PARAMS.train.mask_prompt)
+    shared = prefix_length(cases, PARAMS.train.mask_prompt) if PARAMS.train.share_prompt_prefix else 0
+    warmup, timed = real_batches(cases, shared, setup)
     config = PARAMS.config(REAL_CONFIG)
     result: dict[str, Any] = {
         "config": REAL_CONFIG, "batch_size": config.batch_size, "rank": config.rank, "dropout": config.dropout,
         "num_layers": PARAMS.train.num_layers, "train_cases": len(cases),
-        "warmup_steps": setup.real_warmup_steps, "timed_steps": setup.real_steps,
+        "warmup_steps": len(warmup), "timed_steps": len(timed),
         "mean_case_tokens": statistics.mean(len(c.tokens) for c in cases), "shared_prefix_tokens": shared,
-        "token_positions_per_step": {"plain_batch": real_step_positions(cases, batches, 0),
-                                     "shared_prefix": real_step_positions(cases, batches, shared)},
-        "timing": "seconds_per_step is the mean of every timed step (lengths vary, new shapes compile); "
-                  "cases_per_s = batch_size / seconds_per_step",
+        "token_positions_per_step": {"plain_batch": real_step_positions(cases, timed, 0),
+                                     "shared_prefix": real_step_positions(cases, timed, shared)},
+        "step_shapes_per_epoch": {"plain_batch": shapes_per_epoch(cases, 0),
+                                  "shared_prefix": shapes_per_epoch(cases, shared)},
+        "timing": "seconds_per_step is the mean of every timed step; the warm-up first runs one batch of each "
+                  "shape the timed steps have, so each timed step runs a compiled step, as nearly all steps of a "
+                  "run do (a run compiles once per shape: step_shapes_per_epoch); cases_per_s = cases / seconds",
     }
     for name in VARIANTS:
         print(f"[bench] real workload, {name}", flush=True)
-        result[name] = real_workload_variant(paths[name], cases, setup, PARAMS.train.share_prompt_prefix, scratch)
+        result[name] = real_workload_variant(paths[name], cases, warmup, timed, shared, scratch)
     print("[bench] real workload, q4 on the plain batch", flush=True)
-    result["q4_plain_batch"] = real_workload_variant(paths["q4"], cases, setup, False, scratch)
+    result["q4_plain_batch"] = real_workload_variant(paths["q4"], cases, warmup, timed, 0, scratch)
     spec = {"batches": [[{"tokens": cases[i].tokens, "prompt_length": cases[i].prompt_length} for i in batch]
-                        for batch in batches]}
+                        for batch in warmup + timed]}
     result["torch_peft"] = torch_reference(setup, cache, torch_interpreter, paths["hf"], spec, scratch,
                                            rank=config.rank, scale=config.scale, dropout=config.dropout,
-                                           num_layers=PARAMS.train.num_layers, warmup=setup.real_warmup_steps,
-                                           steps=setup.real_steps)
+                                           num_layers=PARAMS.train.num_layers, warmup=len(warmup),
+                                           steps=len(timed))
     torch_rate = result["torch_peft"].get("cases_per_s")
     result["vs_torch_peft"] = result["q4"]["cases_per_s"] / torch_rate if torch_rate else None
     return result
@@ -601,8 +630,9 @@ def print_real_workload(model: str, real: dict) -> None:
     print(f"\n{model}, real workload: {real['config']} (batch {real['batch_size']}, rank {real['rank']}) on the "
           f"built-in train split ({real['train_cases']} cases, {real['mean_case_tokens']:.0f} tokens on average, "
           f"{real['shared_prefix_tokens']} shared); {real['timed_steps']} timed steps after "
-          f"{real['warmup_steps']}; token positions per step {positions['plain_batch']:.0f} plain, "
-          f"{positions['shared_prefix']:.0f} with the shared prefix")
+          f"{real['warmup_steps']} warm-up steps (one per shape); token positions per step "
+          f"{positions['plain_batch']:.0f} plain, {positions['shared_prefix']:.0f} with the shared prefix; "
+          f"{real['step_shapes_per_epoch']['shared_prefix']} step shapes per epoch")
     names = [*VARIANTS, "q4_plain_batch"]
     rows = [[name, real[name]["seconds_per_step"], real[name]["cases_per_s"], real[name]["peak_memory_mb"]]
             for name in names]
@@ -736,7 +766,7 @@ def main() -> None:
                   real_steps=args.real_steps)
     if args.smoke:
         setup = replace(setup, model="tiny", seq_len=64, steps=1, eval_cases=4, eval_batch_size=2, generation_cases=1,
-                        mc_copies=4, torch=args.torch_python is not None, real_warmup_steps=1, real_steps=2)
+                        mc_copies=4, torch=args.torch_python is not None, real_steps=2)
     args.cache.mkdir(parents=True, exist_ok=True)
     (args.cache / ".gitignore").write_text("*\n")  # models and a venv: never committed
     started = time.perf_counter()

@@ -410,6 +410,19 @@ def test_validation_splits_the_label_tokens_loss_from_the_reason_texts(tiny):
     assert reason_count == (mask - label_mask).sum()
 
 
+def test_every_epoch_of_batches_holds_every_case_once():
+    from triage.train.batches import batch_order
+
+    lengths = [random.Random(i).randint(5, 60) for i in range(23)]
+    order = batch_order(23, lengths, 4, seed=3)
+    for _ in range(3):
+        epoch = [next(order) for _ in range(6)]
+        assert sorted(index for batch in epoch for index in batch) == list(range(23))
+        assert sorted(map(len, epoch)) == [3, 4, 4, 4, 4, 4]  # the three longest cases share the smaller batch
+        # Length buckets: a batch's cases are neighbours in length, so its padding is small.
+        assert max(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epoch) < 25
+
+
 def test_validation_indices_are_the_cases_the_validation_batches_hold(tiny):
     from triage.train.batches import make_iterate_batches, validation_indices
 
@@ -420,7 +433,7 @@ def test_validation_indices_are_the_cases_the_validation_batches_hold(tiny):
     seen = sorted(tuple(np.array(row)[: len(cases[0].tokens)]) for batch in batches for row in batch[0])
     assert len(picked) == 8
     assert sorted(tuple(cases[i].tokens[: len(cases[0].tokens)]) for i in picked) == seen
-    assert len(validation_indices(cases, 4, -1, seed=42)) == 20  # every full batch
+    assert sorted(validation_indices(cases, 4, -1, seed=42)) == list(range(23))  # every case, 3 in a smaller batch
 
 
 def test_improvement_follows_the_selection_metric_in_its_direction():
