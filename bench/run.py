@@ -223,7 +223,8 @@ def lora_config(setup: Setup) -> LoraConfig:
 def train_step_seconds(model, cases: list[TokenizedCase], setup: Setup, scratch: Path) -> list[float]:
     """Per-step wall time of the synthetic shape: the plain loss on ``cases``, as the train stage splits a batch."""
     loss = sharded(plain_loss, cpu_streams(setup.cpu_streams))
-    return mlx_step_seconds(model, cases, loss, make_iterate_batches(mask_prompt=True, seed=0), setup.batch_size,
+    batches = make_iterate_batches(mask_prompt=True, seed=0, share_prefix=False)  # B x T as it is, like PEFT's
+    return mlx_step_seconds(model, cases, loss, batches, setup.batch_size,
                             setup.warmup_steps + setup.steps, setup.seq_len + 1, scratch)
 
 

@@ -210,7 +210,7 @@ def test_a_trained_dropout_adapter_spreads_its_votes(model_dir, tmp_path):
                          grad_checkpoint=False, mask_prompt=True, early_stopping_patience=0,
                          early_stopping_min_delta=0.0, select_on="val_loss", label_weight=1.0, cpu_streams=1, share_prompt_prefix=True)
     run_training(model, cases, cases[:4], config, params, plain_loss, tmp_path / "checkpoints", "spread")
-    votes = mc_dropout_votes(model, fmt, prompts_of(examples[:8]), SAMPLES, seed=7, rule=argmax_decision)
+    votes = mc_dropout_votes(model, fmt, prompts_of(examples), SAMPLES, seed=7, rule=argmax_decision)
     assert max(vote_summary(votes)["uncertainty"]) > 0
 
 

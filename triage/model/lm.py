@@ -12,6 +12,7 @@ from os.path import commonprefix
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
 
 from triage.schema import LABELS, DataError, Example
 
@@ -171,10 +172,38 @@ def shared_prefix(model: nn.Module, prompts: list[list[int]]) -> SharedPrefix:
     return SharedPrefix(tuple(common), cache)
 
 
+class ContinuedCache(KVCache):
+    """A KVCache holding exactly the keys and values of a prefix; new tokens are appended by concatenation.
+
+    mlx-lm's own KVCache writes into a preallocated 256-token buffer; forked for
+    every row of a batch and differentiated through, copying and slice-updating
+    that buffer costs more than the attention itself.
+    """
+
+    def __init__(self, keys: mx.array, values: mx.array):
+        super().__init__()
+        self.keys, self.values, self.offset = keys, values, keys.shape[2]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.keys = mx.concatenate([self.keys, keys], axis=2)
+        self.values = mx.concatenate([self.values, values], axis=2)
+        self.offset += keys.shape[2]
+        return self.keys, self.values
+
+
 def _fork(cache: list, rows: int) -> list:
-    """Copies of a one-row cache for ``rows`` rows; the original stays as it was."""
+    """Copies of a one-row cache for ``rows`` rows; the original stays as it was.
+
+    A sliding-window layer's rotating cache is copied with its settings; a
+    full-attention layer's continues as a :class:`ContinuedCache`.
+    """
     forked = []
     for layer in cache:
+        if type(layer) is KVCache and layer.keys is not None:
+            end = layer.offset
+            forked.append(ContinuedCache(mx.repeat(layer.keys[..., :end, :], rows, axis=0),
+                                         mx.repeat(layer.values[..., :end, :], rows, axis=0)))
+            continue
         copy = shallow_copy(layer)  # offsets, window and step settings carry over
         if layer.keys is not None:
             copy.keys, copy.values = mx.repeat(layer.keys, rows, axis=0), mx.repeat(layer.values, rows, axis=0)
