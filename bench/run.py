@@ -40,7 +40,8 @@ import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from triage.model.device import cpu_streams, measure_blas_in_subprocess, optimize_for_device  # noqa: E402
-from triage.train.batches import batch_order, collate, make_iterate_batches, prefix_length  # noqa: E402
+from triage.train.batches import (  # noqa: E402
+    batch_order, batches_per_epoch, collate, make_iterate_batches, prefix_length)
 from triage.config import LoraConfig  # noqa: E402
 from triage.evaluate.mc_dropout import mc_dropout_votes  # noqa: E402
 from triage.model.scoring import label_probabilities  # noqa: E402
@@ -396,7 +397,13 @@ def real_train_cases(fmt: ChatFormat) -> list[TokenizedCase]:
 
 def step_shape(cases: list[TokenizedCase], batch: list[int], shared: int) -> tuple:
     """The array shapes of a collated batch: mlx-lm's compiled step is traced once per shape."""
-    return tuple(array.shape for array in collate([cases[i] for i in batch], True, shared))
+    return tuple(array.shape for array in collate([cases[i] for i in batch], PARAMS.train.mask_prompt, shared))
+
+
+def train_stage_order(cases: list[TokenizedCase]):
+    """The train stage's endless batch order on ``cases`` for the real workload's config."""
+    return batch_order(len(cases), [len(c.tokens) for c in cases], PARAMS.config(REAL_CONFIG).batch_size,
+                       PARAMS.train.seed)
 
 
 def real_batches(cases: list[TokenizedCase], shared: int, setup: Setup) -> tuple[list[list[int]], list[list[int]]]:
@@ -407,8 +414,7 @@ def real_batches(cases: list[TokenizedCase], shared: int, setup: Setup) -> tuple
     that every timed step runs an already compiled step, as nearly every step of
     a full run does; the one-off compilations are reported apart.
     """
-    order = batch_order(len(cases), [len(c.tokens) for c in cases], PARAMS.config(REAL_CONFIG).batch_size,
-                        PARAMS.train.seed)
+    order = train_stage_order(cases)
     timed = [next(order) for _ in range(setup.real_steps)]
     first_of_shape: dict[tuple, list[int]] = {}
     for batch in timed:
@@ -418,14 +424,14 @@ def real_batches(cases: list[TokenizedCase], shared: int, setup: Setup) -> tuple
 
 def shapes_per_epoch(cases: list[TokenizedCase], shared: int) -> int:
     """How many step shapes (so compilations) one epoch of the train stage's batches needs."""
-    batch_size = PARAMS.config(REAL_CONFIG).batch_size
-    order = batch_order(len(cases), [len(c.tokens) for c in cases], batch_size, PARAMS.train.seed)
-    return len({step_shape(cases, next(order), shared) for _ in range(-(-len(cases) // batch_size))})
+    order = train_stage_order(cases)
+    epoch = batches_per_epoch(len(cases), PARAMS.config(REAL_CONFIG).batch_size)
+    return len({step_shape(cases, next(order), shared) for _ in range(epoch)})
 
 
 def real_step_positions(cases: list[TokenizedCase], batches: list[list[int]], shared: int) -> float:
     """Mean token positions a step runs through the model: the padded rows, plus the prefix's one row."""
-    sizes = [collate([cases[i] for i in batch], True, shared)[0].shape for batch in batches]
+    sizes = [step_shape(cases, batch, shared)[0] for batch in batches]
     return shared + statistics.mean(rows * (width - 1) for rows, width in sizes)
 
 

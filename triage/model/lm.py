@@ -12,7 +12,7 @@ from os.path import commonprefix
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from triage.schema import LABELS, DataError, Example
 
@@ -121,8 +121,6 @@ def label_log_probs(model: nn.Module, fmt: ChatFormat, prompt: str, copies: int 
     labels continue from its cache. With dropout on, each row is one
     MC-dropout sample that scores all three labels with the same dropout mask.
     """
-    from mlx_lm.models.cache import make_prompt_cache
-
     cache = make_prompt_cache(model)
     prompt_ids = mx.array([fmt.prompt_tokens(prompt)] * copies)
     return _score_labels_after(model, fmt, prompt_ids, cache)
@@ -142,8 +140,6 @@ def prefix_cache(model: nn.Module, tokens: mx.array) -> list | None:
     Differentiable and lazy: training calls it inside the loss, so gradients
     reach the adapted layers through the prefix's keys and values.
     """
-    from mlx_lm.models.cache import make_prompt_cache
-
     if not tokens.size:
         return None
     cache = make_prompt_cache(model)

@@ -36,9 +36,14 @@ def batch_order(n_cases: int, lengths: Sequence[int], batch_size: int, seed: int
             yield buckets[b]
 
 
+def batches_per_epoch(n_cases: int, batch_size: int) -> int:
+    """The batches :func:`batch_order` makes of a split: every case once, the last batch maybe smaller."""
+    return -(-n_cases // batch_size)
+
+
 def validation_indices(cases: Sequence[TokenizedCase], batch_size: int, val_batches: int, seed: int) -> list[int]:
     """The cases that the first ``val_batches`` validation batches hold (-1: all), as mlx-lm's evaluate sees them."""
-    n_batches = -(-len(cases) // batch_size)
+    n_batches = batches_per_epoch(len(cases), batch_size)
     wanted = n_batches if val_batches < 0 else min(val_batches, n_batches)
     order = batch_order(len(cases), [len(case.tokens) for case in cases], batch_size, seed)
     return [index for _, batch in zip(range(wanted), order) for index in batch]
@@ -105,7 +110,7 @@ def make_iterate_batches(mask_prompt: bool, seed: int, skip: int = 0, share_pref
         shared = prefix_length(dataset, mask_prompt) if share_prefix else 0
         lengths = [len(case.tokens) for case in dataset]
         order = batch_order(len(dataset), lengths, batch_size, seed)
-        n_batches = -(-len(dataset) // batch_size)  # an epoch: every case once
+        n_batches = batches_per_epoch(len(dataset), batch_size)
         for step, indices in enumerate(order):
             if not loop and step >= n_batches:
                 return
