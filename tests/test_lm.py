@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from mlx_lm.models import gemma3_text, llama
 
-from triage.model.lm import batch_label_log_probs, label_log_probs, shared_prefix
+from triage.evaluate.mc_dropout import shared_lower_blocks
+from triage.model.lm import batch_label_log_probs, fanned_label_log_probs, label_log_probs, shared_prefix
 
 VOCAB = 40
 # Labels of one, two and three tokens: the longer ones continue from the prompt's cache and trim it.
@@ -96,3 +97,45 @@ def test_every_prompt_keeps_a_token_of_its_own():
     assert shared_prefix(model, [[1, 2, 3], [1, 2, 3]]).tokens == (1, 2)
     assert shared_prefix(model, [[1, 2, 3]]).tokens == (1, 2)
     assert shared_prefix(model, [[1, 2], [3, 4]]).tokens == ()
+
+
+class RowNoise(nn.Dropout):
+    """A deterministic stand-in for dropout: row k is scaled by 1 + 0.3 * (k % samples), so each MC sample is recognisable."""
+
+    def __init__(self, samples: int):
+        super().__init__(0.5)
+        self.samples = samples
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x * (1.0 + 0.3 * (mx.arange(x.shape[0]) % self.samples))[:, None, None]
+
+
+@pytest.mark.parametrize("build", [llama_model, gemma_model], ids=["llama", "gemma3"])
+def test_mc_samples_after_a_shared_prefix_equal_each_prompt_run_whole(build):
+    """MC dropout runs the shared prefix once as one row per sample; every case must continue its own sample's row.
+
+    Three samples, three prompts and labels of one to three tokens, so every input row fans out into rows
+    that only the right sample's prefix keys and values score correctly.
+    """
+    from mlx_lm.tuner.lora import LoRALinear
+
+    from triage.config import LoraConfig
+    from triage.train.loop import add_lora
+
+    samples = 3
+    mx.random.seed(6)
+    model = build()
+    add_lora(model, LoraConfig(kind="standard", learning_rate=1e-3, batch_size=4, rank=4, scale=2.0, dropout=0.1,
+                               iters=1), len(model.model.layers) // 2)
+    for _, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            module.lora_b = 0.5 * mx.random.normal(module.lora_b.shape)
+            module.dropout = RowNoise(samples)
+    with shared_lower_blocks(model, samples):
+        whole = np.stack([np.array(label_log_probs(model, FMT, prompt)) for prompt in PREFIXED], axis=1)
+        fanned = np.array(fanned_label_log_probs(model, FMT, PREFIXED, shared_prefix(model, PREFIXED)))
+        with pytest.raises(ValueError, match="fans its rows out"):
+            batch_label_log_probs(model, FMT, PREFIXED)
+    assert whole.shape == fanned.shape == (samples, len(PREFIXED), len(FMT.label_tokens))
+    assert np.ptp(whole, axis=0).min() > 1e-3  # the samples really differ
+    np.testing.assert_allclose(fanned, whole, atol=2e-4)

@@ -16,7 +16,7 @@ import numpy as np
 from triage.config import EvaluateParams
 from triage.evaluate import metrics as m
 from triage.evaluate.decisions import Rule, argmax_decision
-from triage.model.lm import ChatFormat, label_log_probs
+from triage.model.lm import ChatFormat, fanned_label_log_probs, shared_prefix
 from triage.model.scoring import on_streams
 from triage.schema import LABELS, Example
 
@@ -39,7 +39,7 @@ def mc_not_applicable(dropout: float | None) -> str | None:
 
 
 class _FanOut(nn.Module):
-    """A transformer block that runs on ``copies`` repeats of its one-row input."""
+    """A transformer block that runs on ``copies`` repeats of each row of its input, a row's repeats side by side."""
 
     def __init__(self, block: nn.Module, copies: int):
         super().__init__()
@@ -47,7 +47,7 @@ class _FanOut(nn.Module):
         self.copies = copies
 
     def __call__(self, x: mx.array, *args, **kwargs) -> mx.array:
-        return self.block(mx.broadcast_to(x, (self.copies, *x.shape[1:])), *args, **kwargs)
+        return self.block(mx.repeat(x, self.copies, axis=0), *args, **kwargs)
 
     def __getattr__(self, key: str):
         # Model loops read per-block flags (llama's `use_sliding`); answer for the wrapped block.
@@ -65,25 +65,22 @@ def first_random_block(model: nn.Module) -> int:
 
 
 @contextmanager
-def shared_lower_blocks(model: nn.Module, copies: int) -> Iterator[int]:
+def shared_lower_blocks(model: nn.Module, copies: int) -> Iterator[None]:
     """Compute the blocks below the first dropout layer once instead of once per sample.
 
     Dropout lives only in the LoRA layers of the top blocks, so every sample
     sees the same activations below them. Inside the context the first random
-    block repeats its input ``copies`` times: the caller feeds the number of
-    rows yielded (1, or ``copies`` when nothing can be shared) and gets
-    ``copies`` rows out. The dropout masks are drawn with the same shapes in
-    the same order as for a plain batch, so a seeded run gives the same samples.
+    block repeats each row of its input ``copies`` times, so every input row
+    comes out as ``copies`` rows. The dropout masks are drawn with the same
+    shapes in the same order as for a batch of ``copies`` repeats, so a seeded
+    run gives the same samples.
     """
     layers = model.model.layers
     first = first_random_block(model)
-    if first == 0:
-        yield copies
-        return
     original = layers[first]
     layers[first] = _FanOut(original, copies)
     try:
-        yield 1
+        yield
     finally:
         layers[first] = original
 
@@ -94,19 +91,24 @@ def mc_dropout_votes(model: nn.Module, fmt: ChatFormat, prompts: Sequence[str], 
 
     ``rule`` is the headline decision rule, so the votes disagree where the
     headline answer is fragile, and a miss of the headline can be flagged.
-    The samples of a case are one batch; the seed makes the dropout masks, and so
-    the votes, reproducible: masks are drawn case by case as the graphs are built,
-    whichever stream then runs them.
+    The tokens every prompt starts with run once, as ``samples`` rows above the
+    lower blocks (one dropout mask each); each case then continues every
+    sample's row with its own tokens, so sample s of every case shares that
+    prefix mask, and a case's samples stay independent of each other. The seed
+    makes the masks, and so the votes, reproducible: they are drawn as the
+    graphs are built, prefix first and then case by case, whichever stream runs them.
     """
     mx.random.seed(seed)
+    tokens = [fmt.prompt_tokens(prompt) for prompt in prompts]
     model.train()
     try:
-        with shared_lower_blocks(model, samples) as rows:
+        with shared_lower_blocks(model, samples):
+            prefix = shared_prefix(model, tokens)
 
-            def sample(prompt: str) -> mx.array:
-                return mx.softmax(label_log_probs(model, fmt, prompt, copies=rows), axis=1)
+            def sample(case: list[int]) -> mx.array:
+                return mx.softmax(fanned_label_log_probs(model, fmt, [case], prefix)[:, 0], axis=1)
 
-            probs = on_streams([partial(sample, prompt) for prompt in prompts], streams)
+            probs = on_streams([partial(sample, case) for case in tokens], streams)
     finally:
         model.eval()
     return np.stack([[LABELS.index(label) for label in rule(np.array(p, dtype=np.float64))] for p in probs])

@@ -188,21 +188,26 @@ class ContinuedCache(KVCache):
 
 
 def _fork(cache: list, rows: int) -> list:
-    """Copies of a one-row cache for ``rows`` rows; the original stays as it was.
+    """Copies of a cache for ``rows`` input rows; the original stays as it was.
 
-    A sliding-window layer's rotating cache is copied with its settings; a
-    full-attention layer's continues as a :class:`ContinuedCache`.
+    Each layer's cache is tiled ``rows`` times: a one-row prefix becomes one
+    copy per row, and a layer above an MC fan-out (``samples`` rows, one per
+    dropout mask) becomes ``rows`` x ``samples`` rows in the order the fan-out
+    makes them. A sliding-window layer's rotating cache is copied with its
+    settings; a full-attention layer's continues as a :class:`ContinuedCache`.
     """
+    def tiled(array: mx.array) -> mx.array:
+        return mx.tile(array, (rows,) + (1,) * (array.ndim - 1))
+
     forked = []
     for layer in cache:
         if type(layer) is KVCache and layer.keys is not None:
             end = layer.offset
-            forked.append(ContinuedCache(mx.repeat(layer.keys[..., :end, :], rows, axis=0),
-                                         mx.repeat(layer.values[..., :end, :], rows, axis=0)))
+            forked.append(ContinuedCache(tiled(layer.keys[..., :end, :]), tiled(layer.values[..., :end, :])))
             continue
         copy = shallow_copy(layer)  # offsets, window and step settings carry over
         if layer.keys is not None:
-            copy.keys, copy.values = mx.repeat(layer.keys, rows, axis=0), mx.repeat(layer.values, rows, axis=0)
+            copy.keys, copy.values = tiled(layer.keys), tiled(layer.values)
         forked.append(copy)
     return forked
 
@@ -219,13 +224,25 @@ def hidden_after_prefix(model: nn.Module, rows: mx.array, cache: list | None) ->
 def batch_label_log_probs(
     model: nn.Module, fmt: ChatFormat, prompts: list[list[int]], prefix: SharedPrefix | None = None
 ) -> mx.array:
-    """``label_log_probs`` of several tokenised prompts in one forward pass: shape (len(prompts), 3).
+    """``label_log_probs`` of several tokenised prompts in one forward pass: shape (len(prompts), 3)."""
+    scores = fanned_label_log_probs(model, fmt, prompts, prefix)
+    if scores.shape[0] != 1:
+        raise ValueError("the model fans its rows out (MC dropout); use fanned_label_log_probs")
+    return scores[0]
 
-    The rows are each prompt after the shared ``prefix`` (its cache is reused,
-    not recomputed), followed by a label's tokens but the last; labels of one
-    token share their prompt's row. Rows are right-padded: the padding comes
-    after every real token, so causal attention keeps it out of each score, and
-    all rows share the prefix's positions.
+
+def fanned_label_log_probs(
+    model: nn.Module, fmt: ChatFormat, prompts: list[list[int]], prefix: SharedPrefix | None = None
+) -> mx.array:
+    """Label log-probabilities of tokenised prompts, shape (copies, len(prompts), 3).
+
+    ``copies`` is how many output rows the model makes of each input row: 1,
+    or inside ``triage.evaluate.mc_dropout.shared_lower_blocks`` one per MC
+    sample. The rows are each prompt after the shared ``prefix`` (its cache is
+    reused, not recomputed), followed by a label's tokens but the last; labels
+    of one token share their prompt's row. Rows are right-padded: the padding
+    comes after every real token, so causal attention keeps it out of each
+    score, and all rows share the prefix's positions.
     """
     prefix = prefix or SharedPrefix((), None)
     skip = len(prefix.tokens)
@@ -235,6 +252,7 @@ def batch_label_log_probs(
     rows = [prompt[skip:] + list(tail) for prompt in prompts for tail in continuations]
     width = max(map(len, rows))
     hidden = hidden_after_prefix(model, mx.array([row + [0] * (width - len(row)) for row in rows]), prefix.cache)
+    copies = hidden.shape[0] // len(rows)
     # One pick per label token: the row holding its label's prefix, the position predicting it.
     row_of, position, target, slot = [], [], [], []
     for i, prompt in enumerate(prompts):
@@ -245,11 +263,14 @@ def batch_label_log_probs(
                 position.append(len(prompt) - skip - 1 + k)
                 target.append(token)
                 slot.append(i * len(fmt.label_tokens) + j)
-    picked = hidden[mx.array(row_of), mx.array(position)]
+    # Input row r comes out as rows r * copies ... r * copies + copies - 1.
+    out_rows = mx.array(row_of)[None, :] * copies + mx.arange(copies)[:, None]
+    picked = hidden[out_rows, mx.array(position)[None, :]]  # (copies, picks, hidden)
     logprobs = nn.log_softmax(project(model, picked).astype(mx.float32), axis=-1)
-    token_scores = mx.take_along_axis(logprobs, mx.array(target)[:, None], axis=-1)[:, 0]
-    scores = mx.zeros(len(prompts) * len(fmt.label_tokens)).at[mx.array(slot)].add(token_scores)
-    return scores.reshape(len(prompts), len(fmt.label_tokens))
+    targets = mx.broadcast_to(mx.array(target)[None, :, None], (copies, len(target), 1))
+    token_scores = mx.take_along_axis(logprobs, targets, axis=-1)[..., 0]
+    scores = mx.zeros((len(prompts) * len(fmt.label_tokens), copies)).at[mx.array(slot)].add(token_scores.T)
+    return scores.T.reshape(copies, len(prompts), len(fmt.label_tokens))
 
 
 def _score_labels_after(model: nn.Module, fmt: ChatFormat, prompt_ids: mx.array, cache: list) -> mx.array:
