@@ -1,7 +1,10 @@
 """The training curves through DVCLive, in the format `dvc plots`, `dvc exp show` and DVC Studio read.
 
 One TSV per metric under ``<dir>/plots/metrics/`` (``train/loss``, ``val/accuracy``, ...)
-and the latest values in ``<dir>/metrics.json``. A resumed run first replays the
+and, in ``<dir>/metrics.json``, the latest values of the few that runs are compared on
+(``SUMMARY``): a column each in ``dvc exp show`` for every run. The rest are curves only:
+the learning rate ends near 0, peak memory is in eval.json, the label and reason losses
+explain a curve rather than rank a run. A resumed run first replays the
 rows its checkpoint kept, so every step is logged exactly once.
 """
 
@@ -11,6 +14,21 @@ from pathlib import Path
 
 TRAIN_KEYS = {"train_loss": "train/loss", "learning_rate": "train/learning_rate",
               "tokens_per_s": "train/tokens_per_s", "peak_memory_mb": "train/peak_memory_mb"}
+
+
+SUMMARY = {"train/loss", "val/loss", "val/accuracy", "val/ed_auroc"}
+
+
+def _prune(summary: dict, keep: set[str], prefix: str = "") -> None:
+    """Drop from DVCLive's nested summary every metric whose path is not in ``keep`` (``step`` stays)."""
+    for key in list(summary):
+        path = f"{prefix}{key}"
+        if isinstance(summary[key], dict):
+            _prune(summary[key], keep, f"{path}/")
+            if not summary[key]:
+                del summary[key]
+        elif path != "step" and path not in keep:
+            del summary[key]
 
 
 class TrainingLog:
@@ -37,6 +55,7 @@ class TrainingLog:
         self.live.step = step
         for name, value in values.items():
             self.live.log_metric(name, value)
+        _prune(self.live.summary, SUMMARY)
         self.live.make_summary()
 
     def close(self) -> None:
