@@ -52,7 +52,7 @@ from triage.runtime.blas import THREADS_ENV, set_blas_threads  # noqa: E402
 from triage.runtime.blas_proof import this_cpu  # noqa: E402
 from triage.config import load_params  # noqa: E402
 from triage.schema import Example  # noqa: E402
-from triage.train.loop import add_lora  # noqa: E402
+from triage.train.loop import add_lora, training_loss  # noqa: E402
 
 PARAMS = load_params(ROOT / "params.yaml")  # the study's model sources, label mix and group size
 BENCHED = ("smollm2-135m", "gemma3-270m", "tiny")
@@ -447,7 +447,8 @@ def real_workload_variant(path: Path, cases: list[TokenizedCase], warmup: list[l
     model, _ = load(str(path))
     add_lora(model, config, PARAMS.train.num_layers)
     optimize_for_device(model)
-    loss = sharded(make_completion_loss(PARAMS.train.label_weight), cpu_streams(PARAMS.train.cpu_streams))
+    loss = training_loss(model, make_completion_loss(PARAMS.train.label_weight), cases,
+                         replace(PARAMS.train, share_prompt_prefix=shared > 0))
 
     def iterate_batches(dataset, batch_size, max_seq_length, loop=False, **_):
         for batch in warmup + timed:

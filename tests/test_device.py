@@ -226,3 +226,34 @@ def test_lora_grads_under_compile_match_native():
     mx.eval(loss, grads)
     assert loss.item() == pytest.approx(native_loss, rel=1e-5)
     assert_grads_close(dict(tree_flatten(grads)), native_grads)
+
+
+def test_the_tied_head_dequantized_once_a_step_gives_the_same_loss_and_grads(monkeypatch):
+    model = tiny_quantized_llama(4)
+    add_lora(model)
+    quantized.use_cpu_dequantized_matmul(model)
+    x, y = tokens(seed=1), tokens(seed=2)
+    embedding = model.model.embed_tokens
+    head_dequantized = []
+    fp32_weight = quantized._fp32_weight
+
+    def counting(w: mx.array, *rest) -> mx.array:
+        head_dequantized.extend([w] if w.shape == embedding["weight"].shape else [])
+        return fp32_weight(w, *rest)
+
+    monkeypatch.setattr(quantized, "_fp32_weight", counting)
+
+    def two_projections(model: Model, x: mx.array, y: mx.array) -> mx.array:
+        with quantized.tied_head_dequantized_once(model):  # as a step with two shards uses it
+            return loss_fn(model, x[:1], y[:1]) + loss_fn(model, x[1:], y[1:])
+
+    per_call = nn.value_and_grad(model, lambda m, x, y: loss_fn(m, x[:1], y[:1]) + loss_fn(m, x[1:], y[1:]))
+    expected, expected_grads = per_call(model, x, y)
+    assert len(head_dequantized) == 4  # each projection and its backward pass dequantize the head
+    head_dequantized.clear()
+    value_and_grad = nn.value_and_grad(model, two_projections)
+    loss, grads = mx.compile(lambda x, y: value_and_grad(model, x, y), inputs=model.state, outputs=model.state)(x, y)
+    assert len(head_dequantized) == 1
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert_grads_close(dict(tree_flatten(grads)), dict(tree_flatten(expected_grads)))
+    assert "as_linear" not in vars(embedding)  # the layer's own method is back

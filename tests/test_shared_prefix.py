@@ -12,6 +12,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from test_lm import gemma_model, llama_model
 
 from triage.config import LoraConfig
+from triage.model.frozen import frozen_blocks, record_frozen_prefix
 from triage.model.lm import TokenizedCase
 from triage.train.batches import collate, make_iterate_batches, prefix_length
 from triage.train.losses import make_safety_loss, plain_loss, sharded, split_cross_entropy
@@ -33,12 +34,12 @@ def cases() -> list[TokenizedCase]:
             for prompt, completion in TAILS]
 
 
-def adapted(build) -> nn.Module:
-    """A tiny random model with LoRA on every block, its B matrices random so that every adapter weight has a gradient."""
+def adapted(build, num_layers: int = -1) -> nn.Module:
+    """A tiny random model with LoRA on its top blocks (-1: all), its B matrices random so that every adapter weight has a gradient."""
     mx.random.seed(11)
     model = build()
     add_lora(model, LoraConfig(kind="standard", learning_rate=1e-3, batch_size=4, rank=4, scale=2.0, dropout=0.0,
-                               iters=1), -1)
+                               iters=1), num_layers)
     for _, module in model.named_modules():
         if isinstance(module, LoRALinear):
             module.lora_b = 0.2 * mx.random.normal(module.lora_b.shape)
@@ -68,20 +69,52 @@ def test_the_shared_prefix_gives_the_plain_batch_loss_and_lora_gradients(build, 
     plain, shared = collate(cases(), True), collate(cases(), True, shared=len(PREFIX))
     assert shared[-1].shape == (1, len(PREFIX))
     streams = [mx.new_stream(mx.cpu) for _ in range(shards)] if shards > 1 else []
-    losses = {"plain": plain_loss, "safety": make_safety_loss(LABEL_TOKENS, WEIGHTS, COST, label_weight=3.0)}
-    for name, loss in losses.items():
-        (expected, n_expected), grads_expected = nn.value_and_grad(model, loss)(model, *plain)
-        (value, n_value), grads = nn.value_and_grad(model, sharded(loss, streams))(model, *shared)
-        assert int(n_value) == int(n_expected)
-        assert float(value) == pytest.approx(float(expected), rel=1e-5), name
-        for (key, want), (_, got) in zip(tree_flatten(grads_expected), tree_flatten(grads), strict=True):
-            assert float(mx.abs(want).max()) > 0, key  # every adapter weight is trained, prefix included
-            # fp32 rounding relative to the tensor's scale (measured: up to 1.3e-5 on Gemma): sums run in another order
-            scale = float(mx.abs(want).max())
-            np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4 * scale,
-                                       err_msg=f"{name} {key}")
+    for name, loss in LOSSES.items():
+        expected = nn.value_and_grad(model, loss)(model, *plain)
+        assert_same_loss_and_gradients(nn.value_and_grad(model, sharded(loss, streams))(model, *shared), expected, name)
     np.testing.assert_allclose(np.array(split_cross_entropy(model, *shared)),
                                np.array(split_cross_entropy(model, *plain)), rtol=1e-5)
+
+
+LOSSES = {"plain": plain_loss, "safety": make_safety_loss(LABEL_TOKENS, WEIGHTS, COST, label_weight=3.0)}
+
+
+def assert_same_loss_and_gradients(got: tuple, want: tuple, name: str) -> None:
+    (value, n_value), grads = got
+    (expected, n_expected), grads_expected = want
+    assert int(n_value) == int(n_expected)
+    assert float(value) == pytest.approx(float(expected), rel=1e-5), name
+    for (key, wanted), (_, computed) in zip(tree_flatten(grads_expected), tree_flatten(grads), strict=True):
+        assert float(mx.abs(wanted).max()) > 0, key  # every adapter weight is trained, prefix included
+        # fp32 rounding relative to the tensor's scale (measured: up to 1.3e-5 on Gemma): sums run in another order
+        scale = float(mx.abs(wanted).max())
+        np.testing.assert_allclose(np.array(computed), np.array(wanted), rtol=1e-4, atol=1e-4 * scale,
+                                   err_msg=f"{name} {key}")
+
+
+@pytest.mark.parametrize("shards", [1, 2], ids=["one stream", "two shards"])
+@pytest.mark.parametrize("build, adapted_blocks", [(llama_model, 1), (gemma_model, 2)], ids=["llama", "gemma3"])
+def test_the_frozen_blocks_replayed_once_give_the_plain_batch_loss_and_lora_gradients(build, adapted_blocks, shards):
+    model = adapted(build, adapted_blocks)
+    blocks = len(model.model.layers) - adapted_blocks  # Gemma's 4 are sliding-window blocks, narrower than the prefix
+    assert frozen_blocks(model) == blocks
+    plain, shared = collate(cases(), True), collate(cases(), True, shared=len(PREFIX))
+    streams = [mx.new_stream(mx.cpu) for _ in range(shards)] if shards > 1 else []
+    prefix = record_frozen_prefix(model, PREFIX)
+    assert len(prefix.replays) == blocks
+    for name, loss in LOSSES.items():
+        expected = nn.value_and_grad(model, loss)(model, *plain)
+        # compiled, as mlx-lm's trainer runs its step: the blocks stand in while it traces
+        value_and_grad = nn.value_and_grad(model, sharded(loss, streams, prefix))
+        step = mx.compile(lambda *batch: value_and_grad(model, *batch), inputs=model.state, outputs=model.state)
+        assert_same_loss_and_gradients(step(*shared), expected, name)
+    assert all(isinstance(block, type(model.model.layers[-1])) for block in model.model.layers)  # its own blocks back
+    top = prefix.replays[-1]
+    top.output = mx.zeros_like(top.output)  # the step reads the recording, not the blocks
+    tampered = sharded(plain_loss, streams, prefix)(model, *shared)[0]
+    assert abs(float(tampered) - float(plain_loss(model, *plain)[0])) > 1e-3
+    with pytest.raises(ValueError, match="shares 9 prefix tokens"):
+        sharded(plain_loss, streams, prefix)(model, *collate(cases(), True, shared=len(PREFIX) - 1))
 
 
 def test_the_batches_mlx_lm_sees_share_the_prefix_only_when_asked():

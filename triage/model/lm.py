@@ -6,15 +6,20 @@ label options are scored as the tokens that begin the assistant's answer.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from copy import copy as shallow_copy
 from dataclasses import dataclass
 from os.path import commonprefix
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from triage.schema import LABELS, DataError, Example
+
+if TYPE_CHECKING:  # frozen.py builds on this module
+    from triage.model.frozen import FrozenPrefix
 
 FALLBACK_TEMPLATE_USER = "{prompt}\n\nTriage:"
 
@@ -134,16 +139,21 @@ class SharedPrefix:
     cache: list | None
 
 
-def prefix_cache(model: nn.Module, tokens: mx.array) -> list | None:
+def prefix_cache(model: nn.Module, tokens: mx.array, frozen: FrozenPrefix | None = None) -> list | None:
     """The model's cache after running ``tokens`` (shape (1, P)) as one row; None for no tokens.
 
     Differentiable and lazy: training calls it inside the loss, so gradients
-    reach the adapted layers through the prefix's keys and values.
+    reach the adapted layers through the prefix's keys and values. With
+    ``frozen`` (recorded from these tokens) the frozen blocks are replayed, not run.
     """
     if not tokens.size:
         return None
+    if frozen and tokens.shape[1] != len(frozen.tokens):
+        raise ValueError(f"the batch shares {tokens.shape[1]} prefix tokens, the recorded prefix "
+                         f"{len(frozen.tokens)}; record it from the same cases")
     cache = make_prompt_cache(model)
-    hidden_states(model, tokens, cache)
+    with frozen.replayed(model) if frozen else nullcontext():
+        hidden_states(model, tokens, cache)
     return cache
 
 

@@ -12,7 +12,8 @@ chosen in :mod:`triage.runtime.blas`.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Callable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterator
 
 if TYPE_CHECKING:  # mlx must not be imported before triage.runtime.blas has chosen a BLAS
     import mlx.core as mx
@@ -58,6 +59,16 @@ def _unpack_affine(bits: int, group_size: int) -> Callable[..., "mx.array"]:
     return unpack
 
 
+def _fp32_weight(w: "mx.array", scales: "mx.array", biases: "mx.array | None", group_size: int, bits: int,
+                 mode: str) -> "mx.array":
+    """The quantized weight as fp32: the compiled unpack where it applies, else ``mx.dequantize``."""
+    import mlx.core as mx
+
+    if mode == "affine" and biases is not None and 32 % bits == 0:
+        return _unpack_affine(bits, group_size)(w, scales, biases)
+    return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode, dtype=mx.float32)
+
+
 @functools.lru_cache(maxsize=None)
 def _dequantized_matmul_fn(group_size: int, bits: int, mode: str, has_biases: bool) -> Callable[..., "mx.array"]:
     """x @ dequantize(w).T in fp32, with a VJP that re-dequantizes.
@@ -73,11 +84,7 @@ def _dequantized_matmul_fn(group_size: int, bits: int, mode: str, has_biases: bo
     from triage.model.fastmath import custom_function
 
     def weight(w: mx.array, scales: mx.array, biases: mx.array | None) -> mx.array:
-        if mode == "affine" and biases is not None and 32 % bits == 0:
-            return _unpack_affine(bits, group_size)(w, scales, biases)
-        return mx.dequantize(
-            w, scales, biases, group_size=group_size, bits=bits, mode=mode, dtype=mx.float32
-        )
+        return _fp32_weight(w, scales, biases, group_size, bits, mode)
 
     def matmul(x: mx.array, w: mx.array, scales: mx.array, *biases: mx.array) -> mx.array:
         out = x.astype(mx.float32) @ weight(w, scales, biases[0] if has_biases else None).T
@@ -109,6 +116,32 @@ def dequantized_matmul(x: "mx.array", layer: "nn.Module") -> "mx.array":
     fn = _dequantized_matmul_fn(layer.group_size, layer.bits, mode, biases is not None)
     args = (layer["weight"], layer["scales"]) + ((biases,) if biases is not None else ())
     return fn(x, *args)
+
+
+@contextmanager
+def tied_head_dequantized_once(model: "nn.Module") -> Iterator[None]:
+    """Inside, a fast 4/8-bit tied output head multiplies by one fp32 copy of itself, made when first used.
+
+    A training step projects each shard's completion positions and
+    back-propagates through them, and per call the fast layer dequantizes the
+    whole vocabulary matrix (49,152 x 576 for SmolLM2): four times a step with
+    two shards. One copy is made once a step and lives until its backward pass
+    is done (113 MB for SmolLM2-135M, 671 MB for Gemma-3-270M). Same numbers:
+    it is the matrix each call would make. Other heads are left as they are.
+    """
+    import mlx.core as mx
+
+    embedding = model.model.embed_tokens
+    if "lm_head" in model or type(embedding) is not _fast_classes()[1]:
+        yield
+        return
+    weight = _fp32_weight(embedding["weight"], embedding["scales"], embedding.get("biases"), embedding.group_size,
+                          embedding.bits, getattr(embedding, "mode", "affine"))  # lazy: computed once, when used
+    embedding.as_linear = lambda x: (x.astype(mx.float32) @ weight.T).astype(x.dtype)
+    try:
+        yield
+    finally:
+        del embedding.as_linear
 
 
 def _quantized_matmul(x: "mx.array", layer: "nn.Module") -> "mx.array":

@@ -20,12 +20,13 @@ from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import get_total_parameters
 
-from triage.train.batches import make_iterate_batches
+from triage.train.batches import make_iterate_batches, prefix_length
 from triage.train.log import TrainingLog
 from triage.config import LoraConfig, TrainParams
 from triage.io import atomic_file, atomic_write_text, staged_directory, write_json
 from triage.model.lm import TokenizedCase
 from triage.model.device import cpu_streams
+from triage.model.frozen import FrozenPrefix, record_frozen_prefix
 from triage.train.losses import Loss, plain_loss, sharded, split_cross_entropy
 
 NEVER = 10**9  # an interval mlx-lm's trainer never reaches: we evaluate and save ourselves
@@ -273,10 +274,11 @@ def run_training(
         adapter_file=str(checkpoint_dir / "last_adapters.safetensors"),
     )
     validation_batches = make_iterate_batches(params.mask_prompt, params.seed, share_prefix=params.share_prompt_prefix)
+    val_prefix = frozen_prefix(model, val_cases, params)
 
     def validation_loss(loss_fn: Loss = loss) -> float:
         return evaluate(model, val_cases, config.batch_size, params.val_batches,
-                        loss=sharded(loss_fn, streams), iterate_batches=validation_batches)
+                        loss=sharded(loss_fn, streams, val_prefix), iterate_batches=validation_batches)
 
     def validate() -> dict:
         label_sum, label_count, reason_sum, reason_count = split_validation_loss(
@@ -297,7 +299,7 @@ def run_training(
     try:
         if args.iters > 0:
             colour_only_on_a_terminal()
-            train(model, optimizer, train_cases, None, args, loss=sharded(loss, streams),
+            train(model, optimizer, train_cases, None, args, loss=training_loss(model, loss, train_cases, params),
                   iterate_batches=make_iterate_batches(params.mask_prompt, params.seed, skip=state.step,
                                                        share_prefix=params.share_prompt_prefix),
                   training_callback=monitor)
@@ -330,6 +332,17 @@ def run_training(
         "tokens_per_s": round(sum(r["tokens_per_s"] for r in rows) / len(rows), 1) if rows else None,
     }
     return TrainResult(metrics, rows, vals)
+
+
+def training_loss(model: nn.Module, loss: Loss, cases: list[TokenizedCase], params: TrainParams) -> Loss:
+    """``loss`` as the trainer runs it on ``cases``: split over the CPU streams, the prefix's frozen blocks replayed."""
+    return sharded(loss, cpu_streams(params.cpu_streams), frozen_prefix(model, cases, params))
+
+
+def frozen_prefix(model: nn.Module, cases: list[TokenizedCase], params: TrainParams) -> FrozenPrefix | None:
+    """What the frozen blocks make of the prompt prefix that the batches of ``cases`` share; None if they share none."""
+    shared = prefix_length(cases, params.mask_prompt) if params.share_prompt_prefix else 0
+    return record_frozen_prefix(model, cases[0].tokens[:shared]) if shared else None
 
 
 def split_validation_loss(model: nn.Module, cases: list[TokenizedCase], batch_size: int, params: TrainParams,

@@ -39,7 +39,9 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from triage.model.frozen import FrozenPrefix
 from triage.model.lm import hidden_after_prefix, prefix_cache, project
+from triage.model.quantized import tied_head_dequantized_once
 from triage.schema import LABELS
 
 Loss = Callable[..., tuple[mx.array, mx.array]]
@@ -99,31 +101,33 @@ def split_cross_entropy(model: nn.Module, tokens, labels, positions, mask, label
                      token_cross_entropy(logits, tokens, positions, reason_mask).sum(), reason_mask.sum()])
 
 
-def sharded(loss: Loss, streams: list) -> Loss:
+def sharded(loss: Loss, streams: list, frozen: FrozenPrefix | None = None) -> Loss:
     """``loss`` of the whole batch, computed as row shards, each on its own MLX stream.
 
     The shared prefix runs once, before the shards, and every shard's rows
-    continue its cache. Every loss here is (sum over the batch) / (completion
-    tokens), so the token-weighted mean of the shards' values is the whole
-    batch's loss, up to the order of summation. Gradients follow: MLX builds
-    each shard's backward pass on the stream of its forward ops. No streams:
-    ``loss`` unchanged.
+    continue its cache; with ``frozen`` (recorded from the batches' prefix) it
+    runs through the adapted blocks only. Every loss here is (sum over the
+    batch) / (completion tokens), so the token-weighted mean of the shards'
+    values is the whole batch's loss, up to the order of summation. Gradients
+    follow: MLX builds each shard's backward pass on the stream of its forward
+    ops. A 4/8-bit tied output head is dequantized once for all shards
+    (``triage.model.quantized.tied_head_dequantized_once``).
     """
-    if len(streams) < 2:
-        return loss
-
     def sharded_loss(model: nn.Module, *batch) -> tuple[mx.array, mx.array]:
         *rows_of, prefix = batch
-        cache = prefix_cache(model, prefix)
-        rows = rows_of[0].shape[0]
-        bounds = [round(rows * k / len(streams)) for k in range(len(streams) + 1)]
-        total = count = mx.array(0.0)
-        for stream, start, stop in zip(streams, bounds, bounds[1:]):
-            if start < stop:
-                with mx.stream(stream):
-                    value, ntoks = loss(model, *(part[start:stop] for part in rows_of), cache)
-                total, count = total + value * ntoks, count + ntoks
-        return total / count, count
+        with tied_head_dequantized_once(model):
+            cache = prefix_cache(model, prefix, frozen)
+            if len(streams) < 2:
+                return loss(model, *rows_of, cache)
+            rows = rows_of[0].shape[0]
+            bounds = [round(rows * k / len(streams)) for k in range(len(streams) + 1)]
+            total = count = mx.array(0.0)
+            for stream, start, stop in zip(streams, bounds, bounds[1:]):
+                if start < stop:
+                    with mx.stream(stream):
+                        value, ntoks = loss(model, *(part[start:stop] for part in rows_of), cache)
+                    total, count = total + value * ntoks, count + ntoks
+            return total / count, count
 
     return sharded_loss
 

@@ -1,0 +1,104 @@
+"""The shared prompt prefix below the lowest adapter, computed once per run instead of once per step.
+
+LoRA trains only the top ``num_layers`` blocks, and nothing below the lowest
+adapted block draws dropout. So what those frozen blocks make of the prefix
+every case shares (the keys and values each writes into its cache, and the
+hidden state it hands up) is the same at every step of a run. It is recorded
+once; each step replays it and runs the prefix through the adapted blocks
+only. Same numbers as the full pass, gradients included (tests/test_shared_prefix.py).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import make_prompt_cache
+
+from triage.model.lm import hidden_states
+
+
+def frozen_blocks(model: nn.Module) -> int:
+    """How many blocks, from the bottom, have no trainable parameter (all of them when none trains)."""
+    for index, block in enumerate(model.model.layers):
+        if tree_flatten(block.trainable_parameters()):
+            return index
+    return len(model.model.layers)
+
+
+class _Recorder:
+    """Stands in for a block during the one recorded pass: runs it and keeps what it cached and returned."""
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+        self.use_sliding = getattr(block, "use_sliding", False)  # mlx-lm's llama picks the mask by it
+        self.write: tuple[mx.array, mx.array] | None = None
+        self.output: mx.array | None = None
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        update_and_fetch = cache.update_and_fetch
+
+        def recording(keys: mx.array, values: mx.array):
+            self.write = (keys, values)
+            return update_and_fetch(keys, values)
+
+        cache.update_and_fetch = recording
+        try:
+            self.output = self.block(x, mask, cache)
+        finally:
+            del cache.update_and_fetch
+        return self.output
+
+
+class _Replay:
+    """Stands in for a frozen block: writes its recorded keys and values into the cache, returns its output."""
+
+    def __init__(self, recorder: _Recorder):
+        self.use_sliding = recorder.use_sliding
+        self.write, self.output = recorder.write, recorder.output
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        cache.update_and_fetch(*self.write)  # a sliding-window cache keeps what the full pass would keep
+        return self.output
+
+
+@contextmanager
+def _standing_in(model: nn.Module, stand_ins: list) -> Iterator[None]:
+    """Call ``stand_ins`` in place of the bottom blocks; the model's own blocks come back afterwards."""
+    layers = model.model.layers
+    blocks = layers[: len(stand_ins)]
+    layers[: len(stand_ins)] = stand_ins
+    try:
+        yield
+    finally:
+        layers[: len(stand_ins)] = blocks
+
+
+@dataclass(frozen=True)
+class FrozenPrefix:
+    """The shared prompt tokens and what the frozen blocks made of them, recorded once."""
+
+    tokens: tuple[int, ...]
+    replays: tuple[_Replay, ...]
+
+    @contextmanager
+    def replayed(self, model: nn.Module) -> Iterator[None]:
+        """Inside, a pass over :attr:`tokens` runs only the blocks above the frozen ones."""
+        with _standing_in(model, list(self.replays)):
+            yield
+
+
+def record_frozen_prefix(model: nn.Module, tokens: list[int]) -> FrozenPrefix | None:
+    """Run ``tokens`` (the prefix) through the model once and keep what its frozen blocks did; None if nothing to keep."""
+    blocks = frozen_blocks(model)
+    if not tokens or not blocks:
+        return None
+    recorders = [_Recorder(block) for block in model.model.layers[:blocks]]
+    with _standing_in(model, recorders):
+        hidden_states(model, mx.array([tokens], mx.int32), make_prompt_cache(model))
+    mx.eval([(*r.write, r.output) for r in recorders])
+    return FrozenPrefix(tuple(tokens), tuple(_Replay(r) for r in recorders))
