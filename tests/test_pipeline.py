@@ -197,6 +197,15 @@ def test_dvc_metrics_are_a_dozen_numbers_per_run_and_a_compact_summary(reproduce
     assert 0 < len(rows) <= sum(leaves(f["data"]) for f in files.values()) <= 19 * len(RUNS) + 21
 
 
+def test_the_reviewers_exp_show_has_five_numbers_per_run_and_the_best_run(reproduced):
+    """scripts/exp-headline.sh, the README's compact `dvc exp show`: its patterns must keep matching DVC's column names."""
+    table = run(["bash", str(ROOT / "scripts/exp-headline.sh"), "--csv"], reproduced).stdout
+    per_run = ("accuracy", "ed_recall", "ci95.ed_recall.low", "ed_auroc", "safe")
+    best = ("n_safe", "best", "best_test.accuracy", "best_test.ed_recall", "best_test.ed_auroc", "best_test.safe")
+    expected = {f"metrics/runs/{name}/eval.json:{key}" for name in RUNS for key in per_run} | set(best)
+    assert set(table.splitlines()[0].split(",")) == {"Experiment"} | expected
+
+
 @pytest.fixture
 def own_copy(reproduced, tmp_path) -> Path:
     """A copy of the reproduced project (git, DVC cache and all) for a test that changes its workspace,

@@ -476,7 +476,8 @@ def test_early_stopping_when_no_validation_beats_the_first_keeps_the_starting_ad
 
 
 @pytest.mark.parametrize("terminal", [False, True])
-def test_the_trainer_prints_colour_only_to_a_terminal(tiny, tmp_path, monkeypatch, capsys, terminal):
+def test_the_trainer_draws_colour_and_a_progress_bar_only_on_a_terminal(tiny, tmp_path, monkeypatch, capsys,
+                                                                         terminal):
     monkeypatch.delenv("NO_COLOR", raising=False)
     monkeypatch.setattr("sys.stdout.isatty", lambda: terminal)
     config = lora_config(iters=2)
@@ -485,4 +486,7 @@ def test_the_trainer_prints_colour_only_to_a_terminal(tiny, tmp_path, monkeypatc
     run_training(model, cases, cases[:4], config, train_params(steps_per_report=1, steps_per_eval=2), plain_loss,
                  tmp_path, "colour")
     out = capsys.readouterr().out
-    assert "train_loss" in out and ("\x1b[" in out) == terminal
+    drawn = ("\x1b[" in out, "\u2588" in out, "train_loss" in out)  # colour, the bar's blocks, mlx-lm's table
+    assert drawn == (terminal, terminal, terminal)
+    plain = [line for line in out.splitlines() if "[train] step 2/2 loss " in line]
+    assert plain and "ETA" in plain[0]

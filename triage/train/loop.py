@@ -230,18 +230,24 @@ class TrainResult:
     val_rows: list[dict]
 
 
-def colour_only_on_a_terminal() -> None:
-    """Make mlx-lm's trainer print colour only to a terminal, and never with ``NO_COLOR`` set.
+def mlx_lm_display_only_on_a_terminal() -> None:
+    """Let mlx-lm's trainer draw its table and progress bar only on a terminal, coloured unless ``NO_COLOR`` is set.
 
-    Its console forces truecolor, so stage logs and ``dvc queue logs`` would carry
-    ANSI codes; rich's own detection (the default) checks the stream and NO_COLOR.
+    Its console forces truecolor and rich prints a finished bar even to a file,
+    so stage logs and ``dvc queue logs`` would carry ANSI codes, a bar and a
+    second copy of the loss table. Off a terminal that console is quiet and the
+    log keeps the monitor's plain ``[train] step`` lines (step, loss, ETA).
     The theme is mlx-lm's, which its progress markup needs.
     """
     from mlx_lm import cli_ui
     from rich.console import Console
 
-    cli_ui.make_console = functools.lru_cache(maxsize=1)(
-        lambda: Console(theme=cli_ui._make_theme(), highlight=False, width=cli_ui._terminal_width()))
+    def console() -> Console:
+        shown = Console(theme=cli_ui._make_theme(), highlight=False, width=cli_ui._terminal_width())
+        shown.quiet = not shown.is_terminal
+        return shown
+
+    cli_ui.make_console = functools.lru_cache(maxsize=1)(console)
 
 
 def run_training(
@@ -298,7 +304,7 @@ def run_training(
     stopped_at = None
     try:
         if args.iters > 0:
-            colour_only_on_a_terminal()
+            mlx_lm_display_only_on_a_terminal()
             train(model, optimizer, train_cases, None, args, loss=training_loss(model, loss, train_cases, params),
                   iterate_batches=make_iterate_batches(params.mask_prompt, params.seed, skip=state.step,
                                                        share_prefix=params.share_prompt_prefix),
