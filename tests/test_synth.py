@@ -78,7 +78,7 @@ def test_fever_tag_is_backed_by_the_wording(kb: catalogue.Knowledge) -> None:
 
 def test_knowledge_errors_name_file_line_and_field(tmp_path: Path) -> None:
     shutil.copytree(catalogue.KNOWLEDGE_DIR, tmp_path, dirs_exist_ok=True)
-    path = tmp_path / "presentations.yaml"
+    path = tmp_path / "presentations" / "cardiac.yaml"
     lines = path.read_text().splitlines()
     base_line = next(i for i, line in enumerate(lines) if line.strip() == "base: GP")
     start = max(i for i in range(base_line) if lines[i].startswith("- id:"))
@@ -86,7 +86,7 @@ def test_knowledge_errors_name_file_line_and_field(tmp_path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError) as error:
         catalogue.load_knowledge(tmp_path)
-    assert error.value.path.endswith("presentations.yaml")
+    assert error.value.path.endswith("cardiac.yaml")
     assert error.value.line == start + 1
     assert error.value.field_name == "base"
     assert "URGENT" in str(error.value)
@@ -94,7 +94,7 @@ def test_knowledge_errors_name_file_line_and_field(tmp_path: Path) -> None:
 
 def test_knowledge_rejects_wording_shared_by_two_presentations(tmp_path: Path, kb: catalogue.Knowledge) -> None:
     shutil.copytree(catalogue.KNOWLEDGE_DIR, tmp_path, dirs_exist_ok=True)
-    path = tmp_path / "presentations.yaml"
+    path = tmp_path / "presentations" / "cardiac.yaml"
     first, second = kb.presentations[0].say[0], kb.presentations[1].say[0]
     path.write_text(path.read_text().replace(f'"{second}"', f'"{first}"', 1))
     with pytest.raises(DataError, match="duplicate say"):

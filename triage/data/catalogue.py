@@ -298,28 +298,57 @@ def _parse_presentation(path: Path, raw: Any, systems: Sequence[str], tags: froz
 
 
 def _parse_knowledge(directory: Path) -> Knowledge:
-    pres_path, mod_path, phr_path = (directory / name for name in
-                                     ("presentations.yaml", "modifiers.yaml", "phrasing.yaml"))
+    mod_path, phr_path = directory / "modifiers.yaml", directory / "phrasing.yaml"
     mod_raw = _Fields(mod_path, _read_yaml(mod_path), "modifiers file")
     modifiers = tuple(
         [_parse_modifier(mod_path, row, stated=False) for row in mod_raw.raw.get("inherent") or []]
         + [_parse_modifier(mod_path, row, stated=True) for row in mod_raw.raw.get("stated") or []]
     )
     tags = frozenset().union(*(m.tags_any for m in modifiers))
-    pres_raw = _Fields(pres_path, _read_yaml(pres_path), "presentations file")
-    systems = pres_raw.texts("systems")
-    rows = pres_raw.raw.get("presentations")
-    if not isinstance(rows, list) or not rows:
-        pres_raw.fail("presentations", "must be a non-empty list")
-    presentations = tuple(_parse_presentation(pres_path, row, systems, tags) for row in rows)
-    _check_unique(pres_path, [(p.id, row) for p, row in zip(presentations, rows)], "id")
-    _check_unique(pres_path, [(normalise_text(s), row) for p, row in zip(presentations, rows) for s in p.say], "say")
-    _check_unique(mod_path, [(m.id, {}) for m in modifiers], "id")
+    systems = _read_systems(directory)
+    parsed = [(presentation, row) for system in systems
+              for presentation, row in _read_system_file(directory, system, systems, tags)]
+    if not parsed:
+        raise DataError(directory / "presentations", None, None, "no presentations")
+    presentations = tuple(presentation for presentation, _ in parsed)
+    _check_unique([(p.id, row) for p, row in parsed], "id")
+    _check_unique([(normalise_text(s), row) for p, row in parsed for s in p.say], "say")
+    _check_unique([(m.id, {"__path__": mod_path}) for m in modifiers], "id")
     phrasing = _read_yaml(phr_path)
     _check_phrasing(phr_path, phrasing)
     general = {(p.id, band, group): _allowed_general(p, band, phrasing[group])
                for p in presentations for band in p.ages for group in ("denials", "distractors")}
     return Knowledge(presentations=presentations, modifiers=modifiers, phrasing=phrasing, general=general)
+
+
+def _read_systems(directory: Path) -> tuple[str, ...]:
+    """The systems listed in systems.yaml, each with exactly one presentations/<system>.yaml."""
+    path = directory / "systems.yaml"
+    systems = _Fields(path, _read_yaml(path), "systems file").texts("systems")
+    files = {p.stem for p in (directory / "presentations").glob("*.yaml")}
+    stray = sorted(files - set(systems))
+    if stray:
+        raise DataError(directory / "presentations" / f"{stray[0]}.yaml", None, None,
+                        f"no system {stray[0]!r} in {path}; add it there or rename the file")
+    return systems
+
+
+def _read_system_file(directory: Path, system: str, systems: Sequence[str],
+                      tags: frozenset[str]) -> list[tuple[Presentation, dict[str, Any]]]:
+    path = directory / "presentations" / f"{system}.yaml"
+    rows = _Fields(path, _read_yaml(path), "presentations file").raw.get("presentations")
+    if not isinstance(rows, list) or not rows:
+        raise DataError(path, None, "presentations", "must be a non-empty list")
+    parsed = []
+    for row in rows:
+        if isinstance(row, dict):
+            row["__path__"] = path
+        presentation = _parse_presentation(path, row, systems, tags)
+        if presentation.system != system:
+            raise DataError(path, row.get("__line__"), "system",
+                            f"presentation {presentation.id} is {presentation.system!r} but sits in {system}.yaml")
+        parsed.append((presentation, row))
+    return parsed
 
 
 def _allowed_general(p: Presentation, band: str, rows: list[dict[str, Any]]) -> tuple[str, ...]:
@@ -330,12 +359,12 @@ def _allowed_general(p: Presentation, band: str, rows: list[dict[str, Any]]) -> 
                  and not any(str(stem).lower() in own_words for stem in row.get("clash", [])))
 
 
-def _check_unique(path: Path, keyed: list[tuple[str, Any]], field_name: str) -> None:
+def _check_unique(keyed: list[tuple[str, dict[str, Any]]], field_name: str) -> None:
     """Different presentations must never share wording: the leakage check relies on it."""
     seen: dict[str, Any] = {}
     for key, row in keyed:
         if key in seen:
-            raise DataError(path, row.get("__line__"), field_name, f"duplicate {field_name} {key!r}")
+            raise DataError(row["__path__"], row.get("__line__"), field_name, f"duplicate {field_name} {key!r}")
         seen[key] = row
 
 

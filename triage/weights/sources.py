@@ -72,7 +72,7 @@ def _tiny_tokenizer():
     from triage.schema import INSTRUCTION, LABELS
     from triage.data.catalogue import KNOWLEDGE_DIR
 
-    corpus = [INSTRUCTION, *LABELS] + [p.read_text() for p in sorted(Path(KNOWLEDGE_DIR).glob("*.yaml"))]
+    corpus = [INSTRUCTION, *LABELS] + [p.read_text() for p in sorted(Path(KNOWLEDGE_DIR).rglob("*.yaml"))]
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
