@@ -316,6 +316,12 @@ def _parse_knowledge(directory: Path) -> Knowledge:
     _check_unique([(m.id, {"__path__": mod_path}) for m in modifiers], "id")
     phrasing = _read_yaml(phr_path)
     _check_phrasing(phr_path, phrasing)
+    return assemble(presentations, modifiers, phrasing)
+
+
+def assemble(presentations: tuple[Presentation, ...], modifiers: tuple[Modifier, ...],
+             phrasing: dict[str, Any]) -> Knowledge:
+    """A knowledge base from its parts, with the pools derived from them (also after a wording hold-out)."""
     general = {(p.id, band, group): _allowed_general(p, band, phrasing[group])
                for p in presentations for band in p.ages for group in ("denials", "distractors")}
     return Knowledge(presentations=presentations, modifiers=modifiers, phrasing=phrasing, general=general)
