@@ -20,7 +20,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 TINY_PROFILE = {
     "run": {"models": ["tiny"], "bits": ["4bit"], "configs": ["medical_fast", "balanced_safe"]},
-    "data": {"n_examples": 240},
+    "data": {"n_examples": 240, "conditions": {"wording": {"valid": 20, "test": 30},
+                                               "complaint": {"valid": 12, "test": 16}}},
     "lora": {"iters": 20, "batch_size": 2},
     "train": {"steps_per_report": 5, "steps_per_eval": 10, "steps_per_save": 10, "val_batches": 2},
     "evaluate": {"mc_samples": 10},

@@ -82,6 +82,9 @@ def test_lora_override_replaces_only_set_values(tmp_path):
         (lambda p: p["evaluate"].update(decision="vote"), "expected one of: argmax, cost_aware"),
         (lambda p: p["models"]["tiny"].update(source="s3://bucket"), "'models.tiny.source'"),
         (lambda p: p["train"].update(steps_per_eval=75), "multiple of 'train.steps_per_report'"),
+        (lambda p: p["data"]["conditions"]["wording"].update(test=5), "'data.conditions.wording.test' must be at least"),
+        (lambda p: p["data"]["conditions"]["complaint"].pop("valid"), "'data.conditions.complaint' must have exactly"),
+        (lambda p: p["data"]["conditions"].update(held_out_share=0.6), "'data.conditions.held_out_share'"),
     ],
 )
 def test_bad_params_are_rejected_with_the_key(tmp_path, edit, message):

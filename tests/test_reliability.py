@@ -33,7 +33,8 @@ from conftest import TINY_PROFILE, deep_update, make_project, run
 pytestmark = pytest.mark.e2e
 
 QUICK = deep_update(copy.deepcopy(TINY_PROFILE), {
-    "data": {"n_examples": 60},
+    "data": {"n_examples": 60, "conditions": {"wording": {"valid": 10, "test": 10},
+                                              "complaint": {"valid": 10, "test": 10}}},
     "lora": {"iters": 6},
     "train": {"steps_per_report": 3, "steps_per_eval": 3, "steps_per_save": 3, "val_batches": 1},
     "evaluate": {"mc_samples": 2},

@@ -38,6 +38,13 @@ class TableParams:
 
 
 @dataclass(frozen=True)
+class ConditionParams:
+    held_out_share: float
+    wording: dict[str, int]
+    complaint: dict[str, int]
+
+
+@dataclass(frozen=True)
 class DataParams:
     source: Literal["builtin", "prompt_completion", "chat", "table", "ktas"]
     path: Optional[str]
@@ -45,6 +52,7 @@ class DataParams:
     label_mix: dict[str, float]
     splits: dict[str, float]
     seed: int
+    conditions: ConditionParams
     table: TableParams
 
 
@@ -331,6 +339,15 @@ def _check_data(data: DataParams) -> None:
         raise ParamsError(f"'data.path' is required when data.source is '{data.source}'")
     if data.n_examples < 30:
         raise ParamsError("'data.n_examples' must be at least 30 so every split holds every label")
+    if not 0.0 < data.conditions.held_out_share < 0.5:
+        raise ParamsError("'data.conditions.held_out_share' must be above 0 and below 0.5")
+    for condition in ("wording", "complaint"):
+        sizes = getattr(data.conditions, condition)
+        if set(sizes) != {"valid", "test"}:
+            raise ParamsError(f"'data.conditions.{condition}' must have exactly the keys valid, test")
+        for part, n in sizes.items():
+            if n < 10:
+                raise ParamsError(f"'data.conditions.{condition}.{part}' must be at least 10 so it holds every label")
 
 
 def _check_fraction_map(key: str, values: dict[str, float], expected: tuple[str, ...]) -> None:

@@ -12,7 +12,8 @@ from triage.data.importers import (
 from triage.data.ktas import read_ktas_csv
 from triage.schema import SPLITS, DataError, Example
 from triage.data.splits import split_by_group
-from triage.data.synth import generate
+from triage.data.catalogue import load_knowledge
+from triage.data.conditions import Sizes, build
 
 
 def _reader(data: DataParams) -> Callable[[Path], list[Example]]:
@@ -37,10 +38,16 @@ def _split_files(directory: Path) -> dict[str, Path]:
     return found
 
 
+def builtin_splits(data: DataParams) -> tuple[dict[str, list[Example]], dict]:
+    """The generated cases per split with their two test conditions, and what was held out."""
+    sizes = Sizes(train=data.n_examples, wording=data.conditions.wording, complaint=data.conditions.complaint)
+    return build(load_knowledge(), sizes, data.label_mix, data.splits, data.conditions.held_out_share, data.seed)
+
+
 def load_splits(data: DataParams) -> dict[str, list[Example]]:
     """Cases per split: generated, read from split files, or read and split by group."""
     if data.source == "builtin":
-        return split_by_group(generate(data.n_examples, data.label_mix, data.seed), data.splits, data.seed)
+        return builtin_splits(data)[0]
     path = Path(data.path)
     if not path.exists():
         raise DataError(path, None, None, "data.path does not exist")

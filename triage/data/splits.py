@@ -193,8 +193,12 @@ def _pair(kind: str, similarity: float, docs: Sequence[tuple[str, Example, str]]
             "b": {"split": docs[b][0], "id": docs[b][1].id, "text": docs[b][2][:100]}}
 
 
-def check_leakage(splits: dict[str, Sequence[Example]], near_duplicate_threshold: float = 0.9) -> dict:
+def check_leakage(splits: dict[str, Sequence[Example]], near_duplicate_threshold: float = 0.9,
+                  max_examples: int | None = _REPORT_EXAMPLES) -> dict:
     """Count exact and near-duplicate patient messages shared between different splits.
+
+    ``examples`` lists up to ``max_examples`` pairs (all with None), exact ones
+    first; in each pair ``a`` comes from a split listed before ``b``'s.
 
     Messages are compared without the shared instruction, after
     ``normalise_text``. Exact means equal normalised text; near means a
@@ -221,8 +225,9 @@ def check_leakage(splits: dict[str, Sequence[Example]], near_duplicate_threshold
             if similarity >= near_duplicate_threshold:
                 near.append((similarity, a, b))
     near.sort(key=lambda item: -item[0])
-    examples = [_pair("exact", 1.0, docs, a, b) for a, b in exact[:_REPORT_EXAMPLES]]
-    examples += [_pair("near", s, docs, a, b) for s, a, b in near[: _REPORT_EXAMPLES - len(examples)]]
+    limit = len(exact) + len(near) if max_examples is None else max_examples
+    examples = [_pair("exact", 1.0, docs, a, b) for a, b in exact[:limit]]
+    examples += [_pair("near", s, docs, a, b) for s, a, b in near[: limit - len(examples)]]
     return {
         "exact": len(exact),
         "near": len(near),
