@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import itertools
+
 import numpy as np
 import pytest
 from scipy.stats import beta, binom
@@ -516,3 +518,49 @@ def test_subgroup_rates() -> None:
     assert only_ed["over_triage_rate"] is None and only_ed["ed_recall"] == 0.0
     with pytest.raises(ValueError):
         subgroup_rates(labels, preds, groups[:-1])
+
+
+def _few_groups_case(n_groups: int, per_group: int, a_wins: int, seed: int):
+    """Labels in ``n_groups`` groups; a is right everywhere, b wrong in the first ``a_wins`` groups."""
+    rng = np.random.default_rng(seed)
+    labels = list(rng.choice(["ED", "GP", "HOME"], size=n_groups * per_group))
+    groups = [f"g{i // per_group}" for i in range(len(labels))]
+    wrong = {"ED": "GP", "GP": "HOME", "HOME": "ED"}
+    b = [wrong[y] if i // per_group < a_wins else y for i, y in enumerate(labels)]
+    p_a = [0.9 if y == "ED" else 0.1 for y in labels]
+    return labels, groups, (labels, p_a), (b, p_a)
+
+
+def test_few_groups_are_judged_by_an_exact_sign_flip_test_over_groups() -> None:
+    labels, groups, a, b = _few_groups_case(n_groups=8, per_group=5, a_wins=3, seed=3)
+    rows = {row["metric"]: row for row in paired_comparison(labels, groups, a, b)}
+    accuracy = rows["accuracy"]
+    assert accuracy["test"] == "group permutation" and accuracy["groups"] == 8 and accuracy["interval_approximate"]
+    # Independent reference: enumerate the 2^8 swaps of whole groups by hand.
+    diffs = [sum((labels[i] == a[0][i]) - (labels[i] == b[0][i]) for i in range(len(labels)) if groups[i] == f"g{g}")
+             for g in range(8)]
+    observed = sum(diffs)
+    extreme = sum(abs(sum(s * d for s, d in zip(signs, diffs))) >= abs(observed)
+                  for signs in itertools.product((-1, 1), repeat=8))
+    assert accuracy["p_groups"] == pytest.approx(extreme / 2 ** 8)
+    # 3 of 8 groups differ: p = 2 * 2^5 / 2^8 = 0.25 however many cases they hold, so no verdict.
+    assert accuracy["p_groups"] == pytest.approx(0.25) and accuracy["verdict"] == "no detectable difference"
+
+
+def test_a_bootstrap_that_excludes_zero_and_mcnemar_that_does_not_never_say_better_silently() -> None:
+    # 40 cases in 40 groups: 7 cases only a gets right, 1 only b: McNemar p = 2 * P(X <= 1), X ~ Bin(8, 1/2).
+    labels = ["GP"] * 40
+    groups = [f"g{i}" for i in range(40)]
+    a = (["GP"] * 7 + ["HOME"] + ["GP"] * 32, [0.1] * 40)
+    b = (["HOME"] * 7 + ["GP"] + ["GP"] * 32, [0.1] * 40)
+    accuracy = paired_comparison(labels, groups, a, b)[0]
+    assert accuracy["test"] == "cluster bootstrap" and accuracy["low"] > 0
+    assert accuracy["p_value"] == pytest.approx(binom.cdf(1, 8, 0.5) * 2)
+    assert accuracy["verdict"] == "no detectable difference" and "tests disagree" in accuracy["note"]
+
+
+def test_many_groups_keep_the_cluster_bootstrap() -> None:
+    labels, groups, a, b = _few_groups_case(n_groups=40, per_group=3, a_wins=20, seed=4)
+    accuracy = paired_comparison(labels, groups, a, b)[0]
+    assert accuracy["test"] == "cluster bootstrap" and accuracy["p_groups"] is None
+    assert accuracy["verdict"] == "better" and accuracy["note"] is None

@@ -145,6 +145,78 @@ def verdict(low: float | None, high: float | None) -> str:
     return VERDICTS[2]
 
 
+MIN_BOOTSTRAP_GROUPS = 30
+"""Below this many groups a percentile bootstrap over them is too narrow; a group permutation test decides."""
+PERMUTATIONS = 4000
+PERMUTATION_SEED = 0
+SIGNIFICANCE = 0.05
+
+
+def _sign_flips(n_groups: int, rng: np.random.Generator) -> np.ndarray:
+    """(m, n_groups) of +-1: every flip when there are at most PERMUTATIONS of them, else random ones."""
+    if 2 ** n_groups <= PERMUTATIONS:
+        codes = np.arange(2 ** n_groups)[:, None] >> np.arange(n_groups)[None, :] & 1
+        return 1 - 2 * codes
+    return rng.choice(np.array([-1, 1]), size=(PERMUTATIONS, n_groups))
+
+
+def _flip_p_value(observed: float, permuted: np.ndarray, exact: bool) -> float:
+    """Two-sided: the share of sign flips at least as extreme (the identity counted once when sampling)."""
+    extreme = np.sum(np.abs(permuted) >= abs(observed) - 1e-12)
+    return float(extreme / len(permuted)) if exact else float((extreme + 1) / (len(permuted) + 1))
+
+
+def _auroc(positive: np.ndarray, scores: np.ndarray) -> float:
+    return float(_weighted_auroc(np.ones((1, len(scores))), positive, scores)[0])
+
+
+def group_permutation_p(clusters: np.ndarray, labels: Sequence[str], a: tuple, b: tuple) -> dict[str, float | None]:
+    """Two-sided p-values of a paired sign-flip test over groups, per ``PAIRED_STATISTICS``.
+
+    Under "a and b are exchangeable" each group's pair of answers may be swapped
+    as a whole; a group's cases move together, so the test holds with few
+    groups where a bootstrap over them does not.
+    """
+    y = encode_labels(labels)
+    n_groups = int(clusters.max()) + 1
+    flips = _sign_flips(n_groups, np.random.default_rng(PERMUTATION_SEED))
+    exact = len(flips) == 2 ** n_groups
+    correct = [encode_pair(labels, run[0])[1] == y for run in (a, b)]
+    out: dict[str, float | None] = {}
+    for name, cases in (("accuracy", np.ones_like(y, dtype=bool)), ("ed_recall", y == ED)):
+        per_group = np.bincount(clusters[cases], (correct[0] ^ correct[1])[cases] * np.where(correct[0], 1, -1)[cases],
+                                minlength=n_groups)
+        out[name] = None if not cases.any() else _flip_p_value(per_group.sum(), flips @ per_group, exact)
+    positive = y == ED
+    if positive.all() or not positive.any():
+        out["ed_auroc"] = None
+        return out
+    score_a, score_b = (np.asarray(run[1], dtype=np.float64) for run in (a, b))
+    swapped = flips[:, clusters] < 0
+    permuted = np.array([_auroc(positive, np.where(s, score_b, score_a)) - _auroc(positive, np.where(s, score_a, score_b))
+                         for s in swapped])
+    out["ed_auroc"] = _flip_p_value(_auroc(positive, score_a) - _auroc(positive, score_b), permuted, exact)
+    return out
+
+
+def _decide(diff: float | None, interval: dict, p_groups: float | None, p_mcnemar: float | None,
+            few_groups: bool) -> tuple[str, str | None]:
+    """The verdict and, when the tests disagree, why it stays "no detectable difference"."""
+    if few_groups:
+        primary = VERDICTS[2] if p_groups is None or p_groups >= SIGNIFICANCE or not diff else \
+            VERDICTS[0] if diff > 0 else VERDICTS[1]
+        primary_text = f"group permutation p = {p_groups:.3g}" if p_groups is not None else "no group test"
+    else:
+        primary = verdict(interval["low"], interval["high"])
+        primary_text = "the bootstrap interval " + ("excludes 0" if primary != VERDICTS[2] else "includes 0")
+    if p_mcnemar is None:
+        return primary, None
+    mcnemar_says = p_mcnemar < SIGNIFICANCE
+    if (primary != VERDICTS[2]) == mcnemar_says:
+        return primary, None
+    return VERDICTS[2], f"tests disagree: {primary_text}, McNemar p = {p_mcnemar:.3g}; both must find it"
+
+
 def paired_comparison(labels: Sequence[str], groups: Sequence[str], a: tuple[Sequence[str], Sequence[float]],
                       b: tuple[Sequence[str], Sequence[float]], level: float = 0.95) -> list[dict]:
     """a minus b on the same cases, for each of ``PAIRED_STATISTICS``.
@@ -153,20 +225,32 @@ def paired_comparison(labels: Sequence[str], groups: Sequence[str], a: tuple[Seq
     ``labels``. Each entry has ``metric``, ``diff``, ``low``/``high`` (paired
     cluster bootstrap: both runs are scored on the same resampled groups),
     ``p_value`` (exact McNemar on correctness: every case for accuracy, the ED
-    cases for ED recall; ``None`` for AUROC) and ``verdict``.
+    cases for ED recall; ``None`` for AUROC), ``groups``, ``test`` and
+    ``verdict``. With fewer than ``MIN_BOOTSTRAP_GROUPS`` groups the bootstrap
+    interval is too narrow: a sign-flip permutation test over groups
+    (``p_groups``) decides instead, and the interval is marked approximate.
+    "better" or "worse" needs the deciding test and McNemar's to agree; where
+    they do not, the verdict is "no detectable difference" and ``note`` says why.
     """
-    weights = bootstrap_weights(cluster_ids(groups))
+    clusters = cluster_ids(groups)
+    n_groups = int(clusters.max()) + 1
+    few = n_groups < MIN_BOOTSTRAP_GROUPS
+    weights = bootstrap_weights(clusters)
     every = np.ones((1, len(labels)))
     y = encode_labels(labels)
     point_a, point_b = (weighted_scores(every, labels, *run) for run in (a, b))
     boot_a, boot_b = (weighted_scores(weights, labels, *run) for run in (a, b))
     correct_a, correct_b = (encode_pair(labels, run[0])[1] == y for run in (a, b))
     cases = {"accuracy": np.ones_like(y, dtype=bool), "ed_recall": y == ED}
+    p_groups = group_permutation_p(clusters, labels, a, b) if few else {}
     out = []
     for name in PAIRED_STATISTICS:
         diff = float(point_a[name][0] - point_b[name][0])
+        diff = None if math.isnan(diff) else diff
         interval = percentile_interval(boot_a[name] - boot_b[name], level)
         p_value = mcnemar_exact(correct_a[cases[name]], correct_b[cases[name]]) if name in cases else None
-        out.append({"metric": name, "diff": None if math.isnan(diff) else diff, **interval,
-                    "p_value": p_value, "verdict": verdict(interval["low"], interval["high"])})
+        decided, note = _decide(diff, interval, p_groups.get(name), p_value, few)
+        out.append({"metric": name, "diff": diff, **interval, "p_value": p_value, "groups": n_groups,
+                    "test": "group permutation" if few else "cluster bootstrap",
+                    "p_groups": p_groups.get(name), "interval_approximate": few, "verdict": decided, "note": note})
     return out
