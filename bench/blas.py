@@ -17,16 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import triage.runtime
 
-import triage  # noqa: E402  (needs ROOT on sys.path; chooses the BLAS before mlx is imported)
-from triage.model import device, quantized  # noqa: E402
+triage.runtime.setup()  # before any import that may load mlx (triage/runtime/__init__.py)
+
+from triage.model import device, quantized
 
 
 def best_ms(fn: Callable[[], Any], repeats: int) -> float:

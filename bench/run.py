@@ -6,9 +6,9 @@
 
 Writes ``bench/latest.json`` (atomically) and prints a table. Every number comes
 from this run: the fp32 matmul peak, then per variant LoRA training steps through
-mlx-lm's own trainer with the project's loss and batches, label scoring, greedy
-generation and MC-dropout scoring, then Hugging Face transformers + PEFT on
-PyTorch CPU (``bench/torch_peft.py``, in a separate virtual environment that this
+mlx-lm's own trainer with the train stage's model set-up, loss and batches
+(``triage.train``), label scoring, greedy generation and MC-dropout scoring,
+then Hugging Face transformers + PEFT on PyTorch CPU (``bench/torch_peft.py``, in a separate virtual environment that this
 script creates under the cache directory on first use). The real workload
 (``real_workload``) trains ``medical_baseline`` on the built-in train split, in
 the train stage's batch order, on both sides. See bench/README.md.
@@ -31,30 +31,32 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import triage.runtime
+
+triage.runtime.setup()  # before any import that may load mlx (triage/runtime/__init__.py)
+
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+
+from triage.config import LoraConfig, load_params
+from triage.evaluate.mc_dropout import mc_dropout_votes
+from triage.io import write_json
+from triage.model.completion import collate, plain_loss
+from triage.model.device import cpu_streams, measure_blas_in_subprocess, optimize_for_device
+from triage.model.lm import ChatFormat, TokenizedCase, label_log_probs, tokenize_split
+from triage.model.mlx_lm_internals import blocks, tied_embedding
+from triage.model.scoring import label_probabilities
+from triage.runtime.blas import THREADS_ENV, set_blas_threads
+from triage.runtime.blas_proof import this_cpu
+from triage.schema import Example
+from triage.train.batches import batch_order, batches_per_epoch, make_iterate_batches, shared_length
+from triage.train.loop import NEVER, training_loss
+from triage.train.losses import objective
+from triage.train.wiring import lora_model
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import triage  # noqa: E402  (selects the fast BLAS; must precede mlx)
-import mlx.core as mx  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
-
-from triage.model.device import cpu_streams, measure_blas_in_subprocess, optimize_for_device  # noqa: E402
-from triage.train.batches import (  # noqa: E402
-    batch_order, batches_per_epoch, collate, make_iterate_batches, prefix_length)
-from triage.config import LoraConfig  # noqa: E402
-from triage.evaluate.mc_dropout import mc_dropout_votes  # noqa: E402
-from triage.model.scoring import label_probabilities  # noqa: E402
-from triage.io import write_json  # noqa: E402
-from triage.model.lm import ChatFormat, TokenizedCase, check_supported, label_log_probs  # noqa: E402
-from triage.train.losses import make_completion_loss, plain_loss, sharded  # noqa: E402
-from triage.runtime.blas import THREADS_ENV, set_blas_threads  # noqa: E402
-from triage.runtime.blas_proof import this_cpu  # noqa: E402
-from triage.config import load_params  # noqa: E402
-from triage.schema import Example  # noqa: E402
-from triage.train.loop import add_lora, training_loss  # noqa: E402
-
-PARAMS = load_params(ROOT / "params.yaml")  # the study's model sources, label mix and group size
+PARAMS = load_params(ROOT / "params.yaml")  # the study's model sources, label mix, group size and train stage
 BENCHED = ("smollm2-135m", "gemma3-270m", "tiny")
 REAL_CONFIG = "medical_baseline"  # the config the real workload trains, as the train stage would
 MODELS = {name: PARAMS.models[name].source for name in BENCHED}
@@ -87,10 +89,10 @@ class Setup:
     warmup_steps: int = 1
     steps: int = 5  # the best of these is reported: other load on a shared machine only ever slows a step
     eval_cases: int = 16
-    eval_batch_size: int = 8  # evaluate.batch_size in params.yaml
+    eval_batch_size: int = PARAMS.evaluate.batch_size
     generation_cases: int = 2
     mc_copies: int = 50
-    cpu_streams: int = 2  # train.cpu_streams in params.yaml
+    cpu_streams: int = PARAMS.train.cpu_streams
     mc_sequential_variant: str = "q4"  # 50 sequential passes cost ~a minute per variant: one variant
     torch: bool = True
     real_steps: int = 24  # the real workload's timed steps: every one counts, as in a run
@@ -196,12 +198,13 @@ def flop_model(float_dir: Path) -> FlopModel:
     from mlx_lm.utils import load_model
 
     model, _ = load_model(float_dir, lazy=True)
-    blocks = tuple(
+    weights = tuple(
         sum(w.size for name, w in tree_flatten(block.parameters()) if name.endswith("weight") and w.ndim == 2)
-        for block in model.layers
+        for block in blocks(model)
     )
-    head = model.lm_head.weight if "lm_head" in model else model.model.embed_tokens.weight
-    return FlopModel(blocks, int(head.size))
+    embedding = tied_embedding(model)
+    head = model.lm_head if embedding is None else embedding
+    return FlopModel(weights, int(head.weight.size))
 
 
 # --------------------------------------------------------------------------
@@ -223,7 +226,8 @@ def lora_config(setup: Setup) -> LoraConfig:
 
 def train_step_seconds(model, cases: list[TokenizedCase], setup: Setup, scratch: Path) -> list[float]:
     """Per-step wall time of the synthetic shape: the plain loss on ``cases``, as the train stage splits a batch."""
-    loss = sharded(plain_loss, cpu_streams(setup.cpu_streams))
+    loss = training_loss(model, plain_loss, cases,
+                         replace(PARAMS.train, cpu_streams=setup.cpu_streams, share_prompt_prefix=False))
     batches = make_iterate_batches(mask_prompt=True, seed=0, share_prefix=False)  # B x T as it is, like PEFT's
     return mlx_step_seconds(model, cases, loss, batches, setup.batch_size,
                             setup.warmup_steps + setup.steps, setup.seq_len + 1, scratch)
@@ -249,8 +253,8 @@ def mlx_step_seconds(model, dataset: list[TokenizedCase], loss, iterate_batches,
         def on_train_loss_report(self, info: dict) -> None:
             self.times.append(1.0 / info["iterations_per_second"])
 
-    args = TrainingArgs(batch_size=batch_size, iters=steps, steps_per_report=1, steps_per_eval=10**9,
-                        steps_per_save=10**9, max_seq_length=max_seq_length,
+    args = TrainingArgs(batch_size=batch_size, iters=steps, steps_per_report=1, steps_per_eval=NEVER,
+                        steps_per_save=NEVER, max_seq_length=max_seq_length,
                         adapter_file=str(scratch / "adapters.safetensors"))
     callback = StepTimes()
     optimizer = optim.AdamW(learning_rate=1e-5, weight_decay=0.01)
@@ -265,7 +269,7 @@ def mlx_step_seconds(model, dataset: list[TokenizedCase], loss, iterate_batches,
 
 
 def scoring_seconds_per_case(model, fmt: ChatFormat, examples: list[Example], batch_size: int, streams: list) -> float:
-    """Label scoring as evaluation does it: left-padded batches of ``batch_size`` cases on the CPU streams."""
+    """Label scoring as evaluation does it: right-padded batches of ``batch_size`` cases on the CPU streams."""
     label_probabilities(model, fmt, [e.prompt for e in examples[:batch_size]], batch_size, streams)  # warm-up
     start = time.perf_counter()
     label_probabilities(model, fmt, [e.prompt for e in examples], batch_size, streams)
@@ -331,13 +335,8 @@ def per_element_ns(n: int = 1 << 20) -> dict:
 def measure_variant(name: str, path: Path, train_cases: list[TokenizedCase], examples: list[Example],
                     setup: Setup, flops: FlopModel, completion: int, peak: float, scratch: Path) -> dict:
     """Training, scoring, generation and MC-dropout numbers of one model variant."""
-    from mlx_lm import load
-
-    model, tokenizer = load(str(path))
-    check_supported(model)
-    add_lora(model, lora_config(setup), setup.num_layers)
-    cpu_path = optimize_for_device(model)  # as the train stage does
-    fmt = ChatFormat(tokenizer)
+    trainee = lora_model(path, lora_config(setup), setup.num_layers)
+    model, fmt, tokenizer = trainee.model, trainee.fmt, trainee.fmt.tokenizer
     tokens = setup.batch_size * setup.seq_len
 
     mx.reset_peak_memory()
@@ -364,7 +363,7 @@ def measure_variant(name: str, path: Path, train_cases: list[TokenizedCase], exa
     finally:
         set_blas_threads(threads)
     result = {
-        "cpu_path": cpu_path,
+        "cpu_path": trainee.device,
         "train_step_seconds": [round(s, 3) for s in steps],
         "train_tokens_per_s": tokens / best,
         "train_tokens_per_s_median": tokens / statistics.median(steps[setup.warmup_steps :]),
@@ -392,7 +391,8 @@ def real_train_cases(fmt: ChatFormat) -> list[TokenizedCase]:
     """The built-in train split, tokenised as the train stage tokenises it."""
     from triage.data.sources import load_splits
 
-    return [fmt.case(example) for example in load_splits(PARAMS.data)["train"]]
+    return tokenize_split(fmt, load_splits(PARAMS.data)["train"], "the built-in train split",
+                          PARAMS.train.max_seq_length)
 
 
 def step_shape(cases: list[TokenizedCase], batch: list[int], shared: int) -> tuple:
@@ -441,13 +441,10 @@ def real_workload_variant(path: Path, cases: list[TokenizedCase], warmup: list[l
 
     ``shared`` is the prefix length its batches share (0: the plain batch).
     """
-    from mlx_lm import load
-
     config = PARAMS.config(REAL_CONFIG)
-    model, _ = load(str(path))
-    add_lora(model, config, PARAMS.train.num_layers)
-    optimize_for_device(model)
-    loss = training_loss(model, make_completion_loss(PARAMS.train.label_weight), cases,
+    trainee = lora_model(path, config, PARAMS.train.num_layers)
+    model = trainee.model
+    loss = training_loss(model, objective(config, trainee.fmt.label_first_tokens, PARAMS.train.label_weight), cases,
                          replace(PARAMS.train, share_prompt_prefix=shared > 0))
 
     def iterate_batches(dataset, batch_size, max_seq_length, loop=False, **_):
@@ -467,7 +464,7 @@ def real_workload(paths: dict[str, Path], fmt: ChatFormat, setup: Setup, cache: 
                   torch_interpreter: Path | None, scratch: Path) -> dict:
     """Ours at float, q8 and q4 (and q4 on the plain batch) against transformers + PEFT, same cases, same order."""
     cases = real_train_cases(fmt)
-    shared = prefix_length(cases, PARAMS.train.mask_prompt) if PARAMS.train.share_prompt_prefix else 0
+    shared = shared_length(cases, PARAMS.train.mask_prompt, PARAMS.train.share_prompt_prefix)
     warmup, timed = real_batches(cases, shared, setup)
     config = PARAMS.config(REAL_CONFIG)
     result: dict[str, Any] = {

@@ -10,7 +10,10 @@ sets scored with the same rules, metrics and intervals, as run tfidf-logreg.
 import argparse
 from pathlib import Path
 
-import triage  # noqa: F401  (a BLAS proven on this CPU, before the evaluate code imports MLX)
+import triage.runtime
+
+triage.runtime.setup()  # before any import that may load mlx (triage/runtime/__init__.py)
+
 from triage.classical import RUN_NAME, fit_tfidf_logreg, label_probabilities
 from triage.config import load_params
 from triage.evaluate.evaluation import ScoredSet, evaluate_sets, headline_file

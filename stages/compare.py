@@ -8,23 +8,35 @@ import json
 import os
 from pathlib import Path
 
+import triage.runtime
+
+triage.runtime.setup()  # before any import that may load mlx (triage/runtime/__init__.py)
+
 from triage.config import load_params
 from triage.io import atomic_write_text, staged_directory, write_json
-from triage.evaluate.metrics import RUN_HEADLINE
 from triage.figures import curve_rows, study_figures
-from triage.report import (baseline_name, collect_rows, comparison_pairs, floor_row, headline_summary,
+from triage.report import (baseline_name, collect_rows, comparison_pairs, headline_summary, learner_row,
                            mc_uncertainties, memory_points, paired_rows, read_case_predictions, report_markdown,
                            summary, uncertainty_histogram)
 from triage.stage import run_stage
 
 
-def read_baselines(directory: Path, models: list[str], bits: list[str]) -> dict[str, dict]:
+def read_variants(directory: Path, models: list[str], bits: list[str]) -> dict[str, dict]:
+    """The rows of a per-variant stage (zero-shot baselines, linear probes) that have results, by variant."""
     found = {}
     for variant in (f"{m}-{b}" for m in models for b in bits):
         path = directory / variant / "evaluation.json"
         if path.is_file():
-            evaluation = json.loads(path.read_text())
-            found[variant] = {k: evaluation[k] for k in RUN_HEADLINE}
+            found[variant] = learner_row(json.loads(path.read_text()))
+    return found
+
+
+def read_learners(directory: Path) -> dict[str, tuple[dict, Path]]:
+    """Each sub-folder's row and predictions file (the reference rules), by the learner's name."""
+    found = {}
+    for path in sorted(directory.glob("*/evaluation.json")):
+        row = learner_row(json.loads(path.read_text()))
+        found[row["run"]] = (row, path.parent / "predictions.jsonl")
     return found
 
 
@@ -65,6 +77,8 @@ def main() -> None:
     parser.add_argument("--baselines", type=Path, required=True)
     parser.add_argument("--models", type=Path, required=True)
     parser.add_argument("--classical", type=Path, required=True, help="the classical baseline's eval.json and predictions")
+    parser.add_argument("--probes", type=Path, required=True, help="one folder per variant: the linear probe's results")
+    parser.add_argument("--references", type=Path, required=True, help="one folder per reference rule")
     parser.add_argument("--summary", type=Path, required=True, help="compact summary.json for dvc metrics")
     parser.add_argument("--study", type=Path, required=True, help="the whole study the report is made from")
     parser.add_argument("--report", type=Path, required=True)
@@ -74,16 +88,21 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params()
-    baselines = read_baselines(args.baselines, params.run.models, params.run.bits)
+    baselines = read_variants(args.baselines, params.run.models, params.run.bits)
     rows, missing = collect_rows(params.run, args.runs, args.models, baselines)
     contenders = {row["run"]: args.runs / row["run"] / "predictions.jsonl" for row in rows}
     contenders |= {baseline_name(*variant.rsplit("-", 1)): args.baselines / variant / "predictions.jsonl"
                    for variant in baselines}
     classical = args.classical / "evaluation.json"
-    floors = [floor_row(json.loads(classical.read_text()))] if classical.is_file() else []
+    floors = [learner_row(json.loads(classical.read_text()))] if classical.is_file() else []
     contenders |= {floor["run"]: args.classical / "predictions.jsonl" for floor in floors}
+    probes = read_variants(args.probes, params.run.models, params.run.bits)
+    floors += list(probes.values())
+    contenders |= {probe["run"]: args.probes / variant / "predictions.jsonl" for variant, probe in probes.items()}
+    references = read_learners(args.references)
     pairs = comparison_pairs(rows, baselines, [floor["run"] for floor in floors])
-    study = summary(rows, missing, baselines, paired_rows(pairs, contenders), floors)
+    study = summary(rows, missing, baselines, paired_rows(pairs, contenders), floors,
+                    [row for row, _ in references.values()])
     write_json(args.study, study)
     write_json(args.summary, headline_summary(study))
     write_json(args.memory_plot, memory_points(rows))

@@ -6,7 +6,10 @@
 import argparse
 from pathlib import Path
 
-import triage  # noqa: F401  (selects the fast BLAS before MLX loads)
+import triage.runtime
+
+triage.runtime.setup()  # before any import that may load mlx (triage/runtime/__init__.py)
+
 from triage.config import load_params
 from triage.weights.sources import ModelSourceError, fetch_base_model
 from triage.stage import run_stage

@@ -12,7 +12,10 @@ import argparse
 import json
 from pathlib import Path
 
-import triage  # selects the fast BLAS before MLX loads
+import triage.runtime
+
+triage.runtime.setup()  # before any import that may load mlx (triage/runtime/__init__.py)
+
 from mlx_lm import load
 
 from triage.model.device import cpu_streams, optimize_for_device
@@ -22,7 +25,8 @@ from triage.evaluate.evaluation import headline_file
 from triage.evaluate.language_model import evaluate_model
 from triage.evaluate.mc_dropout import adapter_dropout
 from triage.io import write_csv, write_json, write_jsonl
-from triage.model.lm import ChatFormat, check_supported
+from triage.model.lm import ChatFormat
+from triage.model.mlx_lm_internals import check_supported
 from triage.stage import run_stage
 
 RAW_DATA = Path("data/raw")

@@ -9,6 +9,10 @@ otherwise they are imported from data.path (see params.yaml `data:`).
 import argparse
 from pathlib import Path
 
+import triage.runtime
+
+triage.runtime.setup()  # before any import that may load mlx (triage/runtime/__init__.py)
+
 from triage.config import load_params
 from triage.data.conditions import conditions_markdown
 from triage.data.datacard import data_card, data_card_markdown

@@ -7,7 +7,10 @@ import argparse
 import json
 from pathlib import Path
 
-import triage  # noqa: F401  (selects the fast BLAS before MLX loads)
+import triage.runtime
+
+triage.runtime.setup()  # before any import that may load mlx (triage/runtime/__init__.py)
+
 from triage.config import bits_of, load_params
 from triage.io import write_json
 from triage.weights.sources import quantize_model

@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-import triage  # noqa: F401  (fast BLAS before MLX, as in the stages)
+import triage.runtime
+
+triage.runtime.setup()  # before any import that may load mlx (triage/runtime/__init__.py)
+
 from triage.offline_plots import TEMPLATE_PATH, write_html_template
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ from triage.evaluate.evaluation import HEADLINE_FILE, ScoredSet, headline_file, 
 from triage.evaluate.language_model import evaluate_model, score_set
 from triage.evaluate.mc_dropout import adapter_dropout, first_random_block, mc_dropout_votes, shared_lower_blocks
 from triage.model.scoring import label_log_likelihoods, label_probabilities
-from triage.train.validation import completion_loss
+from triage.model.completion import completion_loss
 from triage.data.ktas import KTAS_TEXT_COLUMNS
 from triage.io import write_jsonl
 from triage.model.lm import ChatFormat, label_log_probs, tokenize_split

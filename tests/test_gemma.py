@@ -23,7 +23,8 @@ from triage.evaluate.language_model import evaluate_model
 from triage.evaluate.mc_dropout import adapter_dropout
 from triage.io import write_jsonl
 from triage.model.device import optimize_for_device
-from triage.model.lm import ChatFormat, check_supported, tokenize_split
+from triage.model.lm import ChatFormat, tokenize_split
+from triage.model.mlx_lm_internals import check_supported
 from triage.model.scoring import label_probabilities
 from triage.schema import LABELS, read_examples
 from triage.train.losses import make_completion_loss

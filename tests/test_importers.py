@@ -16,7 +16,7 @@ from triage.data.importers import (
     read_prompt_completion_splits,
     read_table,
 )
-from triage.data.ktas import KTAS_OUTCOME_COLUMNS, KTAS_TEXT_COLUMNS, read_ktas_csv
+from triage.data.ktas import KTAS_OUTCOME_COLUMNS, KTAS_TEXT_COLUMNS, NURSE_COLUMN, read_ktas_csv
 from triage.schema import INSTRUCTION, DataError, Example, render_prompt
 
 KTAS_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ktas" / "data.csv"
@@ -394,7 +394,8 @@ def test_ktas_note_reads_like_a_triage_note(tmp_path: Path) -> None:
         "62-year-old woman, arrived by public ambulance. Complaint: chest pain. Alert. Pain 6/10. "
         "BP 150/90, pulse 96, breathing 20/min, temp 36.8 °C, SpO2 97%."
     )
-    assert example == Example("ktas-1", example.prompt, "ED", "ED", "ktas-1", {"age_band": "adult", "sex": "female"})
+    assert example == Example("ktas-1", example.prompt, "ED", "ED", "ktas-1",
+                              {"age_band": "adult", "sex": "female", "vitals": "normal", "nurse_label": "ED"})
 
 
 def test_ktas_missing_values_are_left_out(tmp_path: Path) -> None:
@@ -414,8 +415,47 @@ def test_ktas_missing_values_are_left_out(tmp_path: Path) -> None:
         "16-year-old boy, walked in. Complaint: Pain. Injury-related visit. Responds to pain only. No pain. "
         "Systolic BP 150."
     )
-    assert second.attrs == {"age_band": "child", "sex": "male"}
+    assert second.attrs == {"age_band": "child", "sex": "male", "vitals": "missing", "nurse_label": "ED"}
     assert [e.label for e in (first, second, third)] == ["ED", "GP", "HOME"]
+
+
+@pytest.mark.parametrize(("nurse", "expected"), [("1", "ED"), ("2", "ED"), ("3", "ED"), ("4", "GP"), ("5", "HOME")])
+def test_ktas_nurse_level_is_an_attribute_mapped_like_the_label(tmp_path: Path, nurse: str, expected: str) -> None:
+    examples = read_ktas_csv(write_ktas(tmp_path / "k.csv", {"KTAS_RN": nurse, "KTAS_expert": nurse}))
+    [baseline] = read_ktas_csv(write_ktas(tmp_path / "base.csv", {"KTAS_expert": nurse}))
+    assert [(e.label, e.attrs["nurse_label"]) for e in examples] == [(expected, expected)]
+    # The nurse's level changes nothing a model sees.
+    assert examples[0].prompt == baseline.prompt
+
+
+def test_ktas_nurse_level_missing_or_absent_gives_no_attribute(tmp_path: Path) -> None:
+    recorded, missing = read_ktas_csv(write_ktas(tmp_path / "k.csv", {"KTAS_RN": "5"}, {"KTAS_RN": "#BOŞ!"}))
+    assert recorded.attrs["nurse_label"] == "HOME" and "nurse_label" not in missing.attrs
+    header = [column for column in KTAS_HEADER if column != NURSE_COLUMN]
+    rows = [";".join(header), ";".join(VISIT[column] for column in header)]
+    [without] = read_ktas_csv(write(tmp_path / "no_rn.csv", rows, encoding="cp1254"))
+    assert "nurse_label" not in without.attrs and without.prompt == recorded.prompt
+
+
+def test_ktas_unknown_nurse_level_names_line_and_column(tmp_path: Path) -> None:
+    raises(read_ktas_csv, write_ktas(tmp_path / "k.csv", {}, {"KTAS_RN": "7"}), line=3, field=NURSE_COLUMN)
+
+
+@pytest.mark.parametrize(("visit", "expected"), [
+    ({}, "normal"),
+    ({"SBP": "89"}, "abnormal"), ({"SBP": "90"}, "normal"), ({"SBP": "180"}, "normal"), ({"SBP": "181"}, "abnormal"),
+    ({"DBP": "120"}, "normal"), ({"DBP": "121"}, "abnormal"),
+    ({"HR": "49"}, "abnormal"), ({"HR": "50"}, "normal"), ({"HR": "120"}, "normal"), ({"HR": "121"}, "abnormal"),
+    ({"RR": "9"}, "abnormal"), ({"RR": "10"}, "normal"), ({"RR": "24"}, "normal"), ({"RR": "25"}, "abnormal"),
+    ({"BT": "35,9"}, "abnormal"), ({"BT": "36.0"}, "normal"), ({"BT": "38.4"}, "normal"), ({"BT": "38.5"}, "abnormal"),
+    ({"Saturation": "91"}, "abnormal"), ({"Saturation": "92"}, "normal"), ({"Saturation": "??"}, "normal"),
+    ({"DBP": "??"}, "normal"),
+    ({"SBP": "??"}, "missing"), ({"HR": "??"}, "missing"), ({"RR": "#BOŞ!"}, "missing"), ({"BT": ""}, "missing"),
+    ({"SBP": "??", "HR": "130"}, "abnormal"),
+])
+def test_ktas_vitals_attribute_follows_the_adult_limits(tmp_path: Path, visit: dict[str, str], expected: str) -> None:
+    [example] = read_ktas_csv(write_ktas(tmp_path / "k.csv", visit))
+    assert example.attrs["vitals"] == expected
 
 
 def test_ktas_identical_notes_share_a_group(tmp_path: Path) -> None:
@@ -488,7 +528,53 @@ def test_ktas_outcome_columns_cannot_leak_into_the_text(
 
     hidden = tuple(column for column in ktas_rows[0] if column not in (*KTAS_TEXT_COLUMNS, "KTAS_expert"))
     assert set(KTAS_OUTCOME_COLUMNS) <= set(hidden)
-    scrambled = rewrite(hidden)
+    # The nurse's level is read (into attrs), so it is scrambled within its codes, the rest into text.
+    scrambled = rewrite(tuple(column for column in hidden if column != NURSE_COLUMN))
     assert [(e.prompt, e.label) for e in scrambled] == [(e.prompt, e.label) for e in ktas_examples]
     # The same scrambling of an input column does reach the text, so the check above can fail.
     assert any("LEAK" in e.prompt for e in rewrite(("Chief_complain",)))
+
+
+def test_ktas_nurse_label_is_the_nurses_level_mapped_like_the_expert(ktas_examples: list[Example]) -> None:
+    import pandas as pd
+
+    frame = pd.read_csv(KTAS_DATA, sep=";", encoding="cp1254")
+    mapping = {1: "ED", 2: "ED", 3: "ED", 4: "GP", 5: "HOME"}
+    nurses = frame[NURSE_COLUMN].map(mapping)
+    assert [e.attrs["nurse_label"] for e in ktas_examples] == nurses.tolist()
+    # The human reference quoted in the docs (DESIGN.md section 9): agreement 0.898, ED recall 0.894.
+    agree = sum(e.attrs["nurse_label"] == e.label for e in ktas_examples) / len(ktas_examples)
+    ed = [e for e in ktas_examples if e.label == "ED"]
+    assert round(agree, 3) == 0.898 and round(sum(e.attrs["nurse_label"] == "ED" for e in ed) / len(ed), 3) == 0.894
+
+
+def test_ktas_prompt_never_carries_the_nurses_level(
+    tmp_path: Path, ktas_rows: list[dict[str, str]], ktas_examples: list[Example]
+) -> None:
+    """Every visit's nurse level moved to another level: the prompts stay byte for byte, the attribute follows."""
+    path = tmp_path / "rotated.csv"
+    with path.open("w", encoding="cp1254", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(ktas_rows[0]), delimiter=";")
+        writer.writeheader()
+        for row in ktas_rows:
+            writer.writerow({**row, NURSE_COLUMN: str(int(row[NURSE_COLUMN]) % 5 + 1)})
+    rotated = read_ktas_csv(path)
+    assert [e.prompt for e in rotated] == [e.prompt for e in ktas_examples]
+    assert [e.attrs["nurse_label"] for e in rotated] != [e.attrs["nurse_label"] for e in ktas_examples]
+    for example in ktas_examples:
+        assert not any(word in example.prompt for word in ("KTAS", "nurse_label", "level")), example.id
+
+
+def test_ktas_vitals_attribute_on_the_real_data(ktas_examples: list[Example]) -> None:
+    import pandas as pd
+
+    frame = pd.read_csv(KTAS_DATA, sep=";", encoding="cp1254", dtype=str)
+    vital = {column: pd.to_numeric(frame[column].str.strip().str.replace(",", "."), errors="coerce")
+             for column in ("SBP", "DBP", "HR", "RR", "BT", "Saturation")}
+    abnormal = ((vital["SBP"] < 90) | (vital["SBP"] > 180) | (vital["DBP"] > 120) | (vital["HR"] < 50)
+                | (vital["HR"] > 120) | (vital["RR"] < 10) | (vital["RR"] > 24) | (vital["BT"] < 36)
+                | (vital["BT"] >= 38.5) | (vital["Saturation"] < 92))
+    recorded = pd.concat([vital[c].notna() for c in ("SBP", "HR", "RR", "BT")], axis=1).all(axis=1)
+    expected = ["abnormal" if a else "normal" if r else "missing" for a, r in zip(abnormal, recorded)]
+    assert [e.attrs["vitals"] for e in ktas_examples] == expected
+    assert set(expected) == {"abnormal", "normal", "missing"}

@@ -123,6 +123,13 @@ def test_training_does_not_depend_on_evaluation_or_prediction_code():
         assert uncovered({ROOT / PACKAGE / module}, deps), f"train would re-run when {module} changes"
 
 
+@pytest.mark.parametrize("stage", ["evaluate", "baseline", "classical", "compare"])
+def test_evaluation_does_not_depend_on_training_code(stage):
+    _, deps = STAGES[stage]
+    training = set((ROOT / PACKAGE / "train").rglob("*.py"))
+    assert len(uncovered(training, deps)) == len(training), f"{stage} would re-run when training code changes"
+
+
 def test_the_closure_follows_function_level_and_package_imports(tmp_path):
     package = tmp_path / PACKAGE
     (package / "sub").mkdir(parents=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlx_lm.models import gemma3_text, llama
 
-from triage.evaluate.mc_dropout import shared_lower_blocks
+from triage.model.blocks import shared_lower_blocks
 from triage.model.lm import batch_label_log_probs, fanned_label_log_probs, label_log_probs, shared_prefix
 
 VOCAB = 40

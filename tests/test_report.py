@@ -13,8 +13,9 @@ from triage import figures
 from triage.config import RunSelection
 from triage.evaluate.intervals import paired_comparison
 from triage.schema import LABELS
-from triage.report import (collect_rows, comparison_pairs, failed_gates, floor_row, mc_uncertainties, memory_points,
-                           paired_rows, report_markdown, summary, uncertainty_histogram)
+from triage.report import (collect_rows, comparison_pairs, failed_gates, headline_summary, learner_row,
+                           mc_uncertainties, memory_points, paired_rows, report_markdown, summary,
+                           uncertainty_histogram)
 
 GATES = {"ed_recall": 0.95, "ed_f2": 0.90, "ed_fnr": 0.05}
 
@@ -26,22 +27,37 @@ def gate(value, threshold, at_least=True):
             "threshold": threshold, "margin": margin}
 
 
-def headline(accuracy: float, ed_recall: float) -> dict:
+def headline(accuracy: float, ed_recall: float, constant: str | None = None, conditions: bool = False) -> dict:
+    """One set's metrics as the evaluate code writes them; ``constant`` names the one label answered."""
     ed_f2 = ed_recall - 0.02
-    return {"accuracy": accuracy, "macro_f1": accuracy - 0.05, "ed_recall": ed_recall, "ed_f2": ed_f2,
-            "ed_fnr": 1 - ed_recall, "ed_fn": round((1 - ed_recall) * 40), "test_loss": 0.5,
-            "ed_auroc": 0.8, "ed_ap": 0.6, "under_triage_rate": 0.1, "over_triage_rate": 0.2, "unsafe_rate": 0.01,
-            "safe": ed_recall >= 0.95 and ed_f2 >= 0.90,
-            "gates": {"ed_recall": gate(ed_recall, 0.95), "ed_f2": gate(ed_f2, 0.90),
-                      "ed_fnr": gate(1 - ed_recall, 0.05, at_least=False)},
-            "ci95": {"method": "m", "accuracy": {"low": accuracy - 0.1, "high": accuracy + 0.05},
-                     "ed_recall": {"low": ed_recall - 0.2, "high": 1.0}}}
+    answers = {label: (40 if label == constant else 0) if constant else 13 + (label == "ED") for label in LABELS}
+    interval = {"low": accuracy - 0.1, "high": accuracy + 0.05}
+    metrics = {"accuracy": accuracy, "macro_f1": accuracy - 0.05, "ed_recall": ed_recall, "ed_f2": ed_f2,
+               "ed_fnr": 1 - ed_recall, "ed_fn": round((1 - ed_recall) * 40), "test_loss": 0.5,
+               "ed_auroc": 0.8, "ed_ap": 0.6, "under_triage_rate": 0.1, "over_triage_rate": 0.2, "unsafe_rate": 0.01,
+               "safe": ed_recall >= 0.95 and ed_f2 >= 0.90, "n_cases": 40, "answers": answers,
+               "constant": constant is not None,
+               "gates": {"ed_recall": gate(ed_recall, 0.95), "ed_f2": gate(ed_f2, 0.90),
+                         "ed_fnr": gate(1 - ed_recall, 0.05, at_least=False)},
+               "ci95": {"method": "m", "accuracy": interval, "ed_recall": {"low": ed_recall - 0.2, "high": 1.0},
+                        "ed_auroc": {"low": 0.7, "high": 0.9}}}
+    if conditions:  # the wording part a little better than the whole, the complaint part a little worse
+        metrics["conditions"] = {"wording": headline(accuracy + 0.05, ed_recall, constant),
+                                 "complaint": headline(accuracy - 0.05, ed_recall, constant)}
+    return metrics
+
+
+def evaluation_of(run: str, accuracy: float, ed_recall: float, valid: tuple[float, float] | None = None,
+                  constant: str | None = None) -> dict:
+    """A whole evaluation.json with both test conditions; ``valid`` (accuracy, ED recall) defaults to test's."""
+    return {"run": run, **headline(accuracy, ed_recall, constant, conditions=True),
+            "valid": headline(*(valid or (accuracy, ed_recall)), constant, conditions=True)}
 
 
 def write_run(root: Path, run: str, kind: str, accuracy: float, ed_recall: float, memory: float,
-              valid: tuple[float, float] | None = None) -> None:
+              valid: tuple[float, float] | None = None, constant: str | None = None) -> None:
     """A run's evaluation.json and train.json; ``valid`` (accuracy, ED recall) defaults to the test numbers."""
-    evaluation = {**headline(accuracy, ed_recall), "valid": headline(*(valid or (accuracy, ed_recall)))}
+    evaluation = evaluation_of(run, accuracy, ed_recall, valid, constant)
     training = {"kind": kind, "seconds": 10.0, "peak_memory_mb": memory, "tokens_per_s": 100.0,
                 "trainable_params": 1000}
     (root / "runs" / run).mkdir(parents=True)
@@ -60,7 +76,7 @@ def study(tmp_path: Path) -> dict:
         (tmp_path / "models" / f"m-{bits}.json").write_text(json.dumps(
             {"disk_mb": mb, "bits_per_weight": 5.0 if bits == "4bit" else 9.0, "source_precision": "Q4_1"}))
     selection = RunSelection(models=["m"], bits=["4bit", "8bit"], configs=["std", "safe", "lucky"])
-    baselines = {"m-4bit": {"accuracy": 0.40, "ed_recall": 0.50, "test_loss": 5.25}}
+    baselines = {"m-4bit": learner_row(evaluation_of("m-4bit-zero_shot", 0.40, 0.50)) | {"test_loss": 5.25}}
     rows, missing = collect_rows(selection, tmp_path / "runs", tmp_path / "models", baselines)
     return summary(rows, missing, baselines, [])
 
@@ -121,10 +137,11 @@ def test_mc_uncertainties_read_from_predictions(tmp_path):
     assert mc_uncertainties(without_mc) == [] and mc_uncertainties(tmp_path / "absent.jsonl") == []
 
 
-def write_predictions(path: Path, labels: list[str], preds: list[str], p_ed: list[float], groups: list[str]) -> Path:
+def write_predictions(path: Path, labels: list[str], preds: list[str], p_ed: list[float], groups: list[str],
+                      conditions: list[str] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{"id": f"c{i}", "group": g, "label": y, "pred": p, "p_ED": s}
-            for i, (y, p, s, g) in enumerate(zip(labels, preds, p_ed, groups))]
+    rows = [{"id": f"c{i}", "group": g, "label": y, "pred": p, "p_ED": s, **({"condition": c} if c else {})}
+            for i, (y, p, s, g, c) in enumerate(zip(labels, preds, p_ed, groups, conditions or [None] * len(labels)))]
     path.write_text("".join(json.dumps(row) + "\n" for row in reversed(rows)))  # order must not matter
     return path
 
@@ -146,13 +163,57 @@ def test_every_fine_tuned_run_is_paired_with_the_classical_floor_and_the_report_
     assert comparison_pairs(rows, {}, ["tfidf-logreg"]) == [("m-4bit-safe", "tfidf-logreg"),
                                                            ("m-4bit-std", "tfidf-logreg")]
     result = study(tmp_path)
-    floor = {"run": "tfidf-logreg", **headline(0.55, 0.6), "valid": headline(0.5, 0.6)}
+    floor = evaluation_of("tfidf-logreg", 0.55, 0.6, valid=(0.5, 0.6))
     with_floor = summary(list(result["runs"].values()), result["missing"], result["baselines"], [],
-                         [floor_row(floor)])
+                         [learner_row(floor)])
     assert with_floor["classical"]["tfidf-logreg"]["accuracy"] == 0.55
     assert with_floor["best"]["run"] == result["best"]["run"]  # a floor is never a candidate for best
     report = report_markdown(with_floor, GATES)
-    assert "## The classical floor" in report and "| tfidf-logreg" in report and "0.550 [0.45, 0.60]" in report
+    assert "## The floors" in report and "| tfidf-logreg" in report and "0.550 [0.45, 0.60]" in report
+
+
+def references() -> list[dict]:
+    # Always ED finds every ED case, but its ED F2 is 5p/(4p+1) = 0.68 at an ED share p of 0.3.
+    return [learner_row(evaluation_of("always-ED", 0.3, 0.70, constant="ED")),
+            learner_row(evaluation_of("majority", 0.45, 0.0, constant="GP"))]
+
+
+def test_a_constant_run_or_one_a_constant_rule_matches_is_never_chosen(tmp_path):
+    write_run(tmp_path, "m-4bit-all_ed", "safety", 0.30, 1.0, 300.0, constant="ED")  # first on ED F2 and safe
+    write_run(tmp_path, "m-4bit-weak", "standard", 0.44, 0.96, 300.0)  # safe, but the majority rule's accuracy
+    write_run(tmp_path, "m-4bit-good", "standard", 0.70, 0.80, 300.0)
+    (tmp_path / "models").mkdir()
+    selection = RunSelection(models=["m"], bits=["4bit"], configs=["all_ed", "weak", "good"])
+    rows, missing = collect_rows(selection, tmp_path / "runs", tmp_path / "models", {})
+    result = summary(rows, missing, {}, [], [], references())
+    assert result["best"]["run"] == "m-4bit-good" and result["best_safe"] is None
+    excluded = result["selection"]["excluded"]
+    assert excluded["m-4bit-all_ed"] == "answers one label to every validation case"
+    assert excluded["m-4bit-weak"].startswith("majority matches it on validation accuracy")
+    assert result["selection"]["condition"] == "wording"
+    text = report_markdown(result, GATES)
+    assert "constant (40/0/0)" in text and "Not eligible:" in text and "Chosen: `m-4bit-good`" in text
+    alone = summary([r for r in rows if r["run"] != "m-4bit-good"], missing, {}, [], [], references())
+    assert alone["best"] is None and "No run is eligible" in report_markdown(alone, GATES)
+
+
+def test_every_row_holds_both_conditions_in_the_study_contract(tmp_path):
+    result = study(tmp_path)
+    with_all = summary(list(result["runs"].values()), [], {"m-4bit": learner_row(evaluation_of(
+        "m-4bit-zero_shot", 0.4, 0.5))}, [], [learner_row(evaluation_of("tfidf-logreg", 0.55, 0.6))], references())
+    assert set(with_all["references"]) == {"always-ED", "majority"}
+    for block in ("runs", "baselines", "classical", "references"):
+        for row in with_all[block].values():
+            for condition in ("wording", "complaint"):
+                numbers = row["conditions"][condition]
+                for key in ("accuracy", "ed_recall", "ed_auroc"):
+                    assert numbers[key] is not None and set(numbers["ci95"][key]) == {"low", "high"}, (block, key)
+    text = report_markdown(with_all, GATES)
+    side_by_side = text.split("## Test conditions side by side")[1].split("##")[0]
+    assert "wording accuracy" in side_by_side and "complaint accuracy" in side_by_side
+    assert "| always-ED" in side_by_side and "constant (40/0/0)" in side_by_side
+    compact = headline_summary(with_all)
+    assert compact["best_test"]["wording"]["accuracy"] == with_all["best"]["conditions"]["wording"]["accuracy"]
 
 
 def test_paired_rows_read_the_predictions_and_say_which_differences_are_real(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import triage
+import triage.runtime
 from triage.model import device
 from triage.runtime import blas, blas_proof, schedule
 from triage.runtime.allocator import keep_freed_buffers
@@ -111,7 +111,8 @@ def test_a_probe_that_dies_by_a_signal_is_skipped_with_its_reason(stand_ins: dic
 
 def test_a_probe_script_killed_by_sigill_is_reported_without_a_compiler(tmp_path: Path):
     probe = tmp_path / "probe.py"
-    probe.write_text("import os, signal\nprint('{\"config\": \"x\"}', flush=True)\nos.kill(os.getpid(), signal.SIGILL)\n")
+    probe.write_text("import os, signal\nprint('{\"config\": \"x\"}', flush=True)\n"
+                     "os.kill(os.getpid(), signal.SIGILL)\n")
     result = blas_proof.run_probe(Path("/any/lib.so"), probe=probe)
     assert result == ProbeResult(config="x", failure="probe died with SIGILL (an instruction this CPU lacks)")
     assert blas_proof.judge(result, ZEN3) == result.failure
@@ -277,9 +278,32 @@ def test_preload_takes_effect_in_fresh_process(tmp_path: Path):
     assert auto["gflops"] > 3 * reference["gflops"], (auto, reference)
 
 
+def test_setup_is_idempotent_and_recorded_as_triage_runtime():
+    runtime = triage.runtime.setup()  # conftest.py made the first call
+    assert triage.runtime.setup() is runtime and triage.runtime.settled() is runtime
+    assert (triage.BLAS, triage.ALLOCATOR, triage.SCHEDULE) == (runtime.blas, runtime.allocator, runtime.schedule)
+    assert triage.RUNTIME == str(runtime) == f"BLAS: {runtime.blas}; {runtime.allocator}; {runtime.schedule}"
+    assert runtime.blas == blas.load_fast_blas()
+    with pytest.raises(AttributeError, match="no attribute 'NOTHING'"):
+        triage.NOTHING  # noqa: B018
+
+
+def test_importing_triage_settles_nothing():
+    """The set-up is a call each entry point makes, not a side effect of importing the package."""
+    env = {k: v for k, v in os.environ.items() if k != "MLX_BFS_MAX_WIDTH"}
+    code = ("import os, triage, triage.runtime\n"
+            "from triage.runtime import blas\n"
+            "print(triage.runtime.settled(), blas._BLAS_DESCRIPTION, os.environ.get('MLX_BFS_MAX_WIDTH'))\n"
+            "try:\n    triage.RUNTIME\nexcept AttributeError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout.splitlines()
+    assert out == ["None None None", "triage.RUNTIME: triage.runtime.setup() has not run in this process; "
+                   "an entry point calls it before anything imports mlx"]
+
+
 @pytest.mark.skipif(platform.system() != "Linux", reason="glibc's mallopt: Linux only")
-def test_importing_triage_keeps_freed_buffers_for_reuse_on_linux():
-    assert triage.ALLOCATOR == "glibc malloc keeping freed buffers for reuse"
+def test_setup_keeps_freed_buffers_for_reuse_on_linux():
+    assert triage.runtime.setup().allocator == "glibc malloc keeping freed buffers for reuse"
     assert keep_freed_buffers() == triage.ALLOCATOR  # idempotent
 
     class MallInfo2(ctypes.Structure):
@@ -309,9 +333,10 @@ def test_widen_schedule_respects_the_user_and_builds_without_mlx_cpu(monkeypatch
     assert schedule.SCHEDULE_ENV not in os.environ
 
 
-def test_importing_triage_widens_the_schedule_before_mlx_evaluates():
+def test_setup_widens_the_schedule_before_mlx_evaluates():
     env = {k: v for k, v in os.environ.items() if k != "MLX_BFS_MAX_WIDTH"}
-    code = "import triage, os; print(triage.SCHEDULE); print(os.environ.get('MLX_BFS_MAX_WIDTH'))"
+    code = ("import triage.runtime, os; print(triage.runtime.setup().schedule); "
+            "print(os.environ.get('MLX_BFS_MAX_WIDTH'))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          cwd=ROOT).stdout.splitlines()
     if _has_distribution("mlx-cpu"):

@@ -14,8 +14,9 @@ from test_lm import gemma_model, llama_model
 from triage.config import LoraConfig
 from triage.model.frozen import frozen_blocks, record_frozen_prefix
 from triage.model.lm import TokenizedCase
-from triage.train.batches import collate, make_iterate_batches, prefix_length
-from triage.train.losses import make_safety_loss, plain_loss, sharded, split_cross_entropy
+from triage.model.completion import collate, plain_loss
+from triage.train.batches import make_iterate_batches, prefix_length
+from triage.train.losses import make_safety_loss, sharded, split_cross_entropy
 from triage.train.loop import add_lora
 
 LABEL_TOKENS = [5, 7, 9]

@@ -13,10 +13,10 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load
 
-from triage.train.batches import collate
+from triage.model.completion import collate, plain_loss
 from triage.config import LoraConfig, TrainParams
 from triage.model.lm import ChatFormat, TokenizedCase
-from triage.train.losses import complement_log_probs, make_safety_loss, plain_loss, safety_objective, sharded
+from triage.train.losses import complement_log_probs, make_safety_loss, safety_objective, sharded
 from triage.schema import LABELS, Example
 from triage.train.loop import TrainingDiverged, add_lora, learning_rate_schedule, run_training, should_stop
 
@@ -141,7 +141,7 @@ def test_safety_loss_on_a_real_model_is_plain_ce_times_weight_plus_cost(tiny):
     safety = make_safety_loss(fmt.label_first_tokens, WEIGHTS, COST)
     loss_s, ntoks = safety(model, *batch)
     loss_p, _ = plain_loss(model, *batch)
-    from triage.train.losses import completion_logits
+    from triage.model.completion import completion_logits
 
     z = completion_logits(model, batch[0], batch[2])[:, 0, :][:, mx.array(fmt.label_first_tokens)]
     cost_term = -(mx.array([0.0, 100.0, 100.0]) * complement_log_probs(z)[0]).sum()
@@ -301,7 +301,7 @@ def test_a_nan_loss_stops_training(tiny, tmp_path):
 
 
 def ed_recall(model, fmt: ChatFormat, cases: list[TokenizedCase]) -> float:
-    from triage.model.lm import hidden_states, project
+    from triage.model.mlx_lm_internals import hidden_states, project
 
     model.eval()
     ed = [c for c in cases if c.label == 0]
@@ -366,7 +366,7 @@ def test_an_example_longer_than_the_limit_is_an_error_naming_its_line(tiny):
 
 def per_token_cross_entropy(model, batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each trained position's cross-entropy, computed by hand, with the mask and the label mask."""
-    from triage.train.losses import completion_logits
+    from triage.model.completion import completion_logits
 
     tokens, _, positions, mask, label_mask, _ = batch
     logits = np.array(completion_logits(model, tokens, positions), dtype=np.float64)

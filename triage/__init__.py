@@ -1,16 +1,29 @@
 """Triage QLoRA study: shared logic for the DVC stages in ``stages/``.
 
-Importing the package first settles how this process runs (``triage.runtime``):
-a fast BLAS for MLX on Linux, proven on this CPU before it is loaded (only
-possible before anything imports ``mlx``); glibc keeping freed buffers for
-reuse; and MLX's evaluation order widened so that CPU streams run side by side.
+Importing the package does nothing else. How the process runs is settled by
+an explicit call, :func:`triage.runtime.setup`, which every entry point makes
+before anything imports ``mlx``: a fast BLAS for MLX on Linux, proven on this
+CPU before it is loaded (only possible before mlx is loaded); glibc keeping
+freed buffers for reuse; and MLX's evaluation order widened so that CPU
+streams run side by side. After it, ``triage.RUNTIME`` is the line the stages
+log about it, and ``triage.BLAS``, ``triage.ALLOCATOR``, ``triage.SCHEDULE``
+its parts.
 """
 
-from triage.runtime.allocator import keep_freed_buffers
-from triage.runtime.blas import load_fast_blas
-from triage.runtime.schedule import widen_schedule
+from __future__ import annotations
 
-BLAS = load_fast_blas()
-ALLOCATOR = keep_freed_buffers()
-SCHEDULE = widen_schedule()
-RUNTIME = f"BLAS: {BLAS}; {ALLOCATOR}; {SCHEDULE}"  # what the stages log about the above
+_SETTLED_PARTS = {"RUNTIME": None, "BLAS": "blas", "ALLOCATOR": "allocator", "SCHEDULE": "schedule"}
+
+
+def __getattr__(name: str) -> str:
+    """``triage.RUNTIME`` and its parts, as :func:`triage.runtime.setup` recorded them."""
+    if name not in _SETTLED_PARTS:
+        raise AttributeError(f"module 'triage' has no attribute {name!r}")
+    from triage.runtime import settled
+
+    runtime = settled()
+    if runtime is None:
+        raise AttributeError(f"triage.{name}: triage.runtime.setup() has not run in this process; "
+                             "an entry point calls it before anything imports mlx")
+    part = _SETTLED_PARTS[name]
+    return str(runtime) if part is None else getattr(runtime, part)

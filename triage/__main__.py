@@ -12,7 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-import triage  # noqa: F401  (fast BLAS before MLX)
+import triage.runtime
+
+triage.runtime.setup()  # before any import that may load mlx (triage/runtime/__init__.py)
+
 from triage.config import ParamsError, load_params
 from triage.io import iter_jsonl
 from triage.offline_plots import TEMPLATE_PATH, write_html_template
@@ -72,7 +75,8 @@ def export(args: argparse.Namespace) -> None:
         raise UnknownRun(f"'{args.run}' is a base variant without an adapter; export a trained run")
     test = args.root / "data" / "prepared" / "test.jsonl"
     if not test.is_file():
-        raise DataError(test, None, None, "the test split checks the export against base + adapter; run `dvc repro` first")
+        raise DataError(test, None, None,
+                        "the test split checks the export against base + adapter; run `dvc repro` first")
     prompts = [example.prompt for example in read_examples(test)]
     check = export_run(paths, args.out, prompts, load_params(args.params).evaluate.batch_size)
     print(f"exported {args.run} (adapter fused into its base) to {args.out}; load it with mlx_lm.load('{args.out}')")

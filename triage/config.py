@@ -160,6 +160,12 @@ class ClassicalParams:
 
 
 @dataclass(frozen=True)
+class ProbeParams:
+    inverse_regularisation: list[float]
+    class_weight: Optional[Literal["balanced"]]
+
+
+@dataclass(frozen=True)
 class Params:
     run: RunSelection
     data: DataParams
@@ -170,6 +176,7 @@ class Params:
     configs: dict[str, LoraConfig]
     evaluate: EvaluateParams
     classical: ClassicalParams
+    probe: ProbeParams
 
     def config(self, name: str) -> LoraConfig:
         """The named config with the non-null `lora:` overrides applied."""
@@ -311,6 +318,7 @@ def _check_semantics(params: Params) -> None:
     _check_config("lora overrides applied to configs", params.config(next(iter(params.configs))))
     _check_evaluate(params.evaluate)
     _check_classical(params.classical)
+    _check_probe(params.probe)
     if not params.train.label_weight > 0:
         raise ParamsError("'train.label_weight' must be positive (1 = every completion token counts once)")
     if not 0.0 <= params.train.warmup_ratio < 1.0:
@@ -324,6 +332,11 @@ def _check_semantics(params: Params) -> None:
             raise ParamsError(f"'train.{key}' must be a multiple of 'train.steps_per_report'")
     if any(c.kind == "safety" for c in params.configs.values()) and not params.train.mask_prompt:
         raise ParamsError("'train.mask_prompt' must be true: the safety loss reads the first completion token")
+
+
+def _check_probe(probe: ProbeParams) -> None:
+    if not probe.inverse_regularisation or any(not c > 0 for c in probe.inverse_regularisation):
+        raise ParamsError("'probe.inverse_regularisation' must list at least one positive value")
 
 
 def _check_classical(classical: ClassicalParams) -> None:

@@ -21,8 +21,18 @@ from triage.evaluate.metrics import RUN_HEADLINE
 from triage.config import RunSelection
 from triage.io import iter_jsonl
 
-SELECTION = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_auroc", "safe")
+SELECTION = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_auroc", "safe", "constant")
 """The validation-split metrics each row carries for ranking and choosing."""
+SELECTION_CONDITION = "wording"
+SELECTION_REASON = ("runs are chosen on validation's wording part (training's complaints in phrasings it never saw): "
+                    "the condition where what a run learned from its own training can show; validation's complaint "
+                    "part holds about 20 presentation groups, too few to rank runs on")
+CONDITION_KEYS = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_auroc", "under_triage_rate", "n_cases",
+                  "constant", "answers")
+"""What each row carries of each test condition; ``ci95`` adds accuracy's, ED recall's and ED AUROC's interval."""
+CONDITION_INTERVALS = ("accuracy", "ed_recall", "ed_auroc")
+RANKED_ON = ("ed_f2", "accuracy")
+"""After the gates, the validation metrics runs are ranked on; a constant rule must not match a chosen run on them."""
 ZERO_SHOT = "zero_shot"
 GATE_TEXT = {"ed_recall": "ED recall >= {:.0%}", "ed_f2": "ED F2 >= {:.0%}", "ed_fnr": "ED FNR <= {:.0%}"}
 
@@ -39,6 +49,30 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def condition_rows(evaluation: dict) -> dict[str, dict]:
+    """Each test condition's numbers with their intervals (empty for data without conditions)."""
+    return {name: {key: condition[key] for key in CONDITION_KEYS}
+            | {"ci95": {key: condition["ci95"][key] for key in CONDITION_INTERVALS}}
+            for name, condition in evaluation.get("conditions", {}).items()}
+
+
+def valid_row(evaluation: dict) -> dict:
+    """The validation metrics a learner is ranked on: its wording part when the data have conditions."""
+    valid = evaluation["valid"]
+    conditions = valid.get("conditions", {})
+    chosen = conditions.get(SELECTION_CONDITION, valid)
+    return {key: chosen[key] for key in SELECTION} | {
+        "condition": SELECTION_CONDITION if SELECTION_CONDITION in conditions else "all",
+        "conditions": {name: {key: c[key] for key in SELECTION} for name, c in conditions.items()}}
+
+
+def learner_row(evaluation: dict) -> dict:
+    """What every learner's row holds, fine-tuned or not: test headline, intervals, answers, conditions, valid."""
+    return {"run": evaluation["run"], **{key: evaluation[key] for key in RUN_HEADLINE}, "ci95": evaluation["ci95"],
+            "answers": evaluation["answers"], "constant": evaluation["constant"],
+            "conditions": condition_rows(evaluation), "valid": valid_row(evaluation)}
+
+
 def collect_rows(selection: RunSelection, runs_dir: Path, models_dir: Path,
                  baselines: dict[str, dict]) -> tuple[list[dict], list[str]]:
     """Rows of the evaluated runs and the names of selected runs that have no results."""
@@ -53,10 +87,8 @@ def collect_rows(selection: RunSelection, runs_dir: Path, models_dir: Path,
         facts = _read(models_dir / f"{variant}.json") or {}
         baseline = baselines.get(variant, {})
         rows.append({
-            **run, "kind": training["kind"],
-            **{key: evaluation[key] for key in RUN_HEADLINE},
-            "gates": evaluation["gates"], "ci95": evaluation["ci95"],
-            "valid": {key: evaluation["valid"][key] for key in SELECTION},
+            **learner_row(evaluation), **run, "kind": training["kind"], "gates": evaluation["gates"],
+            "train_accuracy": training.get("train_accuracy"),
             "gain_accuracy": _delta(evaluation["accuracy"], baseline.get("accuracy")),
             "gain_ed_recall": _delta(evaluation["ed_recall"], baseline.get("ed_recall")),
             "train_seconds": training["seconds"], "peak_memory_mb": training["peak_memory_mb"],
@@ -74,7 +106,20 @@ def _delta(value: float | None, reference: float | None) -> float | None:
 def leaderboard_key(row: dict) -> tuple:
     """On the validation split: safe runs first, then by ED F2, then accuracy (missing values sort last)."""
     valid = row["valid"]
-    return (not valid["safe"], -(valid["ed_f2"] or -1.0), -(valid["accuracy"] or -1.0), row["run"])
+    return (not valid["safe"], *(-(valid[key] or -1.0) for key in RANKED_ON), row["run"])
+
+
+def exclusion(row: dict, references: Sequence[dict]) -> str | None:
+    """Why a run cannot be chosen: it answers one label throughout, or a constant rule matches it on validation."""
+    valid = row["valid"]
+    if valid["constant"]:
+        return "answers one label to every validation case"
+    for reference in references:
+        for key in RANKED_ON:
+            mine, theirs = valid[key], reference["valid"][key]
+            if theirs is not None and (mine is None or mine <= theirs):
+                return f"{reference['run']} matches it on validation {key} ({_fmt(mine)} vs {_fmt(theirs)})"
+    return None
 
 
 def memory_points(rows: list[dict]) -> list[dict]:
@@ -102,19 +147,26 @@ def baseline_name(model: str, bits: str) -> str:
     return f"{model}-{bits}-{ZERO_SHOT}"
 
 
+def probe_name(model: str, bits: str) -> str:
+    """The linear probe on a variant's frozen features, as the probe stage names it."""
+    return f"{model}-{bits}-probe"
+
+
 def comparison_pairs(rows: list[dict], baselines: dict[str, dict], floors: Sequence[str] = ()) -> list[tuple[str, str]]:
     """(a, b) pairs compared on the same test cases, a over b.
 
     Each fine-tuned run against its variant's zero-shot baseline and against
-    every floor (the classical baseline), then 4-bit against 8-bit of the same
-    model and config (zero-shot included). Another kind of run joins by adding
-    its pairs here and its predictions file to the contenders the compare
-    stage passes to ``paired_rows``.
+    every floor (the classical baseline; a linear probe only for its own
+    variant), then 4-bit against 8-bit of the same model and config
+    (zero-shot included). Another kind of run joins by adding its pairs here
+    and its predictions file to the contenders the compare stage passes to
+    ``paired_rows``.
     """
     ordered = sorted(rows, key=lambda r: r["run"])
     pairs = [(r["run"], baseline_name(r["model"], r["bits"])) for r in ordered
              if f"{r['model']}-{r['bits']}" in baselines]
-    pairs += [(r["run"], floor) for floor in floors for r in ordered]
+    pairs += [(r["run"], floor) for floor in floors for r in ordered
+              if not floor.endswith("-probe") or floor == probe_name(r["model"], r["bits"])]
     configs = {(r["model"], r["config"]): {} for r in rows}
     for r in rows:
         configs[(r["model"], r["config"])][r["bits"]] = r["run"]
@@ -146,54 +198,71 @@ def paired_rows(pairs: list[tuple[str, str]], contenders: dict[str, Path]) -> li
         if set(left) != set(right):
             raise ValueError(f"{contenders[a]} and {contenders[b]} hold different cases: "
                              "re-run both evaluations on the same test split")
-        ids = list(left)
-        labels = [left[i]["label"] for i in ids]
-        groups = [left[i].get("group", "") for i in ids]
-        runs = [([side[i]["pred"] for i in ids], [side[i]["p_ED"] for i in ids]) for side in (left, right)]
-        out += [{"a": a, "b": b, **row} for row in intervals.paired_comparison(labels, groups, *runs)]
+        for condition, ids in by_condition(left).items():
+            labels = [left[i]["label"] for i in ids]
+            groups = [left[i].get("group", "") for i in ids]
+            runs = [([side[i]["pred"] for i in ids], [side[i]["p_ED"] for i in ids]) for side in (left, right)]
+            out += [{"a": a, "b": b, "condition": condition, **row}
+                    for row in intervals.paired_comparison(labels, groups, *runs)]
     return out
 
 
-def floor_row(evaluation: dict) -> dict:
-    """A classical baseline's row: its test headline with intervals, and the validation metrics runs are chosen on."""
-    return {"run": evaluation["run"], **{key: evaluation[key] for key in RUN_HEADLINE}, "ci95": evaluation["ci95"],
-            "valid": {key: evaluation["valid"][key] for key in SELECTION}}
+def by_condition(predictions: dict[str, dict]) -> dict[str, list[str]]:
+    """Case ids per test condition, or all of them under "all" for data without conditions."""
+    names = sorted({row["condition"] for row in predictions.values() if "condition" in row})
+    if not names:
+        return {"all": list(predictions)}
+    return {name: [i for i, row in predictions.items() if row.get("condition") == name] for name in names}
 
 
 def summary(rows: list[dict], missing: list[str], baselines: dict[str, dict], paired: list[dict],
-            floors: Sequence[dict] = ()) -> dict:
-    """The study's summary.json; ``best``/``best_safe`` are chosen on the validation split."""
+            floors: Sequence[dict] = (), references: Sequence[dict] = ()) -> dict:
+    """The study's summary.json; ``best``/``best_safe`` are chosen on the validation split.
+
+    A run that answers one label throughout, or that a constant reference rule
+    matches on a ranking metric, is never chosen; the reason is kept on its row.
+    """
+    constant_rules = [row for row in references if row["constant"]]
+    rows = [row | {"excluded": exclusion(row, constant_rules)} for row in rows]
     ranked = sorted(rows, key=leaderboard_key)
-    safe = [row for row in ranked if row["valid"]["safe"]]
+    eligible = [row for row in ranked if row["excluded"] is None]
+    safe = [row for row in eligible if row["valid"]["safe"]]
+    condition = rows[0]["valid"]["condition"] if rows else None
     return {
         "n_runs": len(rows),
         "n_safe": sum(row["safe"] for row in rows),
-        "n_safe_on_valid": len(safe),
-        "best": {**ranked[0], "selected_on": "valid"} if ranked else None,
+        "n_safe_on_valid": sum(row["valid"]["safe"] for row in rows),
+        "selection": {"split": "valid", "condition": condition, "ranked_on": ["safe", *RANKED_ON],
+                      "why": SELECTION_REASON if condition == SELECTION_CONDITION else "the data have one test condition",
+                      "excluded": {row["run"]: row["excluded"] for row in rows if row["excluded"]}},
+        "best": {**eligible[0], "selected_on": "valid"} if eligible else None,
         "best_safe": {**safe[0], "selected_on": "valid"} if safe else None,
         "missing": missing,
         "runs": {row["run"]: row for row in rows},
         "baselines": baselines,
         "classical": {row["run"]: row for row in floors},
+        "references": {row["run"]: row for row in references},
         "paired": paired,
     }
 
 
 def headline_summary(study: dict) -> dict:
     """The compact summary.json for ``dvc metrics``: counts, the best run (chosen on valid) and how it
-    compares with its zero-shot baseline and the classical floor on test. The whole study, every run
-    and every paired row, is in the full study file the report is made from."""
+    compares with its zero-shot baseline and the floors on test, per test condition. The whole study,
+    every run and every paired row, is in the full study file the report is made from."""
     best = study["best"]
     compact = {"n_runs": study["n_runs"], "n_safe": study["n_safe"], "n_safe_on_valid": study["n_safe_on_valid"],
                "n_missing": len(study["missing"]), "best": best["run"] if best else None}
     if best:
         compact["best_test"] = {key: best[key] for key in ("accuracy", "ed_recall", "ed_auroc")} | {"safe": int(best["safe"])}
+        compact["best_test"] |= {name: {key: condition[key] for key in CONDITION_INTERVALS}
+                                 for name, condition in best["conditions"].items()}
         floors = set(study.get("classical", {}))
         for row in study["paired"]:
             if row["a"] == best["run"] and row["metric"] in ("accuracy", "ed_auroc") and (
                     row["b"].endswith(ZERO_SHOT) or row["b"] in floors):
                 against = "vs_zero_shot" if row["b"].endswith(ZERO_SHOT) else f"vs_{row['b']}"
-                compact.setdefault(f"best_{against}", {})[row["metric"]] = {
+                compact.setdefault(f"best_{against}", {}).setdefault(row["condition"], {})[row["metric"]] = {
                     key: row[key] for key in ("diff", "low", "high")}
     return compact
 
@@ -235,26 +304,61 @@ def _with_interval(value: float | None, interval: dict | None) -> str:
     return f"{value:.3f} [{interval['low']:.2f}, {interval['high']:.2f}]"
 
 
+def _answers(row: dict) -> str:
+    """The labels a learner answered on test, with "constant" when it gave one answer to every case."""
+    counts = "/".join(str(row["answers"].get(label, 0)) for label in ("ED", "GP", "HOME"))
+    return f"constant ({counts})" if row["constant"] else counts
+
+
 def _leaderboard(ranked: list[dict]) -> str:
     chosen_on = ("ed_f2", "accuracy", "ed_recall", "safe")
+    condition = ranked[0]["valid"]["condition"] if ranked else "all"
     rows = [
-        [r["run"], r["kind"], *(_fmt(r["valid"][c]) for c in chosen_on),
+        [r["run"], r["kind"], *(_fmt(r["valid"][c]) for c in chosen_on), _fmt(r.get("train_accuracy")),
          *(_with_interval(r[c], r["ci95"].get(c)) for c in ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_auroc")),
-         _fmt(r["under_triage_rate"]), _fmt(r["unsafe_rate"]), _fmt(r["safe"]), _fmt(r["test_loss"]), failed_gates(r)]
+         _fmt(r["under_triage_rate"]), _fmt(r["unsafe_rate"]), _fmt(r["safe"]), _answers(r), failed_gates(r),
+         r.get("excluded") or "-"]
         for r in ranked
     ]
-    headers = ("run", "kind", *(f"valid {c}" for c in chosen_on), "test accuracy", "macro_f1", "ed_recall",
-               "ed_f2", "ed_auroc", "under-triage", "unsafe", "safe", "test_loss", "test gates failed (by how much)")
+    headers = ("run", "kind", *(f"valid {condition} {c}" for c in chosen_on), "train accuracy", "test accuracy",
+               "macro_f1", "ed_recall", "ed_f2", "ed_auroc", "under-triage", "unsafe", "safe",
+               "test answers ED/GP/HOME", "test gates failed (by how much)", "not eligible because")
     return _table(rows, headers)
+
+
+def _conditions_table(study: dict) -> str | None:
+    """Every learner on each test condition side by side, constant references included."""
+    kinds = (("runs", "fine-tuned"), ("baselines", "zero-shot"), ("classical", "floor"), ("references", "reference"))
+    learners = [(kind, row) for key, kind in kinds for row in sorted(study.get(key, {}).values(),
+                                                                      key=lambda r: r["run"])]
+    names = sorted({name for _, row in learners for name in row.get("conditions", {})})
+    if not names:
+        return None
+    lines = [[row["run"], kind, *(cell for name in names for cell in _condition_cells(row["conditions"].get(name)))]
+             for kind, row in learners]
+    headers = ("learner", "kind", *(f"{name} {column}" for name in names
+                                    for column in ("accuracy", "ED recall", "ED AUROC", "answers ED/GP/HOME")))
+    return _table(lines, headers)
+
+
+def _condition_cells(condition: dict | None) -> list[str]:
+    if condition is None:
+        return ["n/a"] * 4
+    return [*(_with_interval(condition[key], condition["ci95"][key]) for key in CONDITION_INTERVALS),
+            _answers(condition)]
 
 
 def _paired_table(paired: list[dict]) -> str | None:
     if not paired:
         return None
-    lines = [[p["a"], p["b"], p["metric"], _signed(p["diff"]),
-              "n/a" if p["low"] is None else f"[{p['low']:+.3f}, {p['high']:+.3f}]",
-              "-" if p["p_value"] is None else f"{p['p_value']:.3g}", p["verdict"]] for p in paired]
-    return _table(lines, ("a", "b", "metric", "a - b", "95% interval", "McNemar p", "verdict"))
+    lines = [[p["a"], p["b"], p["condition"], p["metric"], _signed(p["diff"]),
+              "n/a" if p["low"] is None else f"[{p['low']:+.3f}, {p['high']:+.3f}]"
+              + (" (approx.)" if p["interval_approximate"] else ""),
+              f"{p['test']}, {p['groups']} groups" + ("" if p["p_groups"] is None else f", p = {p['p_groups']:.3g}"),
+              "-" if p["p_value"] is None else f"{p['p_value']:.3g}", p["verdict"] + (f" ({p['note']})" if p["note"] else "")]
+             for p in paired]
+    return _table(lines, ("a", "b", "condition", "metric", "a - b", "95% interval", "deciding test", "McNemar p",
+                          "verdict"))
 
 
 def _bits_comparison(rows: list[dict]) -> str | None:
@@ -304,9 +408,9 @@ def _floors(floors: dict[str, dict]) -> str | None:
         return None
     lines = [[f["run"], _fmt(f["valid"]["accuracy"]), _fmt(f["valid"]["ed_auroc"]),
               *(_with_interval(f[c], f["ci95"].get(c)) for c in ("accuracy", "macro_f1", "ed_recall", "ed_auroc")),
-              _fmt(f["under_triage_rate"]), _fmt(f["unsafe_rate"])] for f in floors.values()]
-    return _table(lines, ("run", "valid accuracy", "valid ed_auroc", "test accuracy", "macro_f1", "ed_recall",
-                          "ed_auroc", "under-triage", "unsafe"))
+              _fmt(f["under_triage_rate"]), _fmt(f["unsafe_rate"]), _answers(f)] for f in floors.values()]
+    return _table(lines, ("learner", "valid accuracy", "valid ed_auroc", "test accuracy", "macro_f1", "ed_recall",
+                          "ed_auroc", "under-triage", "unsafe", "answers ED/GP/HOME"))
 
 
 def _sources(rows: list[dict]) -> str | None:
@@ -314,6 +418,18 @@ def _sources(rows: list[dict]) -> str | None:
     lines = [[f"{m}-{b}", _fmt(r["source_precision"]), _fmt(r["bits_per_weight"]), _fmt(r["disk_mb"])]
              for (m, b), r in sorted(seen.items())]
     return _table(lines, ("variant", "source precision", "bits/weight", "MB on disk")) if lines else None
+
+
+def _selection_text(study: dict) -> str:
+    selection = study.get("selection")
+    if not selection:
+        return ""
+    text = f"Runs are chosen on the validation split's `{selection['condition']}` cases: {selection['why']}."
+    best = study["best"]
+    text += f" Chosen: `{best['run']}`." if best else " No run is eligible, so none is chosen."
+    if selection["excluded"]:
+        text += " Not eligible: " + "; ".join(f"`{run}` ({why})" for run, why in selection["excluded"].items()) + "."
+    return text
 
 
 def report_markdown(study: dict, gates: dict[str, float], figures: dict[str, str] | None = None) -> str:
@@ -325,24 +441,36 @@ def report_markdown(study: dict, gates: dict[str, float], figures: dict[str, str
         "# Triage QLoRA study",
         f"{study['n_runs']} runs evaluated, {study['n_safe']} pass every safety gate on the test split "
         f"({gate_text}); {study['n_safe_on_valid']} on the validation split. Not for clinical use.",
+        _selection_text(study),
         "## Leaderboard",
         "Ranked on the validation split (safe first, then ED F2, then accuracy); the test split's "
         "metrics are beside them, with 95% intervals (ED recall exact, the others a bootstrap over "
-        "presentation groups), and never used to choose.",
+        "presentation groups), and never used to choose. Train accuracy is the argmax accuracy on a fixed "
+        "sample of the run's own training cases.",
         _leaderboard(ranked) if ranked else "No run has results yet.",
     ]
+    conditions = _conditions_table(study)
+    if conditions:
+        parts += ["## Test conditions side by side",
+                  "`wording`: training's complaints in phrasings it never saw (did fine-tuning learn the rules?). "
+                  "`complaint`: presentations training never saw (does the model bring knowledge of its own?). "
+                  "Test split, argmax answers, 95% intervals as in the leaderboard.", conditions]
     paired = _paired_table(study["paired"])
     if paired:
         parts += ["## Paired comparisons (same test cases)",
-                  "a minus b; the interval is a paired bootstrap over presentation groups, McNemar's exact "
-                  "test compares correct answers. \"better\" or \"worse\" only where the interval excludes 0.",
+                  "a minus b per test condition. With 30 or more presentation groups a paired bootstrap over "
+                  "groups decides; with fewer its interval is too narrow (marked approx.) and a sign-flip "
+                  "permutation test over groups decides. McNemar's exact test compares correct answers; "
+                  "\"better\" or \"worse\" only where the deciding test and McNemar's agree.",
                   paired]
     sections = [
         ("4-bit vs 8-bit (same model and config; delta = 4-bit minus 8-bit)", _bits_comparison(rows)),
         ("Standard vs safety-enhanced configs", _kinds_comparison(rows)),
         ("Zero-shot baseline vs fine-tuned", _baseline_comparison(rows, study["baselines"])),
-        ("The classical floor (TF-IDF + logistic regression on the same splits; every run must beat it)",
-         _floors(study.get("classical", {}))),
+        ("The floors (TF-IDF + logistic regression; a linear probe on each frozen base model; every run must "
+         "beat them)", _floors(study.get("classical", {}))),
+        ("Reference rules (read nothing but the training labels; a run they match is never chosen)",
+         _floors(study.get("references", {}))),
         ("Model variants and their source precision", _sources(rows)),
     ]
     parts += [text for title, table in sections if table for text in (f"## {title}", table)]
@@ -355,4 +483,4 @@ def report_markdown(study: dict, gates: dict[str, float], figures: dict[str, str
     if study["missing"]:
         parts += ["## Missing runs", "Selected in params.yaml `run:` but without results:",
                   "\n".join(f"- {name}" for name in study["missing"])]
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join(part for part in parts if part) + "\n"

@@ -66,6 +66,8 @@ class Presentation:
     weeks: tuple[int, int] | None = None
     gestation: tuple[int, int] = _DEFAULT_GESTATION
     voice: str | None = None
+    context: tuple[str, ...] = ()
+    """Label-neutral detail (onset, associated symptoms, history, medicines, what others notice)."""
 
     def flag(self, flag_id: str) -> Flag:
         for candidate in self.flags:
@@ -100,7 +102,8 @@ class Knowledge:
     modifiers: tuple[Modifier, ...]
     phrasing: dict[str, Any] = field(hash=False, compare=False)
     general: dict[tuple[str, str, str], tuple[str, ...]] = field(hash=False, compare=False, default_factory=dict)
-    """Denials and distractors allowed per (presentation id, age band, "denials"/"distractors")."""
+    """Per (presentation id, age band, group): "denials" are the screening negations of the presentation's
+    system, "distractors" the shared harmless details; both without words that clash with its own wording."""
 
     def presentation(self, presentation_id: str) -> Presentation:
         for candidate in self.presentations:
@@ -288,6 +291,7 @@ def _parse_presentation(path: Path, raw: Any, systems: Sequence[str], tags: froz
         weeks=fields.span("weeks"),
         gestation=fields.span("gestation") or _DEFAULT_GESTATION,
         voice=fields.choice("voice", ("first", "third"), None),
+        context=fields.templates("context", required=False),
     )
     for band in presentation.ages:
         if not age_choices(presentation, band):
@@ -305,38 +309,70 @@ def _parse_knowledge(directory: Path) -> Knowledge:
         + [_parse_modifier(mod_path, row, stated=True) for row in mod_raw.raw.get("stated") or []]
     )
     tags = frozenset().union(*(m.tags_any for m in modifiers))
-    systems = _read_systems(directory)
+    systems, screening = _read_systems(directory)
     parsed = [(presentation, row) for system in systems
               for presentation, row in _read_system_file(directory, system, systems, tags)]
     if not parsed:
         raise DataError(directory / "presentations", None, None, "no presentations")
     presentations = tuple(presentation for presentation, _ in parsed)
-    _check_unique([(p.id, row) for p, row in parsed], "id")
-    _check_unique([(normalise_text(s), row) for p, row in parsed for s in p.say], "say")
-    _check_unique([(m.id, {"__path__": mod_path}) for m in modifiers], "id")
+    _check_unique([(p.id, row, "id") for p, row in parsed])
+    # Context lines count as wording too: a line shared by two presentations would leak across splits.
+    _check_unique([(normalise_text(s), row, name) for p, row in parsed
+                   for name in ("say", "context") for s in getattr(p, name)])
+    _check_unique([(m.id, {"__path__": mod_path}, "id") for m in modifiers])
+    systems_path = directory / "systems.yaml"
+    _check_unique([(normalise_text(row["say"]), {"__path__": systems_path, **row}, "say")
+                   for rows in screening.values() for row in rows])
     phrasing = _read_yaml(phr_path)
     _check_phrasing(phr_path, phrasing)
-    return assemble(presentations, modifiers, phrasing)
+    return assemble(presentations, modifiers, {**phrasing, "screening": screening})
 
 
 def assemble(presentations: tuple[Presentation, ...], modifiers: tuple[Modifier, ...],
              phrasing: dict[str, Any]) -> Knowledge:
-    """A knowledge base from its parts, with the pools derived from them (also after a wording hold-out)."""
-    general = {(p.id, band, group): _allowed_general(p, band, phrasing[group])
-               for p in presentations for band in p.ages for group in ("denials", "distractors")}
+    """A knowledge base from its parts, with the pools derived from them (also after a wording hold-out).
+
+    A presentation's denials are its own system's screening negations only, so a
+    self-harm dialogue never answers "no chest pain".
+    """
+    general = {}
+    for p in presentations:
+        pools = {"denials": phrasing["screening"].get(p.system, []), "distractors": phrasing["distractors"]}
+        for band in p.ages:
+            for group, rows in pools.items():
+                general[(p.id, band, group)] = _allowed_general(p, band, rows)
     return Knowledge(presentations=presentations, modifiers=modifiers, phrasing=phrasing, general=general)
 
 
-def _read_systems(directory: Path) -> tuple[str, ...]:
-    """The systems listed in systems.yaml, each with exactly one presentations/<system>.yaml."""
+def _read_systems(directory: Path) -> tuple[tuple[str, ...], dict[str, list[dict[str, Any]]]]:
+    """The systems listed in systems.yaml, each with exactly one presentations/<system>.yaml, and their
+    screening negations."""
     path = directory / "systems.yaml"
-    systems = _Fields(path, _read_yaml(path), "systems file").texts("systems")
+    raw = _Fields(path, _read_yaml(path), "systems file")
+    systems = raw.texts("systems")
     files = {p.stem for p in (directory / "presentations").glob("*.yaml")}
     stray = sorted(files - set(systems))
     if stray:
         raise DataError(directory / "presentations" / f"{stray[0]}.yaml", None, None,
                         f"no system {stray[0]!r} in {path}; add it there or rename the file")
-    return systems
+    return systems, _read_screening(path, raw, systems)
+
+
+def _read_screening(path: Path, raw: _Fields, systems: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """Each system's screening negations: rows of ``say`` with optional ``clash`` stems and ``bands``."""
+    section = _Fields(path, raw.raw.get("screening"), "screening")
+    unknown = sorted(set(section.raw) - set(systems) - {"__line__"})
+    if unknown:
+        section.fail(unknown[0], f"no system {unknown[0]!r} in systems")
+    screening = {}
+    for system in systems:
+        rows = section.raw.get(system)
+        if not isinstance(rows, list) or not rows:
+            section.fail(system, "must be a non-empty list of screening negations")
+        for row in rows:
+            _check_pool_row(path, row, f"screening {system}")
+        screening[system] = rows
+    return screening
 
 
 def _read_system_file(directory: Path, system: str, systems: Sequence[str],
@@ -359,19 +395,22 @@ def _read_system_file(directory: Path, system: str, systems: Sequence[str],
 
 def _allowed_general(p: Presentation, band: str, rows: list[dict[str, Any]]) -> tuple[str, ...]:
     """General phrasing items fit for a presentation: right band, no word clashing with its own wording."""
-    own_words = " ".join((p.name, *p.say, *(s for f in p.flags for s in f.say + f.deny))).lower()
+    own_words = " ".join((p.name, *p.say, *p.context, *(s for f in p.flags for s in f.say + f.deny))).lower()
     return tuple(row["say"] for row in rows
                  if band in row.get("bands", AGE_BANDS)
                  and not any(str(stem).lower() in own_words for stem in row.get("clash", [])))
 
 
-def _check_unique(keyed: list[tuple[str, dict[str, Any]]], field_name: str) -> None:
-    """Different presentations must never share wording: the leakage check relies on it."""
+def _check_unique(keyed: list[tuple[str, dict[str, Any], str]]) -> None:
+    """Different items must never share wording: the leakage check relies on it."""
     seen: dict[str, Any] = {}
-    for key, row in keyed:
+    for key, row, field_name in keyed:
         if key in seen:
             raise DataError(row["__path__"], row.get("__line__"), field_name, f"duplicate {field_name} {key!r}")
         seen[key] = row
+
+
+_VALUE_TOKENS = frozenset({"age", "age_text", "gest", "rel", "noun", "sexword"})
 
 
 def _check_phrasing(path: Path, phrasing: Any) -> None:
@@ -380,19 +419,31 @@ def _check_phrasing(path: Path, phrasing: Any) -> None:
         fields.texts(key)
     nurse_tokens = _NURSE_TOKENS | PATIENT_TOKENS
     for group, allowed in (("closings", nurse_tokens), ("nurse", nurse_tokens), ("answers", nurse_tokens),
-                           ("intros", frozenset({"age", "age_text", "gest", "rel", "noun", "sexword"}))):
+                           ("worries", PATIENT_TOKENS), ("intros", _VALUE_TOKENS)):
         section = _Fields(path, phrasing.get(group), group)
         for key in (k for k in section.raw if k != "__line__"):
             section.templates(key, allowed)
+    clinician = _Fields(path, phrasing.get("clinician"), "clinician")
+    clinician.templates("intros", _VALUE_TOKENS | {"role"})
+    clinician.templates("intros_pregnant", _VALUE_TOKENS | {"role"})
+    clinician.templates("closings", nurse_tokens)
+    roles = _Fields(path, clinician.raw.get("roles"), "clinician roles")
+    for band in AGE_BANDS:
+        roles.texts(band)
     for group in ("relations", "nouns", "sexwords"):
         _Fields(path, phrasing.get(group), group)
-    for group in ("denials", "distractors"):
-        for row in phrasing.get(group) or fields.fail(group, "must be a non-empty list"):
-            item = _Fields(path, row, group)
-            problem = template_problem(item.text("say"), PATIENT_TOKENS)
-            if problem:
-                item.fail("say", problem)
-            item.subset("bands", AGE_BANDS, required=False)
+    for row in phrasing.get("distractors") or fields.fail("distractors", "must be a non-empty list"):
+        _check_pool_row(path, row, "distractors")
+
+
+def _check_pool_row(path: Path, row: Any, where: str) -> None:
+    """A pooled line: a ``say`` template, optional ``bands`` and ``clash`` stems."""
+    item = _Fields(path, row, where)
+    problem = template_problem(item.text("say"), PATIENT_TOKENS)
+    if problem:
+        item.fail("say", problem)
+    item.subset("bands", AGE_BANDS, required=False)
+    item.texts("clash", required=False)
 
 
 @functools.lru_cache(maxsize=4)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -24,6 +24,8 @@ KTAS_OUTCOME_COLUMNS: tuple[str, ...] = (
 """Known only after triage (or derived from the label); never shown to the model."""
 
 _KTAS_LABELS = {1: "ED", 2: "ED", 3: "ED", 4: "GP", 5: "HOME"}
+NURSE_COLUMN = "KTAS_RN"
+"""The triage nurse's KTAS level: read into ``attrs["nurse_label"]`` (mapped like the label), never into the text."""
 # Codebook of the public release (Moon et al. 2019, PLOS ONE; the Kaggle description).
 _KTAS_SEX = {1: "female", 2: "male"}
 _KTAS_ARRIVAL = {
@@ -66,12 +68,21 @@ def read_ktas_csv(path: str | Path, encoding: str = "cp1254") -> list[Example]:
     missing values (empty, ``??``, ``#BOŞ!``) are left out. The label is
     ``KTAS_expert``: 1-3 -> ED, 4 -> GP, 5 -> HOME; a visit without it is an error,
     never dropped. The id is ``ktas-<n>`` with ``n`` the 1-based data row (row 1 is
-    the line after the header); visits whose notes are identical share the group
-    of the first. attrs: ``age_band`` (child <18, adult 18-64, elderly 65+) and ``sex``.
+    the line after the header). Every visit is its own group (the visits are
+    independent patients), except that visits whose notes are identical share the
+    group of the first, so a repeated row cannot sit in train and test at once.
+
+    attrs (written to the prepared JSONL for reports; never part of the prompt):
+    ``age_band`` (child <18, adult 18-64, elderly 65+), ``sex``, ``vitals``
+    (``abnormal``/``normal``/``missing``, see ``vitals_status``) and
+    ``nurse_label``: the triage nurse's own level ``KTAS_RN`` mapped like the
+    label (1-3 ED, 4 GP, 5 HOME), the human reference the models are compared
+    with. The column is optional; a visit without it gets no ``nurse_label``.
     """
     source = Source(Path(path), encoding)
     header_line, header, records = csv_records(source, delimiter=";")
     require_columns(source, header_line, header, [*KTAS_TEXT_COLUMNS, "KTAS_expert"])
+    has_nurse = NURSE_COLUMN in header
     examples = []
     first_with_note: dict[str, str] = {}
     for number, (line, record) in enumerate(records, start=1):
@@ -84,7 +95,10 @@ def read_ktas_csv(path: str | Path, encoding: str = "cp1254") -> list[Example]:
         prompt = render_prompt(render_ktas_note(visit))
         # The export repeats a few visits row for row; one copy in train and one in test would leak.
         group = first_with_note.setdefault(prompt, example_id)
-        examples.append(Example(example_id, prompt, label, label, group, _ktas_attrs(visit)))
+        # The nurse's level goes to attrs only: no stage builds a prompt from attrs.
+        nurse = _ktas_code(source, line, record, NURSE_COLUMN, _KTAS_LABELS) if has_nurse else None
+        attrs = _ktas_attrs(visit) | ({"nurse_label": nurse} if nurse is not None else {})
+        examples.append(Example(example_id, prompt, label, label, group, attrs))
     return examples
 
 
@@ -188,10 +202,40 @@ def _ktas_vitals(visit: KtasVisit) -> str:
     return ", ".join(parts)
 
 
+# Vital signs outside these ranges count as abnormal. They are the usual adult
+# triage alarm limits, written here for this project (not taken from any one scale):
+#   systolic BP below 90 (shock) or above 180 mmHg; diastolic BP above 120 mmHg
+#   (the hypertensive-crisis range that goes with systolic 180); pulse below 50 or
+#   above 120 /min; breathing below 10 or above 24 /min; temperature below 36.0 °C
+#   or 38.5 °C and higher; oxygen saturation below 92%.
+# They are adult limits applied to every visit: the youngest KTAS patient is 16.
+_VITAL_ABNORMAL: dict[str, Callable[[float], bool]] = {
+    "sbp": lambda v: v < 90 or v > 180,
+    "dbp": lambda v: v > 120,
+    "hr": lambda v: v < 50 or v > 120,
+    "rr": lambda v: v < 10 or v > 24,
+    "bt": lambda v: v < 36.0 or v >= 38.5,
+    "spo2": lambda v: v < 92,
+}
+# Recorded in all but a few dozen visits; saturation is missing in over half and DBP adds little to SBP.
+_CORE_VITALS = ("sbp", "hr", "rr", "bt")
+
+
+def vitals_status(visit: KtasVisit) -> str:
+    """``abnormal`` if any recorded vital sign is outside the limits above; otherwise ``normal``
+    when systolic BP, pulse, breathing rate and temperature were all recorded, else ``missing``."""
+    for name, abnormal in _VITAL_ABNORMAL.items():
+        value = getattr(visit, name)
+        if value is not None and abnormal(value):
+            return "abnormal"
+    return "normal" if all(getattr(visit, name) is not None for name in _CORE_VITALS) else "missing"
+
+
 def _ktas_attrs(visit: KtasVisit) -> dict[str, str]:
     attrs = {}
     if visit.age is not None:
         attrs["age_band"] = "child" if visit.age < 18 else "adult" if visit.age < 65 else "elderly"
     if visit.sex is not None:
         attrs["sex"] = visit.sex
+    attrs["vitals"] = vitals_status(visit)
     return attrs

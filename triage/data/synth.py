@@ -4,16 +4,21 @@ Three steps, each deterministic given its inputs (randomness comes from a passed
 
 1. ``load_knowledge`` (:mod:`triage.data.catalogue`) reads the YAML knowledge
    base in ``triage/data/knowledge/``: presentations with their red-flag
-   discriminators, host modifiers (age, pregnancy, immunosuppression, ...) and
-   general phrasing.
+   discriminators and context lines, per-system screening negations, host
+   modifiers (age, pregnancy, immunosuppression, ...) and general phrasing.
 2. ``decide`` labels a ``Case`` (a presentation plus the facts stated about
    the patient) with explicit rules: the most urgent of the base label, every
-   stated flag and every applicable modifier. Negated flags count for nothing.
-3. ``render_message`` writes the case as a first-person lay message or a short
-   patient-nurse dialogue, with varied wording, distractors and typos.
+   stated flag and every applicable modifier. Negations and context count for nothing.
+3. ``render_message`` writes the case in its register (the patient, a parent,
+   a relative, a terse text, a worried ramble or a clinician's summary) as a
+   note or a short patient-nurse dialogue, in the number of sentences the case
+   asks for, with varied wording, distractors and typos.
 
-``generate`` ties them together for a requested size and label mix. The data
-are synthetic and not for clinical use (see ``triage/data/knowledge/README.md``).
+``generate`` ties them together for a requested size and label mix. Nothing
+in a message's form may give its label away: register and length are drawn
+before the label's facts, and label-neutral facts fill every message to the
+length drawn. The data are synthetic and not for clinical use (see
+``triage/data/knowledge/README.md``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import functools
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +37,50 @@ from triage.schema import LABELS, Example, render_prompt
 DEFAULT_LABEL_MIX: dict[str, float] = {"ED": 0.30, "GP": 0.45, "HOME": 0.25}
 """Roughly the shape of telephone-triage outcomes: GP-level advice most often."""
 
+REGISTERS: tuple[str, ...] = ("patient", "parent", "relative", "text", "worried", "clinician")
+"""Who writes and how: the patient, a parent or carer (children), a partner, friend or relative
+(adults), a terse text message, a long worried message, or a clinician's third-person summary."""
+
 # How often patients write about themselves rather than a parent, partner or carer writing for them.
 _FIRST_PERSON_SHARE = {"child": 0.3, "adult": 0.85, "pregnant": 0.9, "elderly": 0.55}
+# Register shares per voice; "plain" is the patient, or a parent or relative, writing ordinarily.
+_REGISTER_SHARE = {"first": {"plain": 0.6, "text": 0.2, "worried": 0.2},
+                   "third": {"plain": 0.55, "clinician": 0.15, "text": 0.15, "worried": 0.15}}
 _MAX_TRIES = 40
+# Words in a typical clause of the knowledge base: the unit of a message's length budget.
+_CLAUSE_WORDS = 10
+
+
+@dataclass(frozen=True)
+class _Style:
+    """How a register writes: weights for 1-6 sentences, and how often it greets, closes and digresses."""
+
+    sentences: tuple[int, ...]
+    greeting: float
+    closing: float
+    distractor: float
+
+
+_PLAIN = _Style((12, 22, 26, 20, 12, 8), greeting=0.4, closing=0.55, distractor=0.3)
+_STYLES: dict[str, _Style] = {
+    "patient": _PLAIN, "parent": _PLAIN, "relative": _PLAIN,
+    "text": _Style((50, 35, 15, 0, 0, 0), greeting=0.15, closing=0.3, distractor=0.1),
+    "worried": _Style((0, 0, 0, 30, 40, 30), greeting=0.6, closing=0.85, distractor=0.5),
+    "clinician": _Style((30, 45, 25, 0, 0, 0), greeting=0.2, closing=0.6, distractor=0.0),
+}
+
+# The nurse question a context line answers; a line matching none is another symptom.
+# Checked in order: "paracetamol helps" is about severity before it is about medicines.
+_CONTEXT_SLOTS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("severity", re.compile(r"painkiller|paracetamol|ibuprofen|calpol|out of (ten|10)\b")),
+    ("history", re.compile(r"\b(tablets?|medicines?|medication|inhalers?|prescribed|diagnosed|history|operation|"
+                           r"take|takes|taking|on the pill|allergic)\b")),
+    ("duration", re.compile(r"\b(since|ago|started|began|came on|yesterday|last (night|week|month)|"
+                            r"this (morning|afternoon|evening|week)|for (the )?(past|last)|hours?|days?|weeks?|"
+                            r"months?)\b")),
+)
+# The order a nurse asks in; "other" (distractors, worries) answers "anything else?".
+_SLOT_ORDER: tuple[str, ...] = ("symptoms", "duration", "history", "severity", "other")
 
 _PRONOUNS: dict[str, dict[str, str]] = {
     "first": {"I": "I", "me": "me", "my": "my", "myself": "myself", "I'm": "I'm", "I've": "I've",
@@ -54,15 +100,20 @@ _MISSPELLINGS = {
     "tired": "tierd", "probably": "prob", "tomorrow": "tomorow", "which": "wich",
     "breathing": "breathin", "vomiting": "vomitting", "bleeding": "bleding",
 }
+_TEXTING = {"you": "u", "please": "pls", "because": "cos", "tonight": "tonite", "tomorrow": "tmrw",
+            "about": "abt", "really": "rly", "thanks": "thx"}
 
 
 @dataclass(frozen=True)
 class Case:
-    """Everything that decides a label: the complaint and the facts stated about the patient.
+    """One message's facts: the complaint, what it states about the patient, and who writes how much.
 
     ``present`` are flags the message states, ``denied`` flags it explicitly
-    negates, ``stated`` host modifiers it mentions and ``extra_denials``
-    general negations from the phrasing file ("no chest pain").
+    negates, ``stated`` host modifiers it mentions, ``screened`` screening
+    negations of the presentation's system and ``context`` the presentation's
+    context lines it adds (both as templates). Only the patient, ``present``
+    and ``stated`` reach ``decide``; ``register`` and ``sentences`` (the
+    length aimed for) shape the wording.
     """
 
     presentation: Presentation
@@ -74,7 +125,10 @@ class Case:
     present: tuple[str, ...] = ()
     denied: tuple[str, ...] = ()
     stated: tuple[str, ...] = ()
-    extra_denials: tuple[str, ...] = ()
+    screened: tuple[str, ...] = ()
+    context: tuple[str, ...] = ()
+    register: str = "patient"
+    sentences: int = 3
 
 
 @dataclass(frozen=True)
@@ -86,6 +140,21 @@ class Decision:
     reason: str
 
 
+@dataclass(frozen=True)
+class Message:
+    """A rendered message and the number of sentences on the writer's side."""
+
+    text: str
+    sentences: int
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One generated example before it becomes an ``Example``: its facts, label and message."""
+
+    case: Case
+    decision: Decision
+    message: Message
 
 
 def _urgency(label: str) -> int:
@@ -151,18 +220,29 @@ def _sample_case(p: Presentation, label: str, route: tuple[str, str], knowledge:
         if not ages:
             continue
         age_weeks = rng.choice(ages)
+        voice = _pick_voice(p, band, age_weeks, rng)
+        register = _pick_register(voice, band, rng)
+        sentences = rng.choices(range(1, 7), weights=_STYLES[register].sentences)[0]
         present = _pick_flags(p, label, ref if kind == "flag" else None, rng)
+        stated = _pick_stated(p, band, label, modifier if modifier and modifier.stated else None, knowledge, rng)
+        # Label-neutral facts fill the message up to a length in words drawn before the label's own
+        # facts, so that an ED flag makes a message no longer than a HOME one.
+        budget = (sentences - 0.5 + rng.random()) * _CLAUSE_WORDS
+        denied, screened, context = _pick_neutral(p, band, present, stated, budget, knowledge, rng)
         case = Case(
             presentation=p,
             band=band,
             age_weeks=age_weeks,
             sex="female" if band == "pregnant" else p.sex or rng.choice(SEXES),
-            voice=_pick_voice(p, band, age_weeks, rng),
+            voice=voice,
             gestation=rng.randint(*p.gestation) if band == "pregnant" else None,
             present=present,
-            denied=tuple(f.id for f in p.flags if f.deny and f.id not in present and rng.random() < 0.3)[:2],
-            stated=_pick_stated(p, band, label, modifier if modifier and modifier.stated else None, knowledge, rng),
-            extra_denials=_pick_general(knowledge.general[(p.id, band, "denials")], rng),
+            denied=denied,
+            stated=stated,
+            screened=screened,
+            context=context,
+            register=register,
+            sentences=sentences,
         )
         if decide(case, knowledge).label == label:
             return case
@@ -177,6 +257,17 @@ def _pick_voice(p: Presentation, band: str, age_weeks: int, rng: random.Random) 
     if band == "infant" or (band == "child" and age_weeks < 13 * 52):
         return "third"
     return "first" if rng.random() < _FIRST_PERSON_SHARE[band] else "third"
+
+
+def _pick_register(voice: str, band: str, rng: random.Random) -> str:
+    """Who writes and how, given whether the patient writes."""
+    shares = _REGISTER_SHARE[voice]
+    register = rng.choices(list(shares), weights=list(shares.values()))[0]
+    if register != "plain":
+        return register
+    if voice == "first":
+        return "patient"
+    return "parent" if band in ("infant", "child") else "relative"
 
 
 def _pick_flags(p: Presentation, label: str, required: str | None, rng: random.Random) -> tuple[str, ...]:
@@ -196,10 +287,48 @@ def _pick_stated(p: Presentation, band: str, label: str, required: Modifier | No
     return tuple(([required.id] if required else []) + extras)
 
 
-def _pick_general(denials: Sequence[str], rng: random.Random) -> tuple[str, ...]:
-    if not denials or rng.random() >= 0.3:
-        return ()
-    return tuple(rng.sample(list(denials), k=min(len(denials), 1 + (rng.random() < 0.3))))
+def context_slot(template: str) -> str:
+    """The nurse question a context line answers: symptoms, duration, history or severity."""
+    lowered = template.lower()
+    return next((slot for slot, pattern in _CONTEXT_SLOTS if pattern.search(lowered)), "symptoms")
+
+
+def _mean_words(templates: tuple[str, ...]) -> float:
+    return sum(len(t.split()) for t in templates) / len(templates)
+
+
+def _pick_neutral(p: Presentation, band: str, present: tuple[str, ...], stated: tuple[str, ...], budget: float,
+                  knowledge: Knowledge, rng: random.Random) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """Facts that never change the label (denied flags, screening negations, context lines): a
+    label-independent number of negations, then context lines and spare negations while the message's
+    expected length after the complaint stays within ``budget`` words.
+
+    Were negations only fill, HOME messages, with no flag taking up room, would
+    carry most of them and a negation would hint at HOME.
+    """
+    # A stated modifier already answers its question ("over three weeks", "on warfarin"); a context
+    # line answering the same one could contradict it.
+    answered = {knowledge.modifier(m).slot or "history" for m in stated}
+    context = [("context", c, _mean_words((c,))) for c in p.context if context_slot(c) not in answered]
+    negations = [("denied", f.id, _mean_words(f.deny)) for f in p.flags if f.deny and f.id not in present]
+    negations = rng.sample(negations, min(2, len(negations)))
+    screening = knowledge.general[(p.id, band, "denials")]
+    negations += [("screened", line, _mean_words((line,))) for line in rng.sample(screening, min(2, len(screening)))]
+    rng.shuffle(negations)
+    forced = rng.choice((0, 0, 1, 1, 2))
+    # Spare negations come last: were they fill like context, HOME messages would carry the most.
+    options = rng.sample(context, min(3, len(context))) + negations[forced:]
+    # No more than every option allows, or messages without a flag would fall short of it.
+    budget = min(budget, sum(size for *_, size in negations + context))
+    words = sum(_mean_words(p.flag(f).say) for f in present) + sum(_mean_words(knowledge.modifier(m).say) for m in stated)
+    chosen = negations[:forced]
+    words += sum(size for *_, size in chosen)
+    for option in options:
+        if words + option[2] / 2 > budget:
+            break
+        chosen.append(option)
+        words += option[2]
+    return tuple(tuple(value for kind, value, _ in chosen if kind == wanted) for wanted in ("denied", "screened", "context"))
 
 
 def fill(template: str, voice: str, sex: str, extra: dict[str, str] | None = None) -> str:
@@ -275,120 +404,147 @@ def _intro(case: Case, phrasing: dict[str, Any], rng: random.Random) -> str | No
         return None
     age, age_text = _age_text(case, rng)
     pregnant = case.band == "pregnant"
-    key = ("first" if case.voice == "first" else "third") + ("_pregnant" if pregnant else "")
-    relations = phrasing["relations"][case.band][case.sex]
     values = {
         "age": age,
         "age_text": age_text,
         "gest": str(case.gestation),
-        "rel": rng.choice(relations),
+        "rel": rng.choice(phrasing["relations"][case.band][case.sex]),
         "noun": rng.choice(phrasing["nouns"].get(case.band, {}).get(case.sex, ["person"])),
         "sexword": rng.choice(phrasing["sexwords"][case.sex]),
     }
-    return fill(rng.choice(phrasing["intros"][key]), case.voice, case.sex, values)
+    if case.register == "clinician":
+        values["role"] = rng.choice(phrasing["clinician"]["roles"][case.band])
+        templates = phrasing["clinician"]["intros_pregnant" if pregnant else "intros"]
+    else:
+        templates = phrasing["intros"][case.voice + ("_pregnant" if pregnant else "")]
+    return fill(rng.choice(templates), case.voice, case.sex, values)
 
 
-@dataclass
-class _Parts:
-    """The sentences of one message before they are arranged as a note or a dialogue."""
-
-    opening: list[str]
-    complaint: str
-    findings: list[str]
-    slots: dict[str, list[str]]
-    denials: list[str]
-    distractor: str | None
-    closing: str | None
+_Piece = tuple[str, str]
+"""One clause of a message: (slot, text). The slot is the nurse question it answers
+(symptoms, duration, history, severity), "other", or intro, complaint or closing."""
 
 
-def _parts(case: Case, knowledge: Knowledge, rng: random.Random) -> _Parts:
-    p, phrasing = case.presentation, knowledge.phrasing
+def _pieces(case: Case, knowledge: Knowledge, rng: random.Random) -> list[_Piece]:
+    """Every clause of the message in writing order: intro, complaint, the rest, closing."""
+    p, phrasing, style = case.presentation, knowledge.phrasing, _STYLES[case.register]
     say: Callable[[str], str] = functools.partial(fill, voice=case.voice, sex=case.sex,
                                                   extra={"persists": p.persists or ""})
-    verbosity = rng.choices(("short", "medium", "long"), weights=(0.3, 0.45, 0.25))[0]
-    greet, chatty, close = {"short": (0.15, 0.0, 0.3), "medium": (0.5, 0.35, 0.6), "long": (0.8, 0.85, 0.9)}[verbosity]
-    opening = [rng.choice(phrasing["greetings"]) + rng.choice((",", ".", "!"))] if rng.random() < greet else []
-    intro = _intro(case, phrasing, rng)
-    if intro:
-        opening.append(intro)
-    slots: dict[str, list[str]] = {"history": [], "duration": [], "severity": []}
-    for modifier_id in case.stated:
-        modifier = knowledge.modifier(modifier_id)
-        slots[modifier.slot or "history"].append(say(rng.choice(modifier.say)))
+    middle = [("symptoms", say(rng.choice(p.flag(flag_id).say))) for flag_id in case.present]
+    for modifier in map(knowledge.modifier, case.stated):
+        middle.append((modifier.slot or "history", say(rng.choice(modifier.say))))
+    middle += [(context_slot(line), say(line)) for line in case.context]
+    middle += [("symptoms", say(rng.choice(p.flag(flag_id).deny))) for flag_id in case.denied]
+    middle += [("symptoms", say(line)) for line in case.screened]
     distractors = knowledge.general[(p.id, case.band, "distractors")]
-    closings = phrasing["closings"]["first" if case.voice == "first" else "third"]
-    return _Parts(
-        opening=opening,
-        complaint=say(rng.choice(p.say)),
-        findings=[say(rng.choice(p.flag(flag_id).say)) for flag_id in case.present],
-        slots=slots,
-        denials=[say(rng.choice(p.flag(flag_id).deny)) for flag_id in case.denied]
-        + [say(text) for text in case.extra_denials],
-        distractor=say(rng.choice(distractors)) if distractors and rng.random() < chatty else None,
-        closing=say(rng.choice(closings)) if rng.random() < close else None,
-    )
-
-
-def _join_opening(opening: list[str], first_line: str) -> str:
-    """Greeting, intro and first sentence; a greeting ending in a comma runs on."""
-    text = ""
-    for piece in [*opening, first_line]:
-        if text.endswith(","):
-            text += " " + _lower_first(_sentence(piece))
-        else:
-            text += (" " if text else "") + (piece if piece.endswith(",") else _sentence(piece))
-    return text
-
-
-def _as_note(parts: _Parts, phrasing: dict[str, Any], rng: random.Random, typo_rate: float) -> str:
-    middle = parts.findings + [s for slot in parts.slots.values() for s in slot] + parts.denials
-    middle += [parts.distractor] if parts.distractor else []
+    if distractors and rng.random() < style.distractor:
+        middle.append(("other", say(rng.choice(distractors))))
+    if case.register == "worried":
+        worries = phrasing["worries"][case.voice]
+        middle += [("other", say(line)) for line in rng.sample(worries, min(len(worries), rng.randint(1, 2)))]
     if rng.random() < 0.5:
         rng.shuffle(middle)
-    body = [_sentence(f"{rng.choice(phrasing['connectors'])} {_lower_first(s)}" if i and rng.random() < 0.2 else s)
-            for i, s in enumerate(middle)]
-    style = rng.choices(("plain", "texting", "run-on"), weights=(0.7, 0.15, 0.15))[0]
-    if style == "run-on" and body:
-        joined = body[0].rstrip(".")
-        for sentence in body[1:]:
-            joined += rng.choice((", ", " and ")) + _lower_first(sentence.rstrip("."))
-        body = [_sentence(joined)]
-    text = _join_opening(parts.opening, _add_typos(parts.complaint, rng, typo_rate))
-    text = " ".join([text, *(_add_typos(s, rng, typo_rate) for s in body)])
-    if parts.closing:
-        text += " " + _sentence(parts.closing)
-    return text.lower().rstrip(".") if style == "texting" else text
+    intro = _intro(case, phrasing, rng)
+    closings = phrasing["clinician"]["closings"] if case.register == "clinician" else phrasing["closings"][case.voice]
+    closing = [("closing", say(rng.choice(closings)))] if rng.random() < style.closing else []
+    pieces = ([("intro", intro)] if intro else []) + [("complaint", say(rng.choice(p.say)))] + middle + closing
+    return [(slot, text.strip().rstrip(".")) for slot, text in pieces]
 
 
-def _as_dialogue(parts: _Parts, case: Case, phrasing: dict[str, Any], rng: random.Random, typo_rate: float) -> str:
+def _group(pieces: list[_Piece], n: int, rng: random.Random) -> list[list[_Piece]]:
+    """``pieces`` cut into ``n`` runs of neighbours, one sentence each (one per piece when fewer)."""
+    n = min(n, len(pieces))
+    cuts = sorted(rng.sample(range(1, len(pieces)), n - 1))
+    return [pieces[start:end] for start, end in zip([0, *cuts], [*cuts, len(pieces)])]
+
+
+def _compose(group: list[_Piece], register: str, rng: random.Random) -> str:
+    """One sentence from neighbouring clauses, joined the way the register writes."""
+    text = group[0][1]
+    for (previous, _), (slot, piece) in zip(group, group[1:]):
+        if register == "clinician":
+            joiner = ": " if previous == "intro" else "; "
+        elif slot == "closing":
+            joiner = rng.choice((", ", " - ", " so "))
+        else:
+            joiner = rng.choice((", ", " and ", ", and ", " - "))
+        text += joiner + _lower_first(piece)
+    return _sentence(text)
+
+
+def _greet(greeting: str | None, text: str, rng: random.Random) -> str:
+    """A greeting before the first sentence; it is not counted as a sentence."""
+    if not greeting:
+        return text
+    mark = rng.choice((",", ".", "!"))
+    return f"{greeting}{mark} {_lower_first(text) if mark == ',' else text}"
+
+
+def _as_text_message(text: str) -> str:
+    """A terse text: lower case, common abbreviations, no punctuation (a decimal point stays: 38.5 is a fever)."""
+    text = re.sub(r"[a-z]+", lambda match: _TEXTING.get(match.group(0), match.group(0)), text.lower())
+    text = re.sub(r"\s+-\s+", " ", re.sub(r"\.(?!\d)|[,!?;:'\"()]", "", text))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _write(group_texts: list[str], greeting: str | None, register: str, rng: random.Random) -> str:
+    text = _greet(greeting, " ".join(group_texts), rng)
+    return _as_text_message(text) if register == "text" else text
+
+
+def _as_note(case: Case, pieces: list[_Piece], greeting: str | None, phrasing: dict[str, Any],
+             rng: random.Random) -> Message:
+    sentences = []
+    for index, group in enumerate(_group(pieces, case.sentences, rng)):
+        sentence = _compose(group, case.register, rng)
+        if index and case.register != "clinician" and group[0][0] not in ("closing", "intro") and rng.random() < 0.2:
+            sentence = _sentence(f"{rng.choice(phrasing['connectors'])} {_lower_first(sentence)}")
+        sentences.append(sentence)
+    return Message(_write(sentences, greeting, case.register, rng), len(sentences))
+
+
+def _turn_sentences(sizes: list[int], target: int, rng: random.Random) -> list[int]:
+    """Sentences per answer: one each, then more where an answer has clauses to spare, up to ``target``."""
+    counts = [1] * len(sizes)
+    spare = [index for index, size in enumerate(sizes) for _ in range(size - 1)]
+    for index in rng.sample(spare, max(0, min(len(spare), target - len(sizes)))):
+        counts[index] += 1
+    return counts
+
+
+def _as_dialogue(case: Case, pieces: list[_Piece], greeting: str | None, phrasing: dict[str, Any],
+                 rng: random.Random) -> Message:
+    """A nurse's questions draw the clauses out by slot; the writer's side has ``case.sentences`` sentences."""
     speaker = "Patient" if case.voice == "first" else "Caller"
-    ask: Callable[[str], str] = lambda slot: fill(rng.choice(phrasing["nurse"][slot]), case.voice, case.sex)
-    first_line = parts.complaint
-    findings = list(parts.findings)
-    if findings and rng.random() < 0.3:
-        # People often blurt out the worrying detail before being asked.
-        first_line = f"{first_line}, and {_lower_first(findings.pop(0))}"
-    turns = [("symptoms", findings + parts.denials)] + [(slot, lines) for slot, lines in parts.slots.items()]
-    turns = [(slot, lines) for slot, lines in turns if lines]
-    lines = [f"{speaker}: {_join_opening(parts.opening, _add_typos(first_line, rng, typo_rate))}"]
-    if not turns:
-        turns = [("anything_else", [parts.distractor or rng.choice(phrasing["answers"]["nothing_else"])])]
-    for slot, answers in turns:
-        lines.append(f"Nurse: {_sentence(ask(slot))}")
-        lines.append(f"{speaker}: " + " ".join(_sentence(_add_typos(a, rng, typo_rate)) for a in answers))
-    if parts.closing and rng.random() < 0.5:
-        lines.append(f"Nurse: {_sentence(ask('anything_else'))}")
-        lines.append(f"{speaker}: {_sentence(parts.closing)}")
-    return "\n".join(lines)
+    ask: Callable[[str], str] = lambda slot: _sentence(fill(rng.choice(phrasing["nurse"][slot]), case.voice, case.sex))
+    opening = [piece for piece in pieces if piece[0] in ("intro", "complaint")]
+    answers = {slot: [piece for piece in pieces if piece[0] == slot] for slot in _SLOT_ORDER}
+    if answers["symptoms"] and rng.random() < 0.3:
+        # People often blurt out a detail before being asked.
+        opening.append(answers["symptoms"].pop(0))
+    turns = [("", opening)] + [(slot, answers[slot]) for slot in _SLOT_ORDER if answers[slot]]
+    if len(turns) == 1:
+        turns.append(("other", [("other", rng.choice(phrasing["answers"]["nothing_else"]).rstrip("."))]))
+    turns[-1] = (turns[-1][0], turns[-1][1] + [piece for piece in pieces if piece[0] == "closing"])
+    counts = _turn_sentences([len(turn) for _, turn in turns], case.sentences, rng)
+    lines = []
+    for (slot, turn), count in zip(turns, counts):
+        if slot:
+            lines.append(f"Nurse: {ask('anything_else' if slot == 'other' else slot)}")
+        sentences = [_compose(group, case.register, rng) for group in _group(turn, count, rng)]
+        lines.append(f"{speaker}: {_write(sentences, None if slot else greeting, case.register, rng)}")
+    return Message("\n".join(lines), sum(counts))
 
 
-def render_message(case: Case, knowledge: Knowledge, rng: random.Random, dialogue: bool = False) -> str:
-    """Write a case as a lay message, or as a short patient-nurse dialogue."""
-    parts = _parts(case, knowledge, rng)
-    typo_rate = 0.05 if rng.random() < 0.3 else 0.0
-    if dialogue:
-        return _as_dialogue(parts, case, knowledge.phrasing, rng, typo_rate)
-    return _as_note(parts, knowledge.phrasing, rng, typo_rate)
+def render_message(case: Case, knowledge: Knowledge, rng: random.Random, dialogue: bool = False) -> Message:
+    """Write a case in its register as a lay message, or as a short patient-nurse dialogue."""
+    greeting = rng.choice(knowledge.phrasing["greetings"]) if rng.random() < _STYLES[case.register].greeting else None
+    typo_rate = 0.05 if rng.random() < (0.5 if case.register == "text" else 0.3) else 0.0
+    # Intros and closings stay clean: the age in an intro decides infant labels.
+    pieces = [(slot, text if slot in ("intro", "closing") else _add_typos(text, rng, typo_rate))
+              for slot, text in _pieces(case, knowledge, rng)]
+    write = _as_dialogue if dialogue else _as_note
+    return write(case, pieces, greeting, knowledge.phrasing, rng)
 
 
 def label_counts(n_examples: int, label_mix: dict[str, float]) -> dict[str, int]:
@@ -429,7 +585,7 @@ def _plan(knowledge: Knowledge, counts: dict[str, int], rng: random.Random) -> l
 
 
 def _realise(label: str, p: Presentation, knowledge: Knowledge, rng: random.Random, dialogue_share: float,
-             seen: set[str]) -> tuple[Case, Decision, str]:
+             seen: set[str]) -> Generated:
     """A case of ``p`` with the wanted label whose message text is new."""
     routes = _routes(p, label, knowledge)
     for _ in range(_MAX_TRIES):
@@ -437,12 +593,24 @@ def _realise(label: str, p: Presentation, knowledge: Knowledge, rng: random.Rand
         if case is None:
             continue
         message = render_message(case, knowledge, rng, dialogue=rng.random() < dialogue_share)
-        key = normalise_text(message)
+        key = normalise_text(message.text)
         if key not in seen:
             seen.add(key)
-            return case, decide(case, knowledge), message
+            return Generated(case, decide(case, knowledge), message)
     raise ValueError(f"presentation {p.id!r} could not produce a new {label} example; "
                      "check its rules or ask for fewer examples")
+
+
+def generate_cases(n_examples: int, label_mix: dict[str, float], seed: int, dialogue_share: float = 0.3,
+                   knowledge: Knowledge | None = None) -> list[Generated]:
+    """The cases behind ``generate``, with their facts, decisions and messages."""
+    if not 0.0 <= dialogue_share <= 1.0:
+        raise ValueError("dialogue_share must be between 0 and 1")
+    knowledge = knowledge or load_knowledge()
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    return [_realise(label, p, knowledge, rng, dialogue_share, seen)
+            for label, p in _plan(knowledge, label_counts(n_examples, label_mix), rng)]
 
 
 def generate(n_examples: int, label_mix: dict[str, float], seed: int, dialogue_share: float = 0.3,
@@ -453,27 +621,26 @@ def generate(n_examples: int, label_mix: dict[str, float], seed: int, dialogue_s
     the messages are patient-nurse dialogues. ``Example.group`` is the
     presentation id so that splitting by group keeps a complaint in one split.
     """
-    if not 0.0 <= dialogue_share <= 1.0:
-        raise ValueError("dialogue_share must be between 0 and 1")
-    knowledge = knowledge or load_knowledge()
-    rng = random.Random(seed)
-    seen: set[str] = set()
-    examples = []
-    for index, (label, p) in enumerate(_plan(knowledge, label_counts(n_examples, label_mix), rng)):
-        case, decision, message = _realise(label, p, knowledge, rng, dialogue_share, seen)
-        examples.append(Example(
-            id=f"b{index:06d}",
-            prompt=render_prompt(message),
-            completion=f"{decision.label} - {decision.reason}",
-            label=decision.label,
-            group=p.id,
-            attrs={
-                "age_band": case.band,
-                "sex": case.sex,
-                "system": p.system,
-                "presentation": p.id,
-                "rule": decision.rule,
-                "negation": "yes" if case.denied or case.extra_denials else "no",
-            },
-        ))
-    return examples
+    generated = generate_cases(n_examples, label_mix, seed, dialogue_share, knowledge)
+    return [_example(index, item) for index, item in enumerate(generated)]
+
+
+def _example(index: int, generated: Generated) -> Example:
+    case, decision, message = generated.case, generated.decision, generated.message
+    return Example(
+        id=f"b{index:06d}",
+        prompt=render_prompt(message.text),
+        completion=f"{decision.label} - {decision.reason}",
+        label=decision.label,
+        group=case.presentation.id,
+        attrs={
+            "age_band": case.band,
+            "sex": case.sex,
+            "system": case.presentation.system,
+            "presentation": case.presentation.id,
+            "rule": decision.rule,
+            "negation": "yes" if case.denied or case.screened else "no",
+            "register": case.register,
+            "sentences": str(message.sentences),
+        },
+    )

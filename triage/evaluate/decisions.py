@@ -9,13 +9,9 @@ from functools import partial
 import numpy as np
 
 from triage.config import EvaluateParams, Params
-from triage.evaluate.metrics import ED, N_CLASSES, ProbMatrix, check_probs, check_probs_labels
+from triage.evaluate.metrics import check_probs_labels
 from triage.schema import LABELS, Example
-
-
-def argmax_decision(probs: ProbMatrix) -> list[str]:
-    """Most probable label per row; ties go to the more urgent label."""
-    return [LABELS[k] for k in check_probs(probs).argmax(axis=1)]
+from triage.scores import ED, N_CLASSES, ProbMatrix, argmax_decision, check_probs
 
 
 def cost_aware_decision(probs: ProbMatrix, cost: Mapping[str, Mapping[str, float]]) -> list[str]:

@@ -26,6 +26,8 @@ from triage.evaluate.metrics import HEADLINE
 from triage.schema import LABELS, DataError, Example, read_examples
 
 SUBGROUP_ATTRS = ("age_band", "sex")
+CONDITION_ATTR = "condition"
+"""Built-in cases carry the test condition they belong to (triage.data.conditions); each is scored apart too."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,11 @@ class ScoredSet:
     @property
     def groups(self) -> list[str]:
         return [example.group for example in self.examples]
+
+    def subset(self, indices: list[int]) -> "ScoredSet":
+        """Some of the cases; the loss is the whole set's mean, so a subset has none."""
+        mass = None if self.label_mass is None else self.label_mass[indices]
+        return ScoredSet([self.examples[i] for i in indices], self.probs[indices], None, mass)
 
 
 def read_extra_set(spec: ExtraSet) -> list[Example]:
@@ -104,6 +111,19 @@ def label_mass_summary(mass: np.ndarray | None) -> dict:
     return {"mean": float(np.mean(mass)), "p10": float(np.quantile(mass, 0.1))}
 
 
+def answer_counts(preds: list[str | None]) -> dict[str, int]:
+    """How often each label was answered; ``constant`` runs answer one label to every case."""
+    return {label: sum(p == label for p in preds) for label in (*LABELS, None) if label or None in preds}
+
+
+def by_condition(scored: ScoredSet, params: EvaluateParams, threshold: EdThreshold) -> dict[str, dict]:
+    """``set_metrics`` of each test condition the cases name (none for data without conditions)."""
+    names = sorted({e.attrs[CONDITION_ATTR] for e in scored.examples if CONDITION_ATTR in e.attrs})
+    return {name: set_metrics(scored.subset([i for i, e in enumerate(scored.examples)
+                                             if e.attrs.get(CONDITION_ATTR) == name]), params, threshold)
+            for name in names}
+
+
 def set_metrics(scored: ScoredSet, params: EvaluateParams, threshold: EdThreshold) -> dict:
     """Metrics of one scored set: the headline rule's keys on top, every rule, calibration, subgroups."""
     labels = scored.labels
@@ -117,9 +137,12 @@ def set_metrics(scored: ScoredSet, params: EvaluateParams, threshold: EdThreshol
     discrimination = m.ed_discrimination(labels, scored.probs[:, m.ED], params.over_triage_budgets)
     auroc_interval = intervals.bootstrap_intervals(weights, labels, decisions[params.decision], scored.probs[:, m.ED])
     attrs = sorted({key for e in scored.examples for key in e.attrs if key in SUBGROUP_ATTRS})
+    answers = answer_counts(decisions[params.decision])
     return {
         "decision": params.decision,
         **{key: top[key] for key in (*HEADLINE, "gates")},
+        "answers": answers,
+        "constant": sum(n > 0 for n in answers.values()) == 1,
         **discrimination,
         "ci95": {**top["ci95"], "ed_auroc": auroc_interval["ed_auroc"]},
         "ci95_clusters": int(clusters.max()) + 1,
@@ -182,8 +205,8 @@ def evaluate_sets(score: Scorer, data_dir: Path, params: EvaluateParams, target:
 
     test_path = data_dir / "test.jsonl"
     test = score(read_examples(test_path), str(test_path))
-    metrics = set_metrics(test, params, threshold)
-    metrics["valid"] = set_metrics(valid, params, threshold)
+    metrics = set_metrics(test, params, threshold) | {"conditions": by_condition(test, params, threshold)}
+    metrics["valid"] = set_metrics(valid, params, threshold) | {"conditions": by_condition(valid, params, threshold)}
     metrics["extra_sets"] = {
         spec.name: {"path": spec.path, "format": spec.format,
                     **set_metrics(score(read_extra_set(spec), spec.path), params, threshold)}
@@ -197,11 +220,18 @@ HEADLINE_FILE = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_aur
 """The numbers of an evaluation's compact ``eval.json``, the file ``dvc metrics`` and ``dvc exp show`` read."""
 
 
+CONDITION_HEADLINE = ("accuracy", "ed_recall", "ed_auroc")
+"""What eval.json shows of each test condition, so `dvc metrics diff` puts them side by side."""
+
+
 def headline_file(evaluation: dict, peak_memory_mb: float | None = None) -> dict:
     """A dozen numbers of one evaluation for DVC: the headline rule's test metrics, the ED recall's
-    lower bound, ``safe`` as 0/1 and the training's peak memory. The whole evaluation (every rule,
-    interval, gate and subgroup) is the ``evaluation.json`` beside it."""
+    lower bound, ``safe`` as 0/1, each test condition's accuracy, ED recall and ED AUROC, and the
+    training's peak memory. The whole evaluation (every rule, interval, gate and subgroup) is the
+    ``evaluation.json`` beside it."""
     compact = {"decision": evaluation["decision"], **{key: evaluation[key] for key in HEADLINE_FILE},
                "ci95": {"ed_recall": {"low": evaluation["ci95"]["ed_recall"]["low"]}},
                "safe": int(evaluation["safe"])}
+    compact |= {name: {key: condition[key] for key in CONDITION_HEADLINE}
+                for name, condition in evaluation.get("conditions", {}).items()}
     return compact | ({"peak_memory_mb": peak_memory_mb} if peak_memory_mb is not None else {})

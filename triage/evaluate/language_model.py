@@ -13,10 +13,10 @@ from triage.config import EvaluateParams
 from triage.evaluate.decisions import decision_rules
 from triage.evaluate.evaluation import Evaluation, ScoredSet, evaluate_sets
 from triage.evaluate.mc_dropout import mc_dropout, mc_not_applicable
+from triage.model.completion import completion_loss
 from triage.model.lm import ChatFormat, tokenize_split
 from triage.model.scoring import label_log_likelihoods
 from triage.schema import Example
-from triage.train.validation import completion_loss
 
 
 def score_set(

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 from triage.config import EvaluateParams
 from triage.evaluate import metrics as m
 from triage.evaluate.decisions import Rule, argmax_decision
+from triage.model.blocks import first_random_block, shared_lower_blocks
 from triage.model.lm import ChatFormat, fanned_label_log_probs, shared_prefix
 from triage.model.scoring import on_streams
 from triage.schema import LABELS, Example
@@ -36,53 +36,6 @@ def mc_not_applicable(dropout: float | None) -> str | None:
     if dropout == 0:
         return "the adapter was trained with LoRA dropout 0: every sample would give the same answer"
     return None
-
-
-class _FanOut(nn.Module):
-    """A transformer block that runs on ``copies`` repeats of each row of its input, a row's repeats side by side."""
-
-    def __init__(self, block: nn.Module, copies: int):
-        super().__init__()
-        self.block = block
-        self.copies = copies
-
-    def __call__(self, x: mx.array, *args, **kwargs) -> mx.array:
-        return self.block(mx.repeat(x, self.copies, axis=0), *args, **kwargs)
-
-    def __getattr__(self, key: str):
-        # Model loops read per-block flags (llama's `use_sliding`); answer for the wrapped block.
-        if key != "block" and "block" in self and key not in self:
-            return getattr(self["block"], key)
-        return super().__getattr__(key)
-
-
-def first_random_block(model: nn.Module) -> int:
-    """Index of the lowest transformer block holding a dropout layer (0 when there is none)."""
-    for index, block in enumerate(model.model.layers):
-        if any(isinstance(module, nn.Dropout) for _, module in block.named_modules()):
-            return index
-    return 0
-
-
-@contextmanager
-def shared_lower_blocks(model: nn.Module, copies: int) -> Iterator[None]:
-    """Compute the blocks below the first dropout layer once instead of once per sample.
-
-    Dropout lives only in the LoRA layers of the top blocks, so every sample
-    sees the same activations below them. Inside the context the first random
-    block repeats each row of its input ``copies`` times, so every input row
-    comes out as ``copies`` rows. The dropout masks are drawn with the same
-    shapes in the same order as for a batch of ``copies`` repeats, so a seeded
-    run gives the same samples.
-    """
-    layers = model.model.layers
-    first = first_random_block(model)
-    original = layers[first]
-    layers[first] = _FanOut(original, copies)
-    try:
-        yield
-    finally:
-        layers[first] = original
 
 
 def mc_dropout_votes(model: nn.Module, fmt: ChatFormat, prompts: Sequence[str], samples: int, seed: int,

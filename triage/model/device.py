@@ -59,9 +59,9 @@ def matmul_latency_ms(m: int = 1, k: int = 576, n: int = 1536, repeats: int = 20
 
 _MEASURE_SNIPPET = """
 import json, sys
-import triage
+import triage.runtime
+blas = triage.runtime.setup().blas  # before mlx is imported
 from triage.model.device import matmul_latency_ms, matmul_peak_gflops
-blas = triage.BLAS
 gflops = matmul_peak_gflops(int(sys.argv[1]), int(sys.argv[2]))
 print(json.dumps({"blas": blas, "gflops": gflops, "latency_1x576x1536_ms": matmul_latency_ms()}))
 """

@@ -22,6 +22,8 @@ from typing import Callable
 
 import mlx.core as mx
 
+from triage.model.mlx_lm_internals import swap_activations
+
 _LOG2E = 1.4426950408889634
 # Taylor coefficients of 2^f = e^(f ln 2), highest power first (Horner's rule).
 _COEFFICIENTS = tuple(math.log(2) ** k / math.factorial(k) for k in range(7, -1, -1))
@@ -130,30 +132,9 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
     return (weights @ values[:, :, None]).reshape(batch, heads, length, -1)
 
 
-def _mlx_lm_attention(original):
-    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
-        if sinks is not None or hasattr(cache, "bits"):  # attention sinks, quantized KV cache: keep mlx-lm's
-            return original(queries, keys, values, cache, scale, mask, sinks)
-        return attention(queries, keys, values, scale, mask)
-
-    scaled_dot_product_attention.fast_cpu = True
-    return scaled_dot_product_attention
-
-
 def install() -> list[str]:
     """Swap the fast attention (llama, Gemma 3) and SwiGLU (llama) into mlx-lm; the names swapped.
 
     Idempotent. Process-wide, since mlx-lm's modules look these names up at call time.
     """
-    from mlx_lm.models import gemma3_text, llama
-
-    swapped = []
-    for module in (llama, gemma3_text):
-        current = module.scaled_dot_product_attention
-        if not getattr(current, "fast_cpu", False):
-            module.scaled_dot_product_attention = _mlx_lm_attention(current)
-            swapped.append(f"{module.__name__}.scaled_dot_product_attention")
-    if llama.swiglu is not fast_swiglu:
-        llama.swiglu = fast_swiglu
-        swapped.append("mlx_lm.models.llama.swiglu")
-    return swapped
+    return swap_activations(attention, fast_swiglu)

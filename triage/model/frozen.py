@@ -10,72 +10,51 @@ only. Same numbers as the full pass, gradients included (tests/test_shared_prefi
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
-from triage.model.lm import hidden_states
+from triage.model.blocks import StandIn, standing_in
+from triage.model.mlx_lm_internals import blocks, cache_writes, hidden_states
 
 
 def frozen_blocks(model: nn.Module) -> int:
     """How many blocks, from the bottom, have no trainable parameter (all of them when none trains)."""
-    for index, block in enumerate(model.model.layers):
+    for index, block in enumerate(blocks(model)):
         if tree_flatten(block.trainable_parameters()):
             return index
-    return len(model.model.layers)
+    return len(blocks(model))
 
 
-class _Recorder:
+class _Recorder(StandIn):
     """Stands in for a block during the one recorded pass: runs it and keeps what it cached and returned."""
 
     def __init__(self, block: nn.Module):
-        self.block = block
-        self.use_sliding = getattr(block, "use_sliding", False)  # mlx-lm's llama picks the mask by it
+        super().__init__(block)
         self.write: tuple[mx.array, mx.array] | None = None
         self.output: mx.array | None = None
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        update_and_fetch = cache.update_and_fetch
-
-        def recording(keys: mx.array, values: mx.array):
-            self.write = (keys, values)
-            return update_and_fetch(keys, values)
-
-        cache.update_and_fetch = recording
-        try:
+        with cache_writes(cache) as writes:
             self.output = self.block(x, mask, cache)
-        finally:
-            del cache.update_and_fetch
+        self.write = writes[-1]
         return self.output
 
 
-class _Replay:
+class _Replay(StandIn):
     """Stands in for a frozen block: writes its recorded keys and values into the cache, returns its output."""
 
     def __init__(self, recorder: _Recorder):
-        self.use_sliding = recorder.use_sliding
+        super().__init__(recorder.block)
         self.write, self.output = recorder.write, recorder.output
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         cache.update_and_fetch(*self.write)  # a sliding-window cache keeps what the full pass would keep
         return self.output
-
-
-@contextmanager
-def _standing_in(model: nn.Module, stand_ins: list) -> Iterator[None]:
-    """Call ``stand_ins`` in place of the bottom blocks; the model's own blocks come back afterwards."""
-    layers = model.model.layers
-    blocks = layers[: len(stand_ins)]
-    layers[: len(stand_ins)] = stand_ins
-    try:
-        yield
-    finally:
-        layers[: len(stand_ins)] = blocks
 
 
 @dataclass(frozen=True)
@@ -85,20 +64,18 @@ class FrozenPrefix:
     tokens: tuple[int, ...]
     replays: tuple[_Replay, ...]
 
-    @contextmanager
-    def replayed(self, model: nn.Module) -> Iterator[None]:
+    def replayed(self, model: nn.Module) -> AbstractContextManager[None]:
         """Inside, a pass over :attr:`tokens` runs only the blocks above the frozen ones."""
-        with _standing_in(model, list(self.replays)):
-            yield
+        return standing_in(model, self.replays)
 
 
 def record_frozen_prefix(model: nn.Module, tokens: list[int]) -> FrozenPrefix | None:
     """Run ``tokens`` (the prefix) through the model once and keep what its frozen blocks did; None if nothing to keep."""
-    blocks = frozen_blocks(model)
-    if not tokens or not blocks:
+    frozen = frozen_blocks(model)
+    if not tokens or not frozen:
         return None
-    recorders = [_Recorder(block) for block in model.model.layers[:blocks]]
-    with _standing_in(model, recorders):
+    recorders = [_Recorder(block) for block in blocks(model)[:frozen]]
+    with standing_in(model, recorders):
         hidden_states(model, mx.array([tokens], mx.int32), make_prompt_cache(model))
     mx.eval([(*r.write, r.output) for r in recorders])
     return FrozenPrefix(tuple(tokens), tuple(_Replay(r) for r in recorders))

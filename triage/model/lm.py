@@ -1,4 +1,4 @@
-"""Language-model plumbing: chat formatting, tokenised cases, and the output head.
+"""Language-model plumbing: chat formatting, tokenised cases, the shared prompt prefix and label scoring.
 
 The model sees one user turn (the prompt) and answers with the completion. The
 label options are scored as the tokens that begin the assistant's answer.
@@ -7,19 +7,16 @@ label options are scored as the tokens that begin the assistant's answer.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from copy import copy as shallow_copy
 from dataclasses import dataclass
 from os.path import commonprefix
-from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 
+from triage.model.frozen import FrozenPrefix
+from triage.model.mlx_lm_internals import cache_arrays, fork_cache, hidden_states, project
 from triage.schema import LABELS, DataError, Example
-
-if TYPE_CHECKING:  # frozen.py builds on this module
-    from triage.model.frozen import FrozenPrefix
 
 FALLBACK_TEMPLATE_USER = "{prompt}\n\nTriage:"
 
@@ -98,27 +95,6 @@ def tokenize_split(fmt: ChatFormat, examples: list[Example], path: str, max_len:
     return cases
 
 
-def hidden_states(model: nn.Module, inputs: mx.array, cache=None) -> mx.array:
-    """Final normalised hidden states, before the vocabulary projection."""
-    return model.model(inputs, cache)
-
-
-def project(model: nn.Module, hidden: mx.array) -> mx.array:
-    """The vocabulary projection, tied or not, as mlx-lm's llama and gemma3 models do it."""
-    if "lm_head" in model:
-        return model.lm_head(hidden)
-    return model.model.embed_tokens.as_linear(hidden)
-
-
-def check_supported(model: nn.Module) -> None:
-    """Fail early for an architecture whose output head we cannot call separately."""
-    if "model" not in model or not ("lm_head" in model or "embed_tokens" in model.model):
-        raise TypeError(
-            f"model type {getattr(model, 'model_type', type(model).__name__)} does not expose "
-            "model.model and an lm_head or tied embed_tokens; it is not supported"
-        )
-
-
 def label_log_probs(model: nn.Module, fmt: ChatFormat, prompt: str, copies: int = 1) -> mx.array:
     """Log-probability of each label completion given the prompt: shape (copies, 3).
 
@@ -174,52 +150,8 @@ def shared_prefix(model: nn.Module, prompts: list[list[int]]) -> SharedPrefix:
     common = common_prefix(prompts)
     cache = prefix_cache(model, mx.array([common], mx.int32))
     if cache:
-        mx.eval([(layer.keys, layer.values) for layer in cache])
+        mx.eval(cache_arrays(cache))
     return SharedPrefix(tuple(common), cache)
-
-
-class ContinuedCache(KVCache):
-    """A KVCache holding exactly the keys and values of a prefix; new tokens are appended by concatenation.
-
-    mlx-lm's own KVCache writes into a preallocated 256-token buffer; forked for
-    every row of a batch and differentiated through, copying and slice-updating
-    that buffer costs more than the attention itself.
-    """
-
-    def __init__(self, keys: mx.array, values: mx.array):
-        super().__init__()
-        self.keys, self.values, self.offset = keys, values, keys.shape[2]
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        self.keys = mx.concatenate([self.keys, keys], axis=2)
-        self.values = mx.concatenate([self.values, values], axis=2)
-        self.offset += keys.shape[2]
-        return self.keys, self.values
-
-
-def _fork(cache: list, rows: int) -> list:
-    """Copies of a cache for ``rows`` input rows; the original stays as it was.
-
-    Each layer's cache is tiled ``rows`` times: a one-row prefix becomes one
-    copy per row, and a layer above an MC fan-out (``samples`` rows, one per
-    dropout mask) becomes ``rows`` x ``samples`` rows in the order the fan-out
-    makes them. A sliding-window layer's rotating cache is copied with its
-    settings; a full-attention layer's continues as a :class:`ContinuedCache`.
-    """
-    def tiled(array: mx.array) -> mx.array:
-        return mx.tile(array, (rows,) + (1,) * (array.ndim - 1))
-
-    forked = []
-    for layer in cache:
-        if type(layer) is KVCache and layer.keys is not None:
-            end = layer.offset
-            forked.append(ContinuedCache(tiled(layer.keys[..., :end, :]), tiled(layer.values[..., :end, :])))
-            continue
-        copy = shallow_copy(layer)  # offsets, window and step settings carry over
-        if layer.keys is not None:
-            copy.keys, copy.values = tiled(layer.keys), tiled(layer.values)
-        forked.append(copy)
-    return forked
 
 
 def hidden_after_prefix(model: nn.Module, rows: mx.array, cache: list | None) -> mx.array:
@@ -228,7 +160,7 @@ def hidden_after_prefix(model: nn.Module, rows: mx.array, cache: list | None) ->
     Every row attends to the prefix's keys and values at the positions after it;
     ``cache`` itself is left as it was. No cache: a plain forward pass.
     """
-    return hidden_states(model, rows, _fork(cache, rows.shape[0]) if cache else None)
+    return hidden_states(model, rows, fork_cache(cache, rows.shape[0]) if cache else None)
 
 
 def batch_label_log_probs(
@@ -247,7 +179,7 @@ def fanned_label_log_probs(
     """Label log-probabilities of tokenised prompts, shape (copies, len(prompts), 3).
 
     ``copies`` is how many output rows the model makes of each input row: 1,
-    or inside ``triage.evaluate.mc_dropout.shared_lower_blocks`` one per MC
+    or inside ``triage.model.blocks.shared_lower_blocks`` one per MC
     sample. The rows are each prompt after the shared ``prefix`` (its cache is
     reused, not recomputed), followed by a label's tokens but the last; labels
     of one token share their prompt's row. Rows are right-padded: the padding

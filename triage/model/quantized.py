@@ -131,8 +131,10 @@ def tied_head_dequantized_once(model: "nn.Module") -> Iterator[None]:
     """
     import mlx.core as mx
 
-    embedding = model.model.embed_tokens
-    if "lm_head" in model or type(embedding) is not _fast_classes()[1]:
+    from triage.model.mlx_lm_internals import tied_embedding
+
+    embedding = tied_embedding(model)
+    if type(embedding) is not _fast_classes()[1]:
         yield
         return
     weight = _fp32_weight(embedding["weight"], embedding["scales"], embedding.get("biases"), embedding.group_size,

@@ -1,8 +1,9 @@
 """Give MLX's Linux CPU build a fast BLAS that is proven to run on this CPU; say what was chosen and why.
 
-:func:`load_fast_blas` runs on ``import triage``, before anything imports
-``mlx``: MLX binds its ``cblas_sgemm`` calls when it is loaded, to whichever
-library then provides the symbol globally. Each candidate is first proven on
+:func:`load_fast_blas` runs in :func:`triage.runtime.setup`, which every
+entry point calls before anything imports ``mlx``: MLX binds its
+``cblas_sgemm`` calls when it is loaded, to whichever library then provides
+the symbol globally. Each candidate is first proven on
 this CPU (:mod:`triage.runtime.blas_proof`); the first that passes is loaded
 with ``RTLD_GLOBAL``. When none passes MLX keeps its reference BLAS and one
 warning line says so. On macOS MLX uses Accelerate and nothing is loaded.
@@ -125,7 +126,8 @@ def choose_and_load(choice: str, threads: int | None, cpu: Cpu, cache: Path) -> 
             loaded = _make_global(verdict, threads)
             if loaded:
                 return loaded + _skipped(verdicts)
-            verdicts[index] = replace(verdict, problem=f"loaded, but cblas_sgemm resolves to {global_symbol_provider()}")
+            provider = global_symbol_provider()
+            verdicts[index] = replace(verdict, problem=f"loaded, but cblas_sgemm resolves to {provider}")
     if choice != "auto":
         raise RuntimeError(f"{BLAS_ENV}={choice}: no BLAS passed its proof on this CPU{_skipped(verdicts)}")
     print(f"[triage] WARNING: no optimised BLAS passed its proof on this CPU, so MLX uses its reference BLAS "

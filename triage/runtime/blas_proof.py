@@ -183,7 +183,7 @@ def run_probe(path: Path, timeout: float = PROBE_TIMEOUT_S, probe: Path = PROBE)
         name = signal.Signals(-done.returncode).name
         failure = f"probe died with {name}" + (" (an instruction this CPU lacks)" if name == "SIGILL" else "")
     elif done.returncode > 0:
-        failure = f"probe failed: {(done.stderr.strip().splitlines() or ['exit %d' % done.returncode])[-1]}"
+        failure = f"probe failed: {(done.stderr.strip().splitlines() or [f'exit {done.returncode}'])[-1]}"
     else:
         failure = ""
     return ProbeResult(said.get("config", ""), said.get("core", ""), said.get("max_relative_error"), failure)

@@ -22,11 +22,12 @@ step took 6.9-7.5 s; at 1000 both shards advance together, 1.84 cores and
 
 
 def widen_schedule() -> str:
-    """Set ``MLX_BFS_MAX_WIDTH`` to :data:`WIDE_SCHEDULE` for MLX's Linux CPU build unless the user set it; say what holds.
+    """Set ``MLX_BFS_MAX_WIDTH`` to :data:`WIDE_SCHEDULE` for MLX's Linux CPU build unless the user did; say what holds.
 
     MLX reads the variable once, at the first evaluation in the process, so
-    this runs on ``import triage``. Other builds (Metal, CUDA) keep MLX's own
-    default: there one stream runs on the GPU and the order was not measured.
+    this runs in :func:`triage.runtime.setup`, before mlx is imported. Other
+    builds (Metal, CUDA) keep MLX's own default: there one stream runs on the
+    GPU and the order was not measured.
     """
     if os.environ.get(SCHEDULE_ENV, "").strip():
         return f"{SCHEDULE_ENV}={os.environ[SCHEDULE_ENV]} (set by the user)"

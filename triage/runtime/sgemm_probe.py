@@ -6,7 +6,7 @@ caller. It prints one JSON line with the library's OpenBLAS build description,
 before any BLAS call so that it survives a crash, then one with the largest
 error of two ``cblas_sgemm`` products against numpy's float64 result.
 
-It imports nothing from ``triage``: importing the package chooses a BLAS.
+It imports nothing from ``triage``: it runs beside the process that chooses a BLAS.
 """
 
 from __future__ import annotations

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-import mlx.core as mx
 import numpy as np
 
+from triage.model.completion import collate
 from triage.model.lm import TokenizedCase, common_prefix
-
-# mlx-lm compiles its training step once per batch shape (~2 s each on 2 cores). Measured on the real
-# workload (q4 SmolLM2-135M, shared prefix): rows padded to a multiple of 1 / 8 / 32 tokens give 370 / 385 /
-# 436 token positions, 3.11 / 3.24 / 3.60 s per compiled step and 106 / 27 / 10 shapes per epoch, so 8 is
-# as fast as exact padding over an 800-step run and much faster over a short one.
-PAD_MULTIPLE = 8
-POSITION_MULTIPLE = 8
 
 
 def batch_order(n_cases: int, lengths: Sequence[int], batch_size: int, seed: int) -> Iterator[list[int]]:
@@ -61,40 +54,9 @@ def prefix_length(cases: Sequence[TokenizedCase], mask_prompt: bool) -> int:
     return len(common_prefix([case.tokens[: case.prompt_length] for case in cases]))
 
 
-def collate(cases: Sequence[TokenizedCase], mask_prompt: bool, shared: int = 0) -> tuple[mx.array, ...]:
-    """Pad token ids and list, per case, the positions whose next token is trained on.
-
-    Returns ``(tokens, labels, positions, mask, label_mask, prefix)``: ``mask``
-    is 1 at every trained position, ``label_mask`` 1 at those that predict a
-    token of the label (the start of the completion), so an objective can weigh
-    the decision apart from the reason text. The first ``shared`` tokens, which
-    every case starts with, are cut off the rows and returned once as
-    ``prefix`` (shape (1, shared)); positions count from the end of the prefix.
-    """
-    if shared and not mask_prompt:
-        raise ValueError("a shared prefix needs mask_prompt: without it the prompt's own tokens are trained on")
-    rows = [c.tokens[shared:] for c in cases]
-    if any(c.tokens[:shared] != cases[0].tokens[:shared] or c.prompt_length <= shared for c in cases):
-        raise ValueError(f"every case must start with the same {shared} prompt tokens and go on after them")
-    longest = max(map(len, rows))
-    width = PAD_MULTIPLE * -(-longest // PAD_MULTIPLE) + 1
-    tokens = np.zeros((len(cases), width), np.int32)
-    starts = [c.prompt_length - shared if mask_prompt else 1 for c in cases]
-    counts = [len(row) - start for row, start in zip(rows, starts)]
-    k = POSITION_MULTIPLE * -(-max(counts) // POSITION_MULTIPLE)
-    positions = np.zeros((len(cases), k), np.int32)
-    mask = np.zeros((len(cases), k), np.float32)
-    label_mask = np.zeros((len(cases), k), np.float32)
-    for i, (case, row, start, count) in enumerate(zip(cases, rows, starts, counts)):
-        tokens[i, : len(row)] = row
-        positions[i, :count] = np.arange(start - 1, start - 1 + count)
-        mask[i, :count] = 1.0
-        first_label = case.prompt_length - shared - start  # index of the label's first token among the trained positions
-        label_mask[i, first_label : first_label + case.label_length] = 1.0
-    labels = np.array([c.label for c in cases], np.int32)
-    prefix = np.array([cases[0].tokens[:shared]], np.int32).reshape(1, shared)
-    return (mx.array(tokens), mx.array(labels), mx.array(positions), mx.array(mask), mx.array(label_mask),
-            mx.array(prefix))
+def shared_length(cases: Sequence[TokenizedCase], mask_prompt: bool, share_prefix: bool) -> int:
+    """The prefix length the batches of ``cases`` carry once (:func:`collate`); 0 unless ``share_prefix``."""
+    return prefix_length(cases, mask_prompt) if share_prefix else 0
 
 
 def make_iterate_batches(mask_prompt: bool, seed: int, skip: int = 0, share_prefix: bool = True):
@@ -107,7 +69,7 @@ def make_iterate_batches(mask_prompt: bool, seed: int, skip: int = 0, share_pref
     """
 
     def iterate_batches(dataset, batch_size, max_seq_length, loop=False, **_):
-        shared = prefix_length(dataset, mask_prompt) if share_prefix else 0
+        shared = shared_length(dataset, mask_prompt, share_prefix)
         lengths = [len(case.tokens) for case in dataset]
         order = batch_order(len(dataset), lengths, batch_size, seed)
         n_batches = batches_per_epoch(len(dataset), batch_size)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -20,14 +19,16 @@ from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import get_total_parameters
 
-from triage.train.batches import make_iterate_batches, prefix_length
-from triage.train.log import TrainingLog
 from triage.config import LoraConfig, TrainParams
 from triage.io import atomic_file, atomic_write_text, staged_directory, write_json
-from triage.model.lm import TokenizedCase
+from triage.model.completion import plain_loss
 from triage.model.device import cpu_streams
 from triage.model.frozen import FrozenPrefix, record_frozen_prefix
-from triage.train.losses import Loss, plain_loss, sharded, split_cross_entropy
+from triage.model.lm import TokenizedCase
+from triage.model.mlx_lm_internals import trainer_display_only_on_a_terminal
+from triage.train.batches import make_iterate_batches, shared_length
+from triage.train.log import TrainingLog
+from triage.train.losses import Loss, sharded, split_cross_entropy
 
 NEVER = 10**9  # an interval mlx-lm's trainer never reaches: we evaluate and save ourselves
 VALIDATION_KEYS = ("val_loss", "val_label_loss", "val_reason_loss", "val_accuracy", "val_ed_auroc")
@@ -230,26 +231,6 @@ class TrainResult:
     val_rows: list[dict]
 
 
-def mlx_lm_display_only_on_a_terminal() -> None:
-    """Let mlx-lm's trainer draw its table and progress bar only on a terminal, coloured unless ``NO_COLOR`` is set.
-
-    Its console forces truecolor and rich prints a finished bar even to a file,
-    so stage logs and ``dvc queue logs`` would carry ANSI codes, a bar and a
-    second copy of the loss table. Off a terminal that console is quiet and the
-    log keeps the monitor's plain ``[train] step`` lines (step, loss, ETA).
-    The theme is mlx-lm's, which its progress markup needs.
-    """
-    from mlx_lm import cli_ui
-    from rich.console import Console
-
-    def console() -> Console:
-        shown = Console(theme=cli_ui._make_theme(), highlight=False, width=cli_ui._terminal_width())
-        shown.quiet = not shown.is_terminal
-        return shown
-
-    cli_ui.make_console = functools.lru_cache(maxsize=1)(console)
-
-
 def run_training(
     model: nn.Module, train_cases: list[TokenizedCase], val_cases: list[TokenizedCase],
     config: LoraConfig, params: TrainParams, loss: Loss, checkpoint_dir: Path, run_fingerprint: str,
@@ -304,7 +285,7 @@ def run_training(
     stopped_at = None
     try:
         if args.iters > 0:
-            mlx_lm_display_only_on_a_terminal()
+            trainer_display_only_on_a_terminal()
             train(model, optimizer, train_cases, None, args, loss=training_loss(model, loss, train_cases, params),
                   iterate_batches=make_iterate_batches(params.mask_prompt, params.seed, skip=state.step,
                                                        share_prefix=params.share_prompt_prefix),
@@ -347,7 +328,7 @@ def training_loss(model: nn.Module, loss: Loss, cases: list[TokenizedCase], para
 
 def frozen_prefix(model: nn.Module, cases: list[TokenizedCase], params: TrainParams) -> FrozenPrefix | None:
     """What the frozen blocks make of the prompt prefix that the batches of ``cases`` share; None if they share none."""
-    shared = prefix_length(cases, params.mask_prompt) if params.share_prompt_prefix else 0
+    shared = shared_length(cases, params.mask_prompt, params.share_prompt_prefix)
     return record_frozen_prefix(model, cases[0].tokens[:shared]) if shared else None
 
 

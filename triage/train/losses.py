@@ -1,13 +1,7 @@
 """Training objectives on the completion tokens, for mlx-lm's ``train(loss=...)``.
 
-Batches come from ``triage.train.batches`` as ``(tokens, labels, positions, mask, label_mask, prefix)``:
-``positions[i, k]`` is the hidden-state index that predicts completion token k
-of example i, so the vocabulary projection runs only there, never on the prompt;
-``label_mask`` marks the completion tokens that spell the label. ``prefix``
-holds the prompt tokens every row starts with, cut off the rows: it runs once,
-as one row, and every row attends to its keys and values. With dropout 0 that
-is the plain batch's loss and gradient; with dropout the prefix's activations
-share one dropout mask across the rows of a step.
+The batches and the completion's cross-entropy (:func:`plain_loss` among it) are
+in :mod:`triage.model.completion`, which evaluation's test loss shares.
 
 Standard configs minimise the masked cross-entropy, averaged over completion tokens:
 
@@ -39,42 +33,19 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from triage.config import LoraConfig
+from triage.model.completion import Prefix, completion_logits, plain_loss, token_cross_entropy
 from triage.model.frozen import FrozenPrefix
-from triage.model.lm import hidden_after_prefix, prefix_cache, project
+from triage.model.lm import prefix_cache
 from triage.model.quantized import tied_head_dequantized_once
 from triage.schema import LABELS
 
 Loss = Callable[..., tuple[mx.array, mx.array]]
 
 
-Prefix = mx.array | list | None  # the shared prompt tokens (1, P), or the model cache after them
-
-
-def completion_logits(model: nn.Module, tokens: mx.array, positions: mx.array, prefix: Prefix = None) -> mx.array:
-    """Logits at the gathered positions only: shape (batch, K, vocab); the rows continue ``prefix``."""
-    cache = prefix_cache(model, prefix) if isinstance(prefix, mx.array) else prefix
-    hidden = hidden_after_prefix(model, tokens[:, :-1], cache)
-    picked = mx.take_along_axis(hidden, positions[..., None], axis=1)
-    return project(model, picked).astype(mx.float32)
-
-
-def token_cross_entropy(logits: mx.array, tokens: mx.array, positions: mx.array, weights: mx.array) -> mx.array:
-    """Weighted sum of each example's completion token cross-entropies: shape (batch,)."""
-    targets = mx.take_along_axis(tokens, positions + 1, axis=1)
-    return (nn.losses.cross_entropy(logits, targets) * weights).sum(axis=1)
-
-
 def token_weights(mask: mx.array, label_mask: mx.array, label_weight: float) -> mx.array:
     """``label_weight`` at the label's tokens, 1 at the reason text's, 0 off the completion."""
     return mask if label_weight == 1.0 else mask + (label_weight - 1.0) * label_mask
-
-
-def plain_loss(model: nn.Module, tokens, labels, positions, mask, label_mask, prefix: Prefix = None
-               ) -> tuple[mx.array, mx.array]:
-    """Masked cross-entropy on the completion, mean over its tokens (the study's objective and test loss)."""
-    logits = completion_logits(model, tokens, positions, prefix)
-    ntoks = mask.sum()
-    return token_cross_entropy(logits, tokens, positions, mask).sum() / ntoks, ntoks
 
 
 def make_completion_loss(label_weight: float) -> Loss:
@@ -171,3 +142,10 @@ def make_safety_loss(
         return total / ntoks, ntoks
 
     return loss
+
+
+def objective(config: LoraConfig, label_first_tokens: list[int], label_weight: float) -> Loss:
+    """A config's training loss: the cost-sensitive one for a safety config, else the completion's cross-entropy."""
+    if config.kind == "safety":
+        return make_safety_loss(label_first_tokens, config.class_weights, config.cost_matrix, label_weight)
+    return make_completion_loss(label_weight)
