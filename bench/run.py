@@ -8,8 +8,9 @@ Writes ``bench/latest.json`` (atomically) and prints a table. Every number comes
 from this run: the fp32 matmul peak, then per variant LoRA training steps through
 mlx-lm's own trainer with the train stage's model set-up, loss and batches
 (``triage.train``), label scoring, greedy generation and MC-dropout scoring,
-then Hugging Face transformers + PEFT on PyTorch CPU (``bench/torch_peft.py``, in a separate virtual environment that this
-script creates under the cache directory on first use). The real workload
+then Hugging Face transformers + PEFT on PyTorch CPU (``bench/torch_peft.py``, in
+a separate virtual environment that this script creates under the cache
+directory on first use). The real workload
 (``real_workload``) trains ``medical_baseline`` on the built-in train split, in
 the train stage's batch order, on both sides. See bench/README.md.
 """
@@ -27,9 +28,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import triage.runtime
 
@@ -154,7 +156,7 @@ def typical_examples(examples: list[Example], cases: list[TokenizedCase], n: int
 
 
 def fixed_length_cases(cases: list[TokenizedCase], seq_len: int, completion: int, n: int) -> list[TokenizedCase]:
-    """``n`` cases of exactly ``seq_len`` tokens: a real prompt (repeated to fill) and ``completion`` real completion tokens.
+    """``n`` cases of exactly ``seq_len`` tokens: a real prompt (repeated to fill), ``completion`` real completion tokens.
 
     Exactly ``seq_len`` so that the collated input is ``seq_len`` wide (collate pads
     to a multiple of 8 plus the shifted target); the content only has to be
@@ -538,7 +540,7 @@ def torch_python(cache: Path) -> Path:
 
 
 def run_torch(python: Path, hf_dir: Path, spec: dict, scratch: Path, **hyper: float) -> dict:
-    """Run bench/torch_peft.py on the batches in ``spec`` (its BATCHES.json), with ``hyper`` as its options; its JSON result."""
+    """Run bench/torch_peft.py on the batches in ``spec`` (its BATCHES.json) with ``hyper`` as options; its JSON result."""
     batches = scratch / "batches.json"
     batches.write_text(json.dumps(spec))
     out = scratch / "torch.json"

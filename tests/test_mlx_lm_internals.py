@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 
-import triage  # noqa: F401  (fast BLAS before MLX, as in the stages)
 import pytest
 from mlx_lm import cli_ui
 

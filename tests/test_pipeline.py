@@ -53,9 +53,28 @@ def test_every_declared_output_exists(reproduced):
         assert set(HEADLINE) <= set(evaluation)
         assert compact == headline_file(evaluation, training["peak_memory_mb"])
         assert (reproduced / "runs" / name / "adapter/adapters.safetensors").is_file()
+        assert 0.0 <= training["final_train_accuracy"] <= 1.0  # argmax accuracy on a sample of its training cases
     study = json.loads((reproduced / "reports/study.json").read_text())
     assert set(study["runs"]) == set(RUNS) and study["missing"] == []
     assert json.loads((reproduced / "metrics/summary.json").read_text()) == headline_summary(study)
+
+
+def test_study_json_holds_both_conditions_for_every_learner_and_both_constant_rows(reproduced):
+    study = json.loads((reproduced / "reports/study.json").read_text())
+    assert set(study["references"]) == {"always-ED", "majority"}
+    assert set(study["classical"]) == {"tfidf-logreg", "tiny-4bit-probe"}
+    assert study["baselines"] and study["runs"]
+    for block in ("runs", "baselines", "classical", "references"):
+        for row in study[block].values():
+            assert set(row["conditions"]) == {"wording", "complaint"}, (block, row["run"])
+            for condition in row["conditions"].values():
+                for key in ("accuracy", "ed_recall", "ed_auroc"):
+                    assert key in condition and set(condition["ci95"][key]) == {"low", "high"}
+    assert {row["condition"] for row in study["paired"]} == {"wording", "complaint"}
+    assert study["selection"]["condition"] == "wording" and study["selection"]["split"] == "valid"
+    assert all(study["references"][name]["constant"] for name in ("always-ED", "majority"))
+    report = (reproduced / "reports/report.md").read_text()
+    assert "## Test conditions side by side" in report and "| always-ED" in report
 
 
 def test_the_report_embeds_figures_that_exist_as_png_and_svg(reproduced):

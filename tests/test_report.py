@@ -59,7 +59,7 @@ def write_run(root: Path, run: str, kind: str, accuracy: float, ed_recall: float
     """A run's evaluation.json and train.json; ``valid`` (accuracy, ED recall) defaults to the test numbers."""
     evaluation = evaluation_of(run, accuracy, ed_recall, valid, constant)
     training = {"kind": kind, "seconds": 10.0, "peak_memory_mb": memory, "tokens_per_s": 100.0,
-                "trainable_params": 1000}
+                "trainable_params": 1000, "final_train_accuracy": 0.95 if kind == "standard" else 0.6}
     (root / "runs" / run).mkdir(parents=True)
     (root / "runs" / run / "evaluation.json").write_text(json.dumps(evaluation))
     (root / "runs" / run / "train.json").write_text(json.dumps(training))
@@ -179,7 +179,7 @@ def references() -> list[dict]:
 
 
 def test_a_constant_run_or_one_a_constant_rule_matches_is_never_chosen(tmp_path):
-    write_run(tmp_path, "m-4bit-all_ed", "safety", 0.30, 1.0, 300.0, constant="ED")  # first on ED F2 and safe
+    write_run(tmp_path, "m-4bit-all_ed", "safety", 0.30, 1.0, 300.0, constant="ED")  # first on ED F2, safe, not fitted
     write_run(tmp_path, "m-4bit-weak", "standard", 0.44, 0.96, 300.0)  # safe, but the majority rule's accuracy
     write_run(tmp_path, "m-4bit-good", "standard", 0.70, 0.80, 300.0)
     (tmp_path / "models").mkdir()
@@ -193,6 +193,8 @@ def test_a_constant_run_or_one_a_constant_rule_matches_is_never_chosen(tmp_path)
     assert result["selection"]["condition"] == "wording"
     text = report_markdown(result, GATES)
     assert "constant (40/0/0)" in text and "Not eligible:" in text and "Chosen: `m-4bit-good`" in text
+    leaderboard = text.split("## Leaderboard")[1].split("##")[0]
+    assert "0.600 (not fitted)" in leaderboard and "| 0.950 " in leaderboard
     alone = summary([r for r in rows if r["run"] != "m-4bit-good"], missing, {}, [], [], references())
     assert alone["best"] is None and "No run is eligible" in report_markdown(alone, GATES)
 
@@ -279,3 +281,15 @@ def test_study_figures_are_png_and_svg_files_and_only_those_with_data(tmp_path):
         assert (tmp_path / name.replace(".png", ".svg")).read_text().lstrip().startswith("<svg")
     report = report_markdown(summary([], [], {}, [], []), GATES, {title: f"figures/{n}" for title, n in made.items()})
     assert "![Paired differences (forest plot)](figures/paired_forest.png)" in report
+
+
+def test_roc_and_forest_figures_put_the_test_conditions_side_by_side():
+    rows = [row | {"condition": condition} for condition in ("wording", "complaint") for row in prediction_rows(
+        [("ED", "ED"), ("GP", "GP"), ("ED", "GP"), ("HOME", "HOME")], [0.9, 0.6, 0.4, 0.1])]
+    spec = figures.roc_spec({"r": rows})
+    assert spec["facet"]["column"]["field"] == "condition"
+    assert {p["condition"] for p in spec["data"]["values"]} == {"wording", "complaint"}
+    paired = [{"a": "r", "b": "f", "metric": "accuracy", "diff": 0.1, "low": 0.0, "high": 0.2, "condition": c,
+               "verdict": "no detectable difference"} for c in ("wording", "complaint")]
+    forest = figures.forest_spec(paired)
+    assert forest["facet"]["column"]["field"] == "condition" and len(forest["data"]["values"]) == 2

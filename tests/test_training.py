@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -13,12 +14,12 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load
 
-from triage.model.completion import collate, plain_loss
 from triage.config import LoraConfig, TrainParams
+from triage.model.completion import collate, plain_loss
 from triage.model.lm import ChatFormat, TokenizedCase
-from triage.train.losses import complement_log_probs, make_safety_loss, safety_objective, sharded
 from triage.schema import LABELS, Example
 from triage.train.loop import TrainingDiverged, add_lora, learning_rate_schedule, run_training, should_stop
+from triage.train.losses import complement_log_probs, make_safety_loss, safety_objective, sharded
 
 WEIGHTS = {"ED": 5.0, "GP": 2.0, "HOME": 1.0}
 COST = {"ED": {"ED": 0.0, "GP": 100.0, "HOME": 100.0},
@@ -490,3 +491,22 @@ def test_the_trainer_draws_colour_and_a_progress_bar_only_on_a_terminal(tiny, tm
     assert drawn == (terminal, terminal, terminal)
     plain = [line for line in out.splitlines() if "[train] step 2/2 loss " in line]
     assert plain and "ETA" in plain[0]
+
+
+def test_the_train_stage_wiring_is_the_model_and_objective_the_loop_tests_use(tiny):
+    """What stages/train.py and bench/run.py share: the adapted model, and the config's loss."""
+    from triage.train.losses import objective
+    from triage.train.wiring import lora_model
+
+    mx.random.seed(42)
+    trainee = lora_model(Path(tiny), lora_config(), 16)
+    model, fmt = fresh(tiny, lora_config())
+    assert trainee.fmt.label_first_tokens == fmt.label_first_tokens and trainee.lora["trainable_params"] > 0
+    for key, value in adapter_arrays(model).items():
+        np.testing.assert_array_equal(adapter_arrays(trainee.model)[key], value)
+    assert objective(lora_config(), fmt.label_first_tokens, 1.0) is plain_loss
+    batch = collate(short_cases(fmt, 4, 0.5, seed=3), mask_prompt=True)
+    safety = lora_config(kind="safety", class_weights=WEIGHTS, cost_matrix=COST)
+    expected, _ = make_safety_loss(fmt.label_first_tokens, WEIGHTS, COST, 2.0)(model, *batch)
+    got, _ = objective(safety, fmt.label_first_tokens, 2.0)(model, *batch)
+    assert got.item() == pytest.approx(expected.item())

@@ -53,16 +53,32 @@ def roc_points(run: str, rows: Sequence[dict]) -> list[dict]:
     return [{"run": run, "over_triage": float(x), "ed_recall": float(y)} for x, y in zip(fpr, tpr)]
 
 
+def by_condition(rows: Sequence[dict]) -> dict[str, list[dict]]:
+    """A learner's prediction rows per test condition ("all" for data without conditions)."""
+    out: dict[str, list[dict]] = {}
+    for row in rows:
+        out.setdefault(row.get("condition", "all"), []).append(row)
+    return dict(sorted(out.items()))
+
+
 def roc_spec(predictions: dict[str, Sequence[dict]]) -> dict:
-    points = [point for run, rows in predictions.items() for point in roc_points(run, rows)]
+    """One panel per test condition, side by side."""
+    points = [point | {"condition": condition} for run, rows in predictions.items()
+              for condition, part in by_condition(rows).items() for point in roc_points(run, part)]
     return {
         "$schema": SCHEMA, "title": "ED vs the rest: ED recall against over-triage to ED (test split)",
-        "width": 420, "height": 320, "data": {"values": points},
-        "mark": {"type": "line", "interpolate": "step-after", "point": False},
-        "encoding": {
-            "x": {"field": "over_triage", "type": "quantitative", "title": "non-ED cases sent to ED (false-positive rate)"},
-            "y": {"field": "ed_recall", "type": "quantitative", "title": "ED recall"},
-            "color": {"field": "run", "type": "nominal", "legend": {"labelLimit": 400}}, "order": {"field": "over_triage"},
+        "data": {"values": points},
+        "facet": {"column": {"field": "condition", "type": "nominal", "title": "test condition"}},
+        "spec": {
+            "width": 300, "height": 260,
+            "mark": {"type": "line", "interpolate": "step-after", "point": False},
+            "encoding": {
+                "x": {"field": "over_triage", "type": "quantitative",
+                      "title": "non-ED cases sent to ED (false-positive rate)"},
+                "y": {"field": "ed_recall", "type": "quantitative", "title": "ED recall"},
+                "color": {"field": "run", "type": "nominal", "legend": {"labelLimit": 400}},
+                "order": {"field": "over_triage"},
+            },
         },
     }
 
@@ -106,16 +122,18 @@ def uncertainty_spec(histograms: dict[str, Sequence[dict]]) -> dict:
 def forest_spec(paired: Sequence[dict]) -> dict:
     """Each paired difference a - b with its 95% interval; a line at 0 (no difference)."""
     rows = [{"pair": f"{row['a']} - {row['b']}", "metric": row["metric"], "diff": row["diff"],
-             "low": row["low"], "high": row["high"], "verdict": row["verdict"]}
+             "condition": row.get("condition", "all"), "low": row["low"], "high": row["high"],
+             "verdict": row["verdict"]}
             for row in paired if row["diff"] is not None and row["low"] is not None]
     y = {"field": "pair", "type": "nominal", "title": None, "axis": {"labelLimit": 520}}
     colour = {"field": "verdict", "type": "nominal", "scale": {
         "domain": list(VERDICTS), "range": ["#2a9d4a", "#d1495b", "#8d99ae"]}}
     return {
         "$schema": SCHEMA, "title": "Paired differences on the same test cases, with 95% intervals",
-        "data": {"values": rows}, "facet": {"row": {"field": "metric", "type": "nominal", "title": None}},
+        "data": {"values": rows}, "facet": {"row": {"field": "metric", "type": "nominal", "title": None},
+                                            "column": {"field": "condition", "type": "nominal", "title": None}},
         "resolve": {"scale": {"y": "independent"}},
-        "spec": {"width": 360, "layer": [
+        "spec": {"width": 300, "layer": [
             {"mark": "rule", "encoding": {"y": y, "x": {"field": "low", "type": "quantitative", "title": "a - b"},
                                           "x2": {"field": "high"}, "color": colour}},
             {"mark": {"type": "point", "filled": True}, "encoding": {

@@ -88,7 +88,7 @@ def collect_rows(selection: RunSelection, runs_dir: Path, models_dir: Path,
         baseline = baselines.get(variant, {})
         rows.append({
             **learner_row(evaluation), **run, "kind": training["kind"], "gates": evaluation["gates"],
-            "train_accuracy": training.get("train_accuracy"),
+            "train_accuracy": training["final_train_accuracy"],
             "gain_accuracy": _delta(evaluation["accuracy"], baseline.get("accuracy")),
             "gain_ed_recall": _delta(evaluation["ed_recall"], baseline.get("ed_recall")),
             "train_seconds": training["seconds"], "peak_memory_mb": training["peak_memory_mb"],
@@ -310,11 +310,21 @@ def _answers(row: dict) -> str:
     return f"constant ({counts})" if row["constant"] else counts
 
 
+FITS_TRAINING = 0.9
+"""Below this argmax accuracy on its own training sample a run has not fitted its data: a defect, not a finding."""
+
+
+def _train_fit(accuracy: float | None) -> str:
+    if accuracy is None:
+        return "n/a"
+    return f"{accuracy:.3f}" + (" (not fitted)" if accuracy < FITS_TRAINING else "")
+
+
 def _leaderboard(ranked: list[dict]) -> str:
     chosen_on = ("ed_f2", "accuracy", "ed_recall", "safe")
     condition = ranked[0]["valid"]["condition"] if ranked else "all"
     rows = [
-        [r["run"], r["kind"], *(_fmt(r["valid"][c]) for c in chosen_on), _fmt(r.get("train_accuracy")),
+        [r["run"], r["kind"], *(_fmt(r["valid"][c]) for c in chosen_on), _train_fit(r["train_accuracy"]),
          *(_with_interval(r[c], r["ci95"].get(c)) for c in ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_auroc")),
          _fmt(r["under_triage_rate"]), _fmt(r["unsafe_rate"]), _fmt(r["safe"]), _answers(r), failed_gates(r),
          r.get("excluded") or "-"]
@@ -427,6 +437,13 @@ def _selection_text(study: dict) -> str:
     text = f"Runs are chosen on the validation split's `{selection['condition']}` cases: {selection['why']}."
     best = study["best"]
     text += f" Chosen: `{best['run']}`." if best else " No run is eligible, so none is chosen."
+    floors = set(study.get("classical", {}))
+    verdicts = [f"vs `{row['b']}` on {row['condition']} {row['metric']}: {_signed(row['diff'])} "
+                f"[{_signed(row['low'])}, {_signed(row['high'])}], {row['verdict']}"
+                for row in study["paired"] if best and row["a"] == best["run"] and row["b"] in floors
+                and row["metric"] in ("accuracy", "ed_auroc") and row["condition"] in (selection["condition"], "all")]
+    if verdicts:
+        text += " On test, the chosen run " + "; ".join(verdicts) + "."
     if selection["excluded"]:
         text += " Not eligible: " + "; ".join(f"`{run}` ({why})" for run, why in selection["excluded"].items()) + "."
     return text
@@ -446,7 +463,7 @@ def report_markdown(study: dict, gates: dict[str, float], figures: dict[str, str
         "Ranked on the validation split (safe first, then ED F2, then accuracy); the test split's "
         "metrics are beside them, with 95% intervals (ED recall exact, the others a bootstrap over "
         "presentation groups), and never used to choose. Train accuracy is the argmax accuracy on a fixed "
-        "sample of the run's own training cases.",
+        "sample of the run's own training cases; under 0.9 the run has not fitted its data (\"not fitted\").",
         _leaderboard(ranked) if ranked else "No run has results yet.",
     ]
     conditions = _conditions_table(study)

@@ -15,7 +15,6 @@ import yaml
 from triage.data.splits import normalise_text
 from triage.schema import LABELS, DataError
 
-
 KNOWLEDGE_DIR = Path(__file__).parent / "knowledge"
 
 

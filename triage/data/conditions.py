@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
@@ -112,7 +113,7 @@ class WordingSplit:
 
     def held_out(self) -> list[HeldOut]:
         """The lists that lost lines to the test part."""
-        return [held for held in self.lists if set(map(_line_text, held.test)) != set(map(_line_text, held.train))]
+        return [held for held in self.lists if held.test != held.train]
 
 
 def _is_phrasing(value: tuple[str, ...]) -> bool:
@@ -170,14 +171,14 @@ def build(knowledge: Knowledge, sizes: Sizes, label_mix: dict[str, float], fract
             knowledge_seen = only(wording.parts[part], presentations)
             splits[part] += _cases(knowledge_seen, n, label_mix, seed, part, condition)
     dropped = _drop_near_duplicates(splits)
+    held = wording.held_out()
     report = {
         "held_out_share": share,
         "presentations": {part: len(ids) for part, ids in owner.items()},
-        "lists_held_out": len(wording.held_out()),
-        "lists_too_short": sum(1 for held in wording.lists if held not in wording.held_out()),
-        "lines_held_out_for_test": sum(len(held.test) for held in wording.held_out()),
-        "lines_held_out_for_valid": sum(len(held.valid) for held in wording.held_out()
-                                        if set(map(_line_text, held.valid)) - set(map(_line_text, held.train))),
+        "lists_held_out": len(held),
+        "lists_too_short": len(wording.lists) - len(held),
+        "lines_held_out_for_test": sum(len(h.test) for h in held),
+        "lines_held_out_for_valid": sum(len(h.valid) for h in held if h.valid != h.train),
         "dropped_near_duplicates": dropped,
         "cases": {part: {condition: sum(e.attrs.get("condition") == condition for e in examples)
                          for condition in CONDITIONS} for part, examples in splits.items() if part != "train"},
@@ -239,8 +240,11 @@ def _placeholder(token: str) -> str:
 
 
 def _renderings(template: str) -> list[str]:
-    """A template's normalised text in each voice, value placeholders left empty."""
-    values = TOKEN.sub(lambda m: m.group(0) if "|" in m.group(1) or m.group(1) in _PRONOUNS["first"] else " ", template)
+    """A template's normalised text in each voice, each value placeholder (an age, a relation) an "x"."""
+    def value(match: re.Match[str]) -> str:
+        return match.group(0) if "|" in match.group(1) or match.group(1) in _PRONOUNS["first"] else " x "
+
+    values = TOKEN.sub(value, template)
     return [normalise_text(fill(values, voice, sex)) for voice, sex in (("first", "female"), ("third", "female"),
                                                                           ("third", "male"))]
 
@@ -248,22 +252,26 @@ def _renderings(template: str) -> list[str]:
 def find_held_out_lines(splits: dict[str, Iterable[Example]], lists: Iterable[HeldOut]) -> dict:
     """Which messages of ``splits`` contain a test-only line, judged on normalised text in every voice.
 
-    A test line whose words also occur inside a training line ("breathing is
-    fine" within "lip swollen, breathing is fine") is seen wording, not a
-    leak: it is counted as ``lines_also_in_training`` and not searched for.
+    A test line whose words also occur inside a line that training or
+    validation may use ("breathing is fine" within "lip swollen, breathing is
+    fine") is shared wording, not a leak: it is counted as
+    ``lines_also_in_training`` and not searched for.
     """
     lists = list(lists)
-    training_text = " | ".join(text for h in lists for line in h.train for text in _renderings(_line_text(line)))
+    usable_by_word: dict[str, list[str]] = defaultdict(list)
+    for text in {text for h in lists for line in (*h.train, *h.valid) for text in _renderings(_line_text(line))}:
+        for word in set(text.split()):
+            usable_by_word[word].append(text)
     patterns, too_short, shared = [], 0, 0
     for h in lists:
-        for text in {_line_text(line) for line in h.test} - {_line_text(line) for line in h.train}:
+        for text in {_line_text(line) for line in h.test} - {_line_text(line) for line in (*h.train, *h.valid)}:
             compiled = _pattern(text)
+            anchor = max(normalise_text(TOKEN.sub(" ", text)).split(" "), key=len)
             if compiled is None:
                 too_short += 1
-            elif compiled.search(training_text):
+            elif any(compiled.search(usable) for usable in usable_by_word[anchor]):
                 shared += 1
             else:
-                anchor = max(normalise_text(TOKEN.sub(" ", text)).split(" "), key=len)
                 patterns.append((anchor, compiled, h.where, text))
     hits = []
     for part, examples in splits.items():

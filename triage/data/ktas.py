@@ -1,4 +1,7 @@
-"""The public KTAS emergency-triage data (Moon et al. 2019): its CSV read into examples, each visit rendered as a triage note."""
+"""The public KTAS emergency-triage data (Moon et al. 2019): its CSV read into examples.
+
+Each visit is rendered as a triage nurse's note; the nurse's own level and the vital-sign status go to attrs.
+"""
 
 from __future__ import annotations
 

@@ -15,10 +15,11 @@ Three steps, each deterministic given its inputs (randomness comes from a passed
    asks for, with varied wording, distractors and typos.
 
 ``generate`` ties them together for a requested size and label mix. Nothing
-in a message's form may give its label away: register and length are drawn
-before the label's facts, and label-neutral facts fill every message to the
-length drawn. The data are synthetic and not for clinical use (see
-``triage/data/knowledge/README.md``).
+in a message's form may give its label away: every label takes the age bands
+in the same shares (so who writes does not hint at it), register and length
+are drawn before the label's facts, and label-neutral facts fill every
+message to the length drawn. The data are synthetic and not for clinical use
+(see ``triage/data/knowledge/README.md``).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ _FIRST_PERSON_SHARE = {"child": 0.3, "adult": 0.85, "pregnant": 0.9, "elderly": 
 _REGISTER_SHARE = {"first": {"plain": 0.6, "text": 0.2, "worried": 0.2},
                    "third": {"plain": 0.55, "clinician": 0.15, "text": 0.15, "worried": 0.15}}
 _MAX_TRIES = 40
-# Words in a typical clause of the knowledge base: the unit of a message's length budget.
-_CLAUSE_WORDS = 10
+# Characters in a typical clause of the knowledge base (ten words): the unit of a message's length budget.
+_CLAUSE_CHARS = 55
 
 
 @dataclass(frozen=True)
@@ -110,10 +111,11 @@ class Case:
 
     ``present`` are flags the message states, ``denied`` flags it explicitly
     negates, ``stated`` host modifiers it mentions, ``screened`` screening
-    negations of the presentation's system and ``context`` the presentation's
-    context lines it adds (both as templates). Only the patient, ``present``
-    and ``stated`` reach ``decide``; ``register`` and ``sentences`` (the
-    length aimed for) shape the wording.
+    negations of the presentation's system, ``context`` the presentation's
+    context lines and ``distractors`` harmless details it adds (the last three
+    as templates). Only the patient, ``present`` and ``stated`` reach
+    ``decide``; ``register`` and ``sentences`` (the length aimed for) shape
+    the wording.
     """
 
     presentation: Presentation
@@ -127,6 +129,7 @@ class Case:
     stated: tuple[str, ...] = ()
     screened: tuple[str, ...] = ()
     context: tuple[str, ...] = ()
+    distractors: tuple[str, ...] = ()
     register: str = "patient"
     sentences: int = 3
 
@@ -180,7 +183,7 @@ def modifier_applies(modifier: Modifier, case: Case) -> bool:
 def decide(case: Case, knowledge: Knowledge) -> Decision:
     """Label a case: the most urgent of its base, stated flags and applicable modifiers.
 
-    Denied flags and general negations are deliberately ignored. On equal
+    Denied flags, screening negations and context are deliberately ignored. On equal
     urgency a stated flag gives the reason, then the base, then a stated and
     finally an inherent modifier: a modifier only explains a label it raised.
     """
@@ -197,38 +200,53 @@ def decide(case: Case, knowledge: Knowledge) -> Decision:
     return Decision(LABELS[urgency], rule, reason)
 
 
-def _routes(p: Presentation, label: str, knowledge: Knowledge) -> list[tuple[str, str]]:
-    """Ways a presentation can reach a label: its base, a flag, or a modifier."""
+def _routes(p: Presentation, label: str, band: str, knowledge: Knowledge) -> list[tuple[str, str]]:
+    """Ways a presentation can reach a label in an age band: its base, a flag, or a modifier."""
     routes = [("base", "")] if p.base == label else []
     if _urgency(label) < _urgency(p.base):
         routes += [("flag", f.id) for f in p.flags if f.label == label]
         routes += [("modifier", m.id) for m in knowledge.modifiers
-                   if m.label == label and m.tags_any & p.tags and (not m.bands or set(m.bands) & set(p.ages))]
+                   if m.label == label and m.tags_any & p.tags and (not m.bands or band in m.bands)
+                   and (m.stated or age_choices(p, band, m.min_weeks or 0, m.max_weeks))]
     return routes
 
 
-def _sample_case(p: Presentation, label: str, route: tuple[str, str], knowledge: Knowledge,
+def least_urgent(p: Presentation, band: str, knowledge: Knowledge) -> str:
+    """The least urgent label a patient of ``band`` with ``p`` can have: inherent modifiers (a fever
+    under 3 months) can rule out HOME."""
+    ages = age_choices(p, band)
+    # Only infants' modifiers depend on the age in weeks (modifiers.yaml); one age stands for any other band.
+    sample = ages if band == "infant" else ages[:1]
+    bare = (Case(p, band, age, p.sex or SEXES[0], "first", p.gestation[0]) for age in sample)
+    return LABELS[max(_urgency(decide(case, knowledge).label) for case in bare)]
+
+
+def reachable(p: Presentation, label: str, band: str, knowledge: Knowledge) -> bool:
+    """Whether the generator can write a case of ``p`` in ``band`` with ``label``."""
+    return _urgency(label) <= _urgency(least_urgent(p, band, knowledge)) and bool(_routes(p, label, band, knowledge))
+
+
+def _sample_case(p: Presentation, label: str, band: str, route: tuple[str, str], knowledge: Knowledge,
                  rng: random.Random) -> Case | None:
-    """Draw patient facts that realise ``route``; None when the route proves infeasible."""
+    """Draw patient facts that realise ``route`` in ``band``; None when the route proves infeasible."""
     kind, ref = route
     modifier = knowledge.modifier(ref) if kind == "modifier" else None
-    bands = [b for b in p.ages if modifier is None or not modifier.bands or b in modifier.bands]
     bounds = (modifier.min_weeks or 0, modifier.max_weeks) if modifier and not modifier.stated else (0, None)
+    ages = age_choices(p, band, *bounds)
+    if not ages:
+        return None
     for _ in range(_MAX_TRIES):
-        band = rng.choice(bands)
-        ages = age_choices(p, band, *bounds)
-        if not ages:
-            continue
         age_weeks = rng.choice(ages)
         voice = _pick_voice(p, band, age_weeks, rng)
         register = _pick_register(voice, band, rng)
         sentences = rng.choices(range(1, 7), weights=_STYLES[register].sentences)[0]
         present = _pick_flags(p, label, ref if kind == "flag" else None, rng)
         stated = _pick_stated(p, band, label, modifier if modifier and modifier.stated else None, knowledge, rng)
-        # Label-neutral facts fill the message up to a length in words drawn before the label's own
-        # facts, so that an ED flag makes a message no longer than a HOME one.
-        budget = (sentences - 0.5 + rng.random()) * _CLAUSE_WORDS
-        denied, screened, context = _pick_neutral(p, band, present, stated, budget, knowledge, rng)
+        # Label-neutral facts fill the message up to a length drawn before the label's own facts,
+        # so that an ED flag makes a message no longer than a HOME one. The complaint itself is
+        # about one and a half clauses long.
+        budget = (sentences + 1.5 + rng.random()) * _CLAUSE_CHARS
+        neutral = _pick_neutral(p, band, register, present, stated, budget, knowledge, rng)
         case = Case(
             presentation=p,
             band=band,
@@ -237,12 +255,10 @@ def _sample_case(p: Presentation, label: str, route: tuple[str, str], knowledge:
             voice=voice,
             gestation=rng.randint(*p.gestation) if band == "pregnant" else None,
             present=present,
-            denied=denied,
             stated=stated,
-            screened=screened,
-            context=context,
             register=register,
             sentences=sentences,
+            **neutral,
         )
         if decide(case, knowledge).label == label:
             return case
@@ -293,42 +309,59 @@ def context_slot(template: str) -> str:
     return next((slot for slot, pattern in _CONTEXT_SLOTS if pattern.search(lowered)), "symptoms")
 
 
-def _mean_words(templates: tuple[str, ...]) -> float:
-    return sum(len(t.split()) for t in templates) / len(templates)
+def _mean_length(templates: tuple[str, ...]) -> float:
+    """Characters, not words: flags use longer words than context, so equal word counts would still
+    leave ED messages longer."""
+    return sum(len(t) for t in templates) / len(templates)
 
 
-def _pick_neutral(p: Presentation, band: str, present: tuple[str, ...], stated: tuple[str, ...], budget: float,
-                  knowledge: Knowledge, rng: random.Random) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-    """Facts that never change the label (denied flags, screening negations, context lines): a
-    label-independent number of negations, then context lines and spare negations while the message's
-    expected length after the complaint stays within ``budget`` words.
+def _negations(p: Presentation, band: str, present: tuple[str, ...], knowledge: Knowledge,
+               rng: random.Random) -> list[tuple[str, str, float]]:
+    """Up to two denied flags and two screening negations of the system, shuffled, with their lengths."""
+    flags = [("denied", f.id, _mean_length(f.deny)) for f in p.flags if f.deny and f.id not in present]
+    screening = knowledge.general[(p.id, band, "denials")]
+    negations = rng.sample(flags, min(2, len(flags)))
+    negations += [("screened", line, _mean_length((line,))) for line in rng.sample(screening, min(2, len(screening)))]
+    rng.shuffle(negations)
+    return negations
 
-    Were negations only fill, HOME messages, with no flag taking up room, would
-    carry most of them and a negation would hint at HOME.
+
+def _pick_neutral(p: Presentation, band: str, register: str, present: tuple[str, ...], stated: tuple[str, ...],
+                  budget: float, knowledge: Knowledge, rng: random.Random) -> dict[str, tuple[str, ...]]:
+    """Facts that never change the label, by ``Case`` field: denied flags, screening negations, context
+    lines and distractors.
+
+    A label-independent number of negations (and maybe a distractor) comes
+    first; context lines, then spare distractors, follow while the message's
+    expected length stays within ``budget`` characters. Were negations fill
+    like context, HOME messages, with no flag taking up room, would carry most
+    of them and hint at their label.
     """
     # A stated modifier already answers its question ("over three weeks", "on warfarin"); a context
     # line answering the same one could contradict it.
     answered = {knowledge.modifier(m).slot or "history" for m in stated}
-    context = [("context", c, _mean_words((c,))) for c in p.context if context_slot(c) not in answered]
-    negations = [("denied", f.id, _mean_words(f.deny)) for f in p.flags if f.deny and f.id not in present]
-    negations = rng.sample(negations, min(2, len(negations)))
-    screening = knowledge.general[(p.id, band, "denials")]
-    negations += [("screened", line, _mean_words((line,))) for line in rng.sample(screening, min(2, len(screening)))]
-    rng.shuffle(negations)
-    forced = rng.choice((0, 0, 1, 1, 2))
-    # Spare negations come last: were they fill like context, HOME messages would carry the most.
-    options = rng.sample(context, min(3, len(context))) + negations[forced:]
-    # No more than every option allows, or messages without a flag would fall short of it.
-    budget = min(budget, sum(size for *_, size in negations + context))
-    words = sum(_mean_words(p.flag(f).say) for f in present) + sum(_mean_words(knowledge.modifier(m).say) for m in stated)
-    chosen = negations[:forced]
-    words += sum(size for *_, size in chosen)
+    context = [("context", c, _mean_length((c,))) for c in rng.sample(p.context, min(3, len(p.context)))]
+    # A clinician sticks to the point.
+    pool = knowledge.general[(p.id, band, "distractors")] if _STYLES[register].distractor else ()
+    distractors = [("distractors", line, _mean_length((line,))) for line in rng.sample(pool, min(2, len(pool)))]
+    n_negations, n_distractors = rng.choice((0, 0, 1, 1, 2)), int(rng.random() < _STYLES[register].distractor)
+    chosen = _negations(p, band, present, knowledge, rng)[:n_negations] + distractors[:n_distractors]
+    spare = distractors[n_distractors:]
+    options = [option for option in context if context_slot(option[1]) not in answered] + spare
+    complaint = _mean_length(p.say)
+    # A case without flags must be able to reach the budget too, so it is capped at what all the
+    # options give, counting the context lines a stated modifier stands in for.
+    budget = min(budget, complaint + sum(size for *_, size in chosen + context + spare))
+    length = complaint + sum(size for *_, size in chosen)
+    length += sum(_mean_length(p.flag(f).say) for f in present)
+    length += sum(_mean_length(knowledge.modifier(m).say) for m in stated)
     for option in options:
-        if words + option[2] / 2 > budget:
+        if length + option[2] / 2 > budget:
             break
         chosen.append(option)
-        words += option[2]
-    return tuple(tuple(value for kind, value, _ in chosen if kind == wanted) for wanted in ("denied", "screened", "context"))
+        length += option[2]
+    return {field: tuple(value for kind, value, _ in chosen if kind == field)
+            for field in ("denied", "screened", "context", "distractors")}
 
 
 def fill(template: str, voice: str, sex: str, extra: dict[str, str] | None = None) -> str:
@@ -436,9 +469,7 @@ def _pieces(case: Case, knowledge: Knowledge, rng: random.Random) -> list[_Piece
     middle += [(context_slot(line), say(line)) for line in case.context]
     middle += [("symptoms", say(rng.choice(p.flag(flag_id).deny))) for flag_id in case.denied]
     middle += [("symptoms", say(line)) for line in case.screened]
-    distractors = knowledge.general[(p.id, case.band, "distractors")]
-    if distractors and rng.random() < style.distractor:
-        middle.append(("other", say(rng.choice(distractors))))
+    middle += [("other", say(line)) for line in case.distractors]
     if case.register == "worried":
         worries = phrasing["worries"][case.voice]
         middle += [("other", say(line)) for line in rng.sample(worries, min(len(worries), rng.randint(1, 2)))]
@@ -488,16 +519,18 @@ def _as_text_message(text: str) -> str:
 
 
 def _write(group_texts: list[str], greeting: str | None, register: str, rng: random.Random) -> str:
+    """The writer's sentences, greeted, as the register writes them."""
     text = _greet(greeting, " ".join(group_texts), rng)
     return _as_text_message(text) if register == "text" else text
 
 
 def _as_note(case: Case, pieces: list[_Piece], greeting: str | None, phrasing: dict[str, Any],
              rng: random.Random) -> Message:
+    """The clauses in ``case.sentences`` sentences, some opened with a connector ("Also ...")."""
     sentences = []
     for index, group in enumerate(_group(pieces, case.sentences, rng)):
         sentence = _compose(group, case.register, rng)
-        if index and case.register != "clinician" and group[0][0] not in ("closing", "intro") and rng.random() < 0.2:
+        if index and case.register != "clinician" and group[0][0] in _SLOT_ORDER and rng.random() < 0.2:
             sentence = _sentence(f"{rng.choice(phrasing['connectors'])} {_lower_first(sentence)}")
         sentences.append(sentence)
     return Message(_write(sentences, greeting, case.register, rng), len(sentences))
@@ -516,7 +549,10 @@ def _as_dialogue(case: Case, pieces: list[_Piece], greeting: str | None, phrasin
                  rng: random.Random) -> Message:
     """A nurse's questions draw the clauses out by slot; the writer's side has ``case.sentences`` sentences."""
     speaker = "Patient" if case.voice == "first" else "Caller"
-    ask: Callable[[str], str] = lambda slot: _sentence(fill(rng.choice(phrasing["nurse"][slot]), case.voice, case.sex))
+
+    def ask(slot: str) -> str:
+        return _sentence(fill(rng.choice(phrasing["nurse"][slot]), case.voice, case.sex))
+
     opening = [piece for piece in pieces if piece[0] in ("intro", "complaint")]
     answers = {slot: [piece for piece in pieces if piece[0] == slot] for slot in _SLOT_ORDER}
     if answers["symptoms"] and rng.random() < 0.3:
@@ -554,42 +590,56 @@ def label_counts(n_examples: int, label_mix: dict[str, float]) -> dict[str, int]
         raise ValueError(f"label_mix has unknown labels {sorted(unknown)}; expected {LABELS}")
     if n_examples < 0 or any(w < 0 for w in label_mix.values()) or sum(label_mix.values()) <= 0:
         raise ValueError("n_examples and label_mix weights must be non-negative, with a positive total")
-    total = sum(label_mix.values())
-    exact = {label: n_examples * label_mix.get(label, 0.0) / total for label in LABELS}
-    counts = {label: int(value) for label, value in exact.items()}
-    by_remainder = sorted(LABELS, key=lambda label: (-(exact[label] - counts[label]), LABELS.index(label)))
-    for label in by_remainder[: n_examples - sum(counts.values())]:
-        counts[label] += 1
+    return _apportion(n_examples, {label: label_mix.get(label, 0.0) for label in LABELS})
+
+
+def _apportion(total: int, weights: dict[str, float]) -> dict[str, int]:
+    """``total`` split in proportion to ``weights`` by largest remainder, so the parts sum to it exactly."""
+    scale = sum(weights.values())
+    exact = {key: total * weight / scale for key, weight in weights.items()}
+    counts = {key: int(value) for key, value in exact.items()}
+    order = list(weights)
+    by_remainder = sorted(order, key=lambda key: (-(exact[key] - counts[key]), order.index(key)))
+    for key in by_remainder[: total - sum(counts.values())]:
+        counts[key] += 1
     return counts
 
 
-def _plan(knowledge: Knowledge, counts: dict[str, int], rng: random.Random) -> list[tuple[str, Presentation]]:
-    """Which presentation to use for each example.
+def _plan(knowledge: Knowledge, counts: dict[str, int], rng: random.Random) -> list[tuple[str, Presentation, str]]:
+    """Which presentation and age band to use for each example.
 
-    Each label cycles through every presentation able to reach it before any
-    repeats, so a few thousand examples cover the whole knowledge base.
+    Every label takes each age band in the same share (the band's share of
+    the knowledge base), so neither the age nor who writes (a parent writes
+    for a child) hints at the label. Within a label and band the plan cycles
+    through every presentation able to reach it before any repeats.
     """
-    plan: list[tuple[str, Presentation]] = []
+    pairs = [(p, band) for p in knowledge.presentations for band in p.ages]
+    plan: list[tuple[str, Presentation, str]] = []
     for label, count in counts.items():
-        capable = [p for p in knowledge.presentations if _routes(p, label, knowledge)]
+        capable: dict[str, list[Presentation]] = {}
+        for p, band in pairs:
+            if reachable(p, label, band, knowledge):
+                capable.setdefault(band, []).append(p)
         if count and not capable:
             raise ValueError(f"no presentation in the knowledge base can produce label {label}")
-        queue: list[Presentation] = []
-        while len(queue) < count:
-            batch = list(capable)
-            rng.shuffle(batch)
-            queue.extend(batch)
-        plan.extend((label, p) for p in queue[:count])
+        shares = {band: sum(b == band for _, b in pairs) for band in capable}
+        for band, n in _apportion(count, shares).items():
+            queue: list[Presentation] = []
+            while len(queue) < n:
+                batch = list(capable[band])
+                rng.shuffle(batch)
+                queue.extend(batch)
+            plan.extend((label, p, band) for p in queue[:n])
     rng.shuffle(plan)
     return plan
 
 
-def _realise(label: str, p: Presentation, knowledge: Knowledge, rng: random.Random, dialogue_share: float,
-             seen: set[str]) -> Generated:
-    """A case of ``p`` with the wanted label whose message text is new."""
-    routes = _routes(p, label, knowledge)
+def _realise(label: str, p: Presentation, band: str, knowledge: Knowledge, rng: random.Random,
+             dialogue_share: float, seen: set[str]) -> Generated:
+    """A case of ``p`` in ``band`` with the wanted label whose message text is new."""
+    routes = _routes(p, label, band, knowledge)
     for _ in range(_MAX_TRIES):
-        case = _sample_case(p, label, rng.choice(routes), knowledge, rng)
+        case = _sample_case(p, label, band, rng.choice(routes), knowledge, rng)
         if case is None:
             continue
         message = render_message(case, knowledge, rng, dialogue=rng.random() < dialogue_share)
@@ -597,7 +647,7 @@ def _realise(label: str, p: Presentation, knowledge: Knowledge, rng: random.Rand
         if key not in seen:
             seen.add(key)
             return Generated(case, decide(case, knowledge), message)
-    raise ValueError(f"presentation {p.id!r} could not produce a new {label} example; "
+    raise ValueError(f"presentation {p.id!r} could not produce a new {label} example for the {band} band; "
                      "check its rules or ask for fewer examples")
 
 
@@ -609,8 +659,8 @@ def generate_cases(n_examples: int, label_mix: dict[str, float], seed: int, dial
     knowledge = knowledge or load_knowledge()
     rng = random.Random(seed)
     seen: set[str] = set()
-    return [_realise(label, p, knowledge, rng, dialogue_share, seen)
-            for label, p in _plan(knowledge, label_counts(n_examples, label_mix), rng)]
+    return [_realise(label, p, band, knowledge, rng, dialogue_share, seen)
+            for label, p, band in _plan(knowledge, label_counts(n_examples, label_mix), rng)]
 
 
 def generate(n_examples: int, label_mix: dict[str, float], seed: int, dialogue_share: float = 0.3,

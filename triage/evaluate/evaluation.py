@@ -25,7 +25,7 @@ from triage.evaluate.decisions import EdThreshold, decide, freeze_ed_threshold
 from triage.evaluate.metrics import HEADLINE
 from triage.schema import LABELS, DataError, Example, read_examples
 
-SUBGROUP_ATTRS = ("age_band", "sex")
+SUBGROUP_ATTRS = ("age_band", "sex", "vitals")  # vitals: KTAS cases, abnormal or not (triage/data/ktas.py)
 CONDITION_ATTR = "condition"
 """Built-in cases carry the test condition they belong to (triage.data.conditions); each is scored apart too."""
 

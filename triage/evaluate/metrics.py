@@ -14,10 +14,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from triage.schema import LABELS
-# classification_metrics and ed_discrimination are re-exported: evaluation reads every metric from this module.
-from triage.scores import (
-    ED, N_CLASSES, UNCLASSIFIED, ProbMatrix, check_probs, classification_metrics, ed_discrimination, encode_labels,
-    encode_pair, ratio)
+from triage.scores import ED, N_CLASSES, UNCLASSIFIED, ProbMatrix, check_probs, encode_labels, encode_pair, ratio
+
+# Re-exported: evaluation reads every metric from this module.
+from triage.scores import classification_metrics as classification_metrics
+from triage.scores import ed_discrimination as ed_discrimination
 
 HEADLINE = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_fn", "safe",
             "under_triage_rate", "over_triage_rate", "unsafe_rate")

@@ -1,1 +1,3 @@
-"""The language model as every stage that runs it sees it: chat format and label scoring, fast kernels, device set-up."""
+"""The language model as training and evaluation both see it: chat format, label scoring and the completion's loss,
+the block stand-ins, fast kernels and device set-up; every use of mlx-lm's internals is in :mod:`.mlx_lm_internals`.
+"""

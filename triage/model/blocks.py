@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,7 +28,7 @@ class StandIn:
     def __init__(self, block: nn.Module):
         self.block = block
 
-    def __getattr__(self, key: str):
+    def __getattr__(self, key: str) -> Any:
         if key == "block":  # not yet set: no block to ask
             raise AttributeError(key)
         return getattr(self.block, key)
@@ -35,7 +36,7 @@ class StandIn:
 
 @contextmanager
 def standing_in(model: nn.Module, stand_ins: Sequence[StandIn], first: int = 0) -> Iterator[None]:
-    """Inside, ``stand_ins`` take the places of the blocks from index ``first`` up; the model's own come back afterwards."""
+    """Inside, ``stand_ins`` take the places of the blocks from index ``first`` up; the model's own come back after."""
     layers = blocks(model)
     end = first + len(stand_ins)
     own = layers[first:end]

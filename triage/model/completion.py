@@ -61,7 +61,8 @@ def collate(cases: Sequence[TokenizedCase], mask_prompt: bool, shared: int = 0) 
         tokens[i, : len(row)] = row
         positions[i, :count] = np.arange(start - 1, start - 1 + count)
         mask[i, :count] = 1.0
-        first_label = case.prompt_length - shared - start  # index of the label's first token among the trained positions
+        # The index of the label's first token among the trained positions.
+        first_label = case.prompt_length - shared - start
         label_mask[i, first_label : first_label + case.label_length] = 1.0
     labels = np.array([c.label for c in cases], np.int32)
     prefix = np.array([cases[0].tokens[:shared]], np.int32).reshape(1, shared)

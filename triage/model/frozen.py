@@ -70,7 +70,7 @@ class FrozenPrefix:
 
 
 def record_frozen_prefix(model: nn.Module, tokens: list[int]) -> FrozenPrefix | None:
-    """Run ``tokens`` (the prefix) through the model once and keep what its frozen blocks did; None if nothing to keep."""
+    """Run ``tokens`` (the prefix) through the model once, keeping what its frozen blocks did; None: nothing to keep."""
     frozen = frozen_blocks(model)
     if not tokens or not frozen:
         return None

@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from copy import copy as shallow_copy
 from dataclasses import dataclass
 from importlib.metadata import version
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -62,6 +63,7 @@ class Name:
         return f"{self.module}.{self.name}"
 
     def missing(self) -> str:
+        """What to say when the installed mlx-lm lacks the name."""
         return (f"mlx-lm {version('mlx-lm')} has no {self.path}, which triage uses ({self.reason}); "
                 f"triage.model.mlx_lm_internals was written against mlx-lm {WRITTEN_AGAINST}")
 
@@ -120,7 +122,7 @@ def _calling(attention: Callable[..., mx.array], original: Callable[..., mx.arra
 
 
 def swap_activations(attention: Callable[..., mx.array], swiglu: Callable[..., mx.array]) -> list[str]:
-    """Make llama and Gemma 3 attend with ``attention`` and llama's MLP use ``swiglu``; the names swapped (none twice)."""
+    """Make llama and Gemma 3 attend with ``attention`` and llama's MLP use ``swiglu``; the names swapped (once)."""
     swapped = []
     for name in (LLAMA_ATTENTION, GEMMA3_ATTENTION):
         current = name.get()
@@ -155,7 +157,7 @@ def trainer_display_only_on_a_terminal() -> None:
 # --- The model's layout --------------------------------------------------------
 
 
-def hidden_states(model: nn.Module, inputs: mx.array, cache=None) -> mx.array:
+def hidden_states(model: nn.Module, inputs: mx.array, cache: list | None = None) -> mx.array:
     """Final normalised hidden states, before the vocabulary projection."""
     return model.model(inputs, cache)
 
@@ -240,7 +242,7 @@ def cache_arrays(cache: list) -> list[tuple[mx.array, mx.array]]:
 
 
 @contextmanager
-def cache_writes(cache) -> Iterator[list[tuple[mx.array, mx.array]]]:
+def cache_writes(cache: Any) -> Iterator[list[tuple[mx.array, mx.array]]]:
     """Inside, every (keys, values) written into this one layer's ``cache`` is also appended to the list yielded."""
     update_and_fetch = cache.update_and_fetch
     writes: list[tuple[mx.array, mx.array]] = []

@@ -16,7 +16,7 @@ TRAIN_KEYS = {"train_loss": "train/loss", "learning_rate": "train/learning_rate"
               "tokens_per_s": "train/tokens_per_s", "peak_memory_mb": "train/peak_memory_mb"}
 
 
-SUMMARY = {"train/loss", "val/loss", "val/accuracy", "val/ed_auroc"}
+SUMMARY = {"train/loss", "train/accuracy", "val/loss", "val/accuracy", "val/ed_auroc"}
 
 
 def _prune(summary: dict, keep: set[str], prefix: str = "") -> None:
@@ -48,8 +48,12 @@ class TrainingLog:
         self._log(row["step"], {name: row[key] for key, name in TRAIN_KEYS.items()})
 
     def validation(self, row: dict) -> None:
-        self._log(row["step"], {f"val/{key[len('val_'):]}": value for key, value in row.items()
-                                if key.startswith("val_") and value is not None})
+        """The validation metrics, and the argmax accuracy on the fixed sample of training cases."""
+        values = {f"val/{key[len('val_'):]}": value for key, value in row.items()
+                  if key.startswith("val_") and value is not None}
+        if row.get("train_accuracy") is not None:
+            values["train/accuracy"] = row["train_accuracy"]
+        self._log(row["step"], values)
 
     def _log(self, step: int, values: dict[str, float]) -> None:
         self.live.step = step

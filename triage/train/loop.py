@@ -6,9 +6,9 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -31,7 +31,7 @@ from triage.train.log import TrainingLog
 from triage.train.losses import Loss, sharded, split_cross_entropy
 
 NEVER = 10**9  # an interval mlx-lm's trainer never reaches: we evaluate and save ourselves
-VALIDATION_KEYS = ("val_loss", "val_label_loss", "val_reason_loss", "val_accuracy", "val_ed_auroc")
+VALIDATION_KEYS = ("val_loss", "val_label_loss", "val_reason_loss", "val_accuracy", "val_ed_auroc", "train_accuracy")
 BEST_ADAPTER = "best_adapters.safetensors"
 
 
@@ -152,7 +152,8 @@ def load_checkpoint(directory: Path, expected: str, model: nn.Module, optimizer:
     arrays = mx.load(str(directory / "state.safetensors"))
     model.load_weights([(k[len("adapter."):], v) for k, v in arrays.items() if k.startswith("adapter.")], strict=False)
     optimizer.init(model.trainable_parameters())
-    optimizer.state = tree_unflatten([(k[len("optimizer."):], v) for k, v in arrays.items() if k.startswith("optimizer.")])
+    optimizer.state = tree_unflatten([(k[len("optimizer."):], v) for k, v in arrays.items()
+                                      if k.startswith("optimizer.")])
     print(f"[train] resuming from step {state.step} (checkpoint in {directory})")
     return state
 

@@ -28,7 +28,7 @@ almost nothing beyond its class weight.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import mlx.nn as nn
@@ -23,3 +24,20 @@ def task_metrics(model: nn.Module, fmt: ChatFormat, examples: list[Example], bat
     discrimination = ed_discrimination(labels, probs[:, ED], ())
     return {"val_accuracy": classification_metrics(labels, argmax_decision(probs))["accuracy"],
             "val_ed_auroc": discrimination["ed_auroc"]}
+
+
+TRAIN_SAMPLE = 64
+"""Training cases whose argmax accuracy is logged at every validation: can the run fit its own data?"""
+
+
+def train_sample(examples: Sequence[Example], seed: int, size: int = TRAIN_SAMPLE) -> list[Example]:
+    """A fixed sample of the training cases, the same at every validation and on resume."""
+    picked = sorted(random.Random(seed).sample(range(len(examples)), min(size, len(examples))))
+    return [examples[i] for i in picked]
+
+
+def sample_accuracy(model: nn.Module, fmt: ChatFormat, examples: Sequence[Example], batch_size: int,
+                    streams: Sequence = ()) -> float:
+    """Argmax accuracy of the label scores on ``examples``."""
+    probs = label_probabilities(model, fmt, [example.prompt for example in examples], batch_size, streams)
+    return classification_metrics([example.label for example in examples], argmax_decision(probs))["accuracy"]

@@ -24,7 +24,7 @@ from triage.schema import Example, read_examples
 from triage.train.batches import validation_indices
 from triage.train.loop import TrainResult, add_lora, fingerprint, run_training, save_adapter, tree_digest
 from triage.train.losses import objective
-from triage.train.validation import task_metrics
+from triage.train.validation import sample_accuracy, task_metrics, train_sample
 
 
 @dataclass(frozen=True)
@@ -58,13 +58,21 @@ class TrainPaths:
     checkpoints: Path  # outside the DVC cache; removed once the adapter is written
 
 
-def read_cases(fmt: ChatFormat, data: Path, max_len: int) -> tuple[list[TokenizedCase], list[TokenizedCase],
-                                                                   list[Example]]:
-    """The train and validation cases, tokenised, and the validation examples they come from."""
+@dataclass(frozen=True)
+class Cases:
+    """The train and validation cases, tokenised, and the examples they come from."""
+
+    train: list[TokenizedCase]
+    valid: list[TokenizedCase]
+    train_examples: list[Example]
+    valid_examples: list[Example]
+
+
+def read_cases(fmt: ChatFormat, data: Path, max_len: int) -> Cases:
     train_path, valid_path = (data / f"{name}.jsonl" for name in ("train", "valid"))
-    valid_examples = read_examples(valid_path)
-    train_cases = tokenize_split(fmt, read_examples(train_path), str(train_path), max_len)
-    return train_cases, tokenize_split(fmt, valid_examples, str(valid_path), max_len), valid_examples
+    train_examples, valid_examples = read_examples(train_path), read_examples(valid_path)
+    return Cases(tokenize_split(fmt, train_examples, str(train_path), max_len),
+                 tokenize_split(fmt, valid_examples, str(valid_path), max_len), train_examples, valid_examples)
 
 
 def describe(config_name: str, config: LoraConfig, trainee: LoraModel) -> None:
@@ -97,15 +105,21 @@ def train_adapter(params: Params, config_name: str, paths: TrainPaths) -> None:
     mx.random.seed(train.seed)
     trainee = lora_model(paths.model_dir, config, train.num_layers)
     model, fmt = trainee.model, trainee.fmt
-    train_cases, val_cases, valid_examples = read_cases(fmt, paths.data, train.max_seq_length)
+    cases = read_cases(fmt, paths.data, train.max_seq_length)
     describe(config_name, config, trainee)
-    # Accuracy and ED AUROC at every validation, on the cases the validation batches hold.
-    picked = validation_indices(val_cases, config.batch_size, train.val_batches, train.seed)
-    val_examples = [valid_examples[i] for i in picked]
+    # Accuracy and ED AUROC at every validation, on the cases the validation batches hold,
+    # and the accuracy on a fixed sample of the training cases.
+    picked = validation_indices(cases.valid, config.batch_size, train.val_batches, train.seed)
+    val_examples = [cases.valid_examples[i] for i in picked]
+    fitted = train_sample(cases.train_examples, train.seed)
     run_id = fingerprint(asdict(config), asdict(train), tree_digest(paths.model_dir), tree_digest(paths.data))
     loss = objective(config, fmt.label_first_tokens, train.label_weight)
-    result = run_training(model, train_cases, val_cases, config, train, loss, paths.checkpoints, run_id,
-                          lambda streams: task_metrics(model, fmt, val_examples, config.batch_size, streams),
+
+    def metrics(streams) -> dict:
+        return task_metrics(model, fmt, val_examples, config.batch_size, streams) | {
+            "train_accuracy": sample_accuracy(model, fmt, fitted, config.batch_size, streams)}
+
+    result = run_training(model, cases.train, cases.valid, config, train, loss, paths.checkpoints, run_id, metrics,
                           log_dir=paths.log)
     save_adapter(paths.adapter, model, trainee.lora["adapter_config"])
     write_json(paths.metrics, summary(config_name, config, train.label_weight, trainee.lora, result))
