@@ -210,7 +210,9 @@ def test_sharded_loss_and_gradients_equal_the_whole_batch(tiny, shards):
         (split, n_split), grads_split = nn.value_and_grad(model, sharded(loss, streams))(model, *batch)
         assert int(n_split) == int(n_whole) and float(split) == pytest.approx(float(whole), rel=1e-5)
         for (name, a), (_, b) in zip(tree_flatten(grads_whole), tree_flatten(grads_split)):
-            np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-3, atol=1e-6, err_msg=name)
+            # fp32 sums in another order: an element near 0 may move by ~1e-6 of the tensor's largest one.
+            scale = float(np.abs(np.array(a)).max())
+            np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-3, atol=1e-6 * max(scale, 1.0), err_msg=name)
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine():
