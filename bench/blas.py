@@ -18,8 +18,9 @@ import argparse
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import triage.runtime
 
@@ -85,9 +86,7 @@ def main() -> None:
         for name, (choice, threads) in runs.items()
     }
     report["quantized_576x1536"] = [
-        quantized_layer_timings(bits, shape, args.repeats * 2)
-        for bits in (4, 8)
-        for shape in ((4, 256), (1,))
+        quantized_layer_timings(bits, shape, args.repeats * 2) for bits in (4, 8) for shape in ((4, 256), (1,))
     ]
 
     print(f"in-process BLAS: {blas}")

@@ -156,7 +156,8 @@ def typical_examples(examples: list[Example], cases: list[TokenizedCase], n: int
 
 
 def fixed_length_cases(cases: list[TokenizedCase], seq_len: int, completion: int, n: int) -> list[TokenizedCase]:
-    """``n`` cases of exactly ``seq_len`` tokens: a real prompt (repeated to fill), ``completion`` real completion tokens.
+    """``n`` cases of exactly ``seq_len`` tokens: a real prompt (repeated to fill) and ``completion``
+    real completion tokens.
 
     Exactly ``seq_len`` so that the collated input is ``seq_len`` wide (collate pads
     to a multiple of 8 plus the shifted target); the content only has to be
@@ -222,21 +223,38 @@ def seconds(fn: Callable[[], Any]) -> float:
 
 
 def lora_config(setup: Setup) -> LoraConfig:
-    return LoraConfig(kind="standard", learning_rate=1e-5, batch_size=setup.batch_size, rank=setup.rank,
-                      scale=setup.scale, dropout=setup.dropout, iters=setup.warmup_steps + setup.steps)
+    return LoraConfig(
+        kind="standard",
+        learning_rate=1e-5,
+        batch_size=setup.batch_size,
+        rank=setup.rank,
+        scale=setup.scale,
+        dropout=setup.dropout,
+        iters=setup.warmup_steps + setup.steps,
+    )
 
 
 def train_step_seconds(model, cases: list[TokenizedCase], setup: Setup, scratch: Path) -> list[float]:
     """Per-step wall time of the synthetic shape: the plain loss on ``cases``, as the train stage splits a batch."""
-    loss = training_loss(model, plain_loss, cases,
-                         replace(PARAMS.train, cpu_streams=setup.cpu_streams, share_prompt_prefix=False))
+    loss = training_loss(
+        model, plain_loss, cases, replace(PARAMS.train, cpu_streams=setup.cpu_streams, share_prompt_prefix=False)
+    )
     batches = make_iterate_batches(mask_prompt=True, seed=0, share_prefix=False)  # B x T as it is, like PEFT's
-    return mlx_step_seconds(model, cases, loss, batches, setup.batch_size,
-                            setup.warmup_steps + setup.steps, setup.seq_len + 1, scratch)
+    return mlx_step_seconds(
+        model, cases, loss, batches, setup.batch_size, setup.warmup_steps + setup.steps, setup.seq_len + 1, scratch
+    )
 
 
-def mlx_step_seconds(model, dataset: list[TokenizedCase], loss, iterate_batches, batch_size: int, steps: int,
-                     max_seq_length: int, scratch: Path) -> list[float]:
+def mlx_step_seconds(
+    model,
+    dataset: list[TokenizedCase],
+    loss,
+    iterate_batches,
+    batch_size: int,
+    steps: int,
+    max_seq_length: int,
+    scratch: Path,
+) -> list[float]:
     """Per-step wall time of mlx-lm's own ``train`` (compiled step, AdamW) with the project's loss and batches.
 
     The loss splits the batch over the CPU streams as the train stage does, BLAS threads divided
@@ -255,16 +273,30 @@ def mlx_step_seconds(model, dataset: list[TokenizedCase], loss, iterate_batches,
         def on_train_loss_report(self, info: dict) -> None:
             self.times.append(1.0 / info["iterations_per_second"])
 
-    args = TrainingArgs(batch_size=batch_size, iters=steps, steps_per_report=1, steps_per_eval=NEVER,
-                        steps_per_save=NEVER, max_seq_length=max_seq_length,
-                        adapter_file=str(scratch / "adapters.safetensors"))
+    args = TrainingArgs(
+        batch_size=batch_size,
+        iters=steps,
+        steps_per_report=1,
+        steps_per_eval=NEVER,
+        steps_per_save=NEVER,
+        max_seq_length=max_seq_length,
+        adapter_file=str(scratch / "adapters.safetensors"),
+    )
     callback = StepTimes()
     optimizer = optim.AdamW(learning_rate=1e-5, weight_decay=0.01)
     threads = blas_threads()
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm's progress lines would break our table
-            train(model, optimizer, dataset, None, args, loss=loss, iterate_batches=iterate_batches,
-                  training_callback=callback)
+            train(
+                model,
+                optimizer,
+                dataset,
+                None,
+                args,
+                loss=loss,
+                iterate_batches=iterate_batches,
+                training_callback=callback,
+            )
     finally:
         set_blas_threads(threads)
     return callback.times
@@ -334,8 +366,17 @@ def per_element_ns(n: int = 1 << 20) -> dict:
     return result
 
 
-def measure_variant(name: str, path: Path, train_cases: list[TokenizedCase], examples: list[Example],
-                    setup: Setup, flops: FlopModel, completion: int, peak: float, scratch: Path) -> dict:
+def measure_variant(
+    name: str,
+    path: Path,
+    train_cases: list[TokenizedCase],
+    examples: list[Example],
+    setup: Setup,
+    flops: FlopModel,
+    completion: int,
+    peak: float,
+    scratch: Path,
+) -> dict:
     """Training, scoring, generation and MC-dropout numbers of one model variant."""
     trainee = lora_model(path, lora_config(setup), setup.num_layers)
     model, fmt, tokenizer = trainee.model, trainee.fmt, trainee.fmt.tokenizer
@@ -393,8 +434,9 @@ def real_train_cases(fmt: ChatFormat) -> list[TokenizedCase]:
     """The built-in train split, tokenised as the train stage tokenises it."""
     from triage.data.sources import load_splits
 
-    return tokenize_split(fmt, load_splits(PARAMS.data)["train"], "the built-in train split",
-                          PARAMS.train.max_seq_length)
+    return tokenize_split(
+        fmt, load_splits(PARAMS.data)["train"], "the built-in train split", PARAMS.train.max_seq_length
+    )
 
 
 def step_shape(cases: list[TokenizedCase], batch: list[int], shared: int) -> tuple:
@@ -404,8 +446,9 @@ def step_shape(cases: list[TokenizedCase], batch: list[int], shared: int) -> tup
 
 def train_stage_order(cases: list[TokenizedCase]):
     """The train stage's endless batch order on ``cases`` for the real workload's config."""
-    return batch_order(len(cases), [len(c.tokens) for c in cases], PARAMS.config(REAL_CONFIG).batch_size,
-                       PARAMS.train.seed)
+    return batch_order(
+        len(cases), [len(c.tokens) for c in cases], PARAMS.config(REAL_CONFIG).batch_size, PARAMS.train.seed
+    )
 
 
 def real_batches(cases: list[TokenizedCase], shared: int, setup: Setup) -> tuple[list[list[int]], list[list[int]]]:
@@ -437,8 +480,9 @@ def real_step_positions(cases: list[TokenizedCase], batches: list[list[int]], sh
     return shared + statistics.mean(rows * (width - 1) for rows, width in sizes)
 
 
-def real_workload_variant(path: Path, cases: list[TokenizedCase], warmup: list[list[int]], timed: list[list[int]],
-                          shared: int, scratch: Path) -> dict:
+def real_workload_variant(
+    path: Path, cases: list[TokenizedCase], warmup: list[list[int]], timed: list[list[int]], shared: int, scratch: Path
+) -> dict:
     """The train stage's steps of ``medical_baseline`` on one variant: its loss, its collate, its streams.
 
     ``shared`` is the prefix length its batches share (0: the plain batch).
@@ -446,53 +490,95 @@ def real_workload_variant(path: Path, cases: list[TokenizedCase], warmup: list[l
     config = PARAMS.config(REAL_CONFIG)
     trainee = lora_model(path, config, PARAMS.train.num_layers)
     model = trainee.model
-    loss = training_loss(model, objective(config, trainee.fmt.label_first_tokens, PARAMS.train.label_weight), cases,
-                         replace(PARAMS.train, share_prompt_prefix=shared > 0))
+    loss = training_loss(
+        model,
+        objective(config, trainee.fmt.label_first_tokens, PARAMS.train.label_weight),
+        cases,
+        replace(PARAMS.train, share_prompt_prefix=shared > 0),
+    )
 
     def iterate_batches(dataset, batch_size, max_seq_length, loop=False, **_):
         for batch in warmup + timed:
             yield collate([dataset[i] for i in batch], PARAMS.train.mask_prompt, shared)
 
     mx.reset_peak_memory()
-    steps = mlx_step_seconds(model, cases, loss, iterate_batches, config.batch_size, len(warmup) + len(timed),
-                             PARAMS.train.max_seq_length, scratch)
+    steps = mlx_step_seconds(
+        model,
+        cases,
+        loss,
+        iterate_batches,
+        config.batch_size,
+        len(warmup) + len(timed),
+        PARAMS.train.max_seq_length,
+        scratch,
+    )
     compiled, measured = steps[: len(warmup)], steps[len(warmup) :]
-    return {"share_prompt_prefix": shared > 0, "warmup_step_seconds": [round(t, 3) for t in compiled],
-            "step_seconds": [round(t, 3) for t in measured], "seconds_per_step": statistics.mean(measured),
-            "cases_per_s": sum(map(len, timed)) / sum(measured), "peak_memory_mb": mx.get_peak_memory() / 2**20}
+    return {
+        "share_prompt_prefix": shared > 0,
+        "warmup_step_seconds": [round(t, 3) for t in compiled],
+        "step_seconds": [round(t, 3) for t in measured],
+        "seconds_per_step": statistics.mean(measured),
+        "cases_per_s": sum(map(len, timed)) / sum(measured),
+        "peak_memory_mb": mx.get_peak_memory() / 2**20,
+    }
 
 
-def real_workload(paths: dict[str, Path], fmt: ChatFormat, setup: Setup, cache: Path,
-                  torch_interpreter: Path | None, scratch: Path) -> dict:
+def real_workload(
+    paths: dict[str, Path], fmt: ChatFormat, setup: Setup, cache: Path, torch_interpreter: Path | None, scratch: Path
+) -> dict:
     """Ours at float, q8 and q4 (and q4 on the plain batch) against transformers + PEFT, same cases, same order."""
     cases = real_train_cases(fmt)
     shared = shared_length(cases, PARAMS.train.mask_prompt, PARAMS.train.share_prompt_prefix)
     warmup, timed = real_batches(cases, shared, setup)
     config = PARAMS.config(REAL_CONFIG)
     result: dict[str, Any] = {
-        "config": REAL_CONFIG, "batch_size": config.batch_size, "rank": config.rank, "dropout": config.dropout,
-        "num_layers": PARAMS.train.num_layers, "train_cases": len(cases),
-        "warmup_steps": len(warmup), "timed_steps": len(timed),
-        "mean_case_tokens": statistics.mean(len(c.tokens) for c in cases), "shared_prefix_tokens": shared,
-        "token_positions_per_step": {"plain_batch": real_step_positions(cases, timed, 0),
-                                     "shared_prefix": real_step_positions(cases, timed, shared)},
-        "step_shapes_per_epoch": {"plain_batch": shapes_per_epoch(cases, 0),
-                                  "shared_prefix": shapes_per_epoch(cases, shared)},
+        "config": REAL_CONFIG,
+        "batch_size": config.batch_size,
+        "rank": config.rank,
+        "dropout": config.dropout,
+        "num_layers": PARAMS.train.num_layers,
+        "train_cases": len(cases),
+        "warmup_steps": len(warmup),
+        "timed_steps": len(timed),
+        "mean_case_tokens": statistics.mean(len(c.tokens) for c in cases),
+        "shared_prefix_tokens": shared,
+        "token_positions_per_step": {
+            "plain_batch": real_step_positions(cases, timed, 0),
+            "shared_prefix": real_step_positions(cases, timed, shared),
+        },
+        "step_shapes_per_epoch": {
+            "plain_batch": shapes_per_epoch(cases, 0),
+            "shared_prefix": shapes_per_epoch(cases, shared),
+        },
         "timing": "seconds_per_step is the mean of every timed step; the warm-up first runs one batch of each "
-                  "shape the timed steps have, so each timed step runs a compiled step, as nearly all steps of a "
-                  "run do (a run compiles once per shape: step_shapes_per_epoch); cases_per_s = cases / seconds",
+        "shape the timed steps have, so each timed step runs a compiled step, as nearly all steps of a "
+        "run do (a run compiles once per shape: step_shapes_per_epoch); cases_per_s = cases / seconds",
     }
     for name in VARIANTS:
         print(f"[bench] real workload, {name}", flush=True)
         result[name] = real_workload_variant(paths[name], cases, warmup, timed, shared, scratch)
     print("[bench] real workload, q4 on the plain batch", flush=True)
     result["q4_plain_batch"] = real_workload_variant(paths["q4"], cases, warmup, timed, 0, scratch)
-    spec = {"batches": [[{"tokens": cases[i].tokens, "prompt_length": cases[i].prompt_length} for i in batch]
-                        for batch in warmup + timed]}
-    result["torch_peft"] = torch_reference(setup, cache, torch_interpreter, paths["hf"], spec, scratch,
-                                           rank=config.rank, scale=config.scale, dropout=config.dropout,
-                                           num_layers=PARAMS.train.num_layers, warmup=len(warmup),
-                                           steps=len(timed))
+    spec = {
+        "batches": [
+            [{"tokens": cases[i].tokens, "prompt_length": cases[i].prompt_length} for i in batch]
+            for batch in warmup + timed
+        ]
+    }
+    result["torch_peft"] = torch_reference(
+        setup,
+        cache,
+        torch_interpreter,
+        paths["hf"],
+        spec,
+        scratch,
+        rank=config.rank,
+        scale=config.scale,
+        dropout=config.dropout,
+        num_layers=PARAMS.train.num_layers,
+        warmup=len(warmup),
+        steps=len(timed),
+    )
     torch_rate = result["torch_peft"].get("cases_per_s")
     result["vs_torch_peft"] = result["q4"]["cases_per_s"] / torch_rate if torch_rate else None
     return result
@@ -531,8 +617,9 @@ def torch_python(cache: Path) -> Path:
     if not python.exists():
         print(f"[bench] creating {env} with {', '.join(TORCH_REQUIREMENTS)} (once)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(env)], check=True)
-        pip = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *TORCH_REQUIREMENTS],
-                             capture_output=True, text=True)
+        pip = subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", *TORCH_REQUIREMENTS], capture_output=True, text=True
+        )
         if pip.returncode != 0:
             python.unlink()  # so that the next run tries again
             raise RuntimeError(f"pip install {' '.join(TORCH_REQUIREMENTS)} failed: {pip.stderr.strip()[-2000:]}")
@@ -540,13 +627,25 @@ def torch_python(cache: Path) -> Path:
 
 
 def run_torch(python: Path, hf_dir: Path, spec: dict, scratch: Path, **hyper: float) -> dict:
-    """Run bench/torch_peft.py on the batches in ``spec`` (its BATCHES.json) with ``hyper`` as options; its JSON result."""
+    """Run bench/torch_peft.py on the batches in ``spec`` (its BATCHES.json) with ``hyper`` as options.
+
+    Returns its JSON result.
+    """
     batches = scratch / "batches.json"
     batches.write_text(json.dumps(spec))
     out = scratch / "torch.json"
     options = [item for key, value in hyper.items() for item in (f"--{key.replace('_', '-')}", str(value))]
-    command = [str(python), str(Path(__file__).with_name("torch_peft.py")), "--model-dir", str(hf_dir),
-               "--batches", str(batches), "--out", str(out), *options]
+    command = [
+        str(python),
+        str(Path(__file__).with_name("torch_peft.py")),
+        "--model-dir",
+        str(hf_dir),
+        "--batches",
+        str(batches),
+        "--out",
+        str(out),
+        *options,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"torch_peft.py failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
@@ -560,16 +659,24 @@ def run_torch(python: Path, hf_dir: Path, spec: dict, scratch: Path, **hyper: fl
 
 def target(value: float | None, threshold: float, what: str) -> dict:
     """A ratio target: met when ``value >= threshold``; None means it could not be measured."""
-    return {"what": what, "value": value, "threshold": threshold,
-            "met": None if value is None else bool(value >= threshold)}
+    return {
+        "what": what,
+        "value": value,
+        "threshold": threshold,
+        "met": None if value is None else bool(value >= threshold),
+    }
 
 
 def targets(report: dict, setup: Setup) -> dict:
     """The issues' targets, each a ratio measured within this run."""
-    real = {"real_workload_vs_torch_peft": target(
-        report["real_workload"]["vs_torch_peft"], 1.5,
-        f"real workload ({REAL_CONFIG} on the built-in train split, same batches): our 4-bit QLoRA cases/s / "
-        "transformers+PEFT (PyTorch CPU, float32, labels -100 on the prompt) cases/s")}
+    real = {
+        "real_workload_vs_torch_peft": target(
+            report["real_workload"]["vs_torch_peft"],
+            1.5,
+            f"real workload ({REAL_CONFIG} on the built-in train split, same batches): our 4-bit QLoRA cases/s / "
+            "transformers+PEFT (PyTorch CPU, float32, labels -100 on the prompt) cases/s",
+        )
+    }
     if setup.real_only:
         return real
     variants = [report[name] for name in VARIANTS]
@@ -577,24 +684,34 @@ def targets(report: dict, setup: Setup) -> dict:
     sequential = report[setup.mc_sequential_variant]
     return {
         "q4_vs_float_training": target(
-            report["q4"]["train_tokens_per_s"] / report["float"]["train_tokens_per_s"], 0.9,
-            "4-bit QLoRA training tokens/s / float LoRA training tokens/s"),
+            report["q4"]["train_tokens_per_s"] / report["float"]["train_tokens_per_s"],
+            0.9,
+            "4-bit QLoRA training tokens/s / float LoRA training tokens/s",
+        ),
         "training_mfu": target(
-            min(v["train_mfu"] for v in variants), 0.5,
-            "training step GFLOP/s / fp32 matmul peak, worst of float, q8, q4"),
+            min(v["train_mfu"] for v in variants),
+            0.5,
+            "training step GFLOP/s / fp32 matmul peak, worst of float, q8, q4",
+        ),
         "vs_torch_peft": target(
-            report["float"]["train_tokens_per_s"] / torch_rate if torch_rate else None, 1.5,
-            "MLX float LoRA training tokens/s / transformers+PEFT (PyTorch CPU, float32) tokens/s"),
+            report["float"]["train_tokens_per_s"] / torch_rate if torch_rate else None,
+            1.5,
+            "MLX float LoRA training tokens/s / transformers+PEFT (PyTorch CPU, float32) tokens/s",
+        ),
         "label_scoring_vs_generation": target(
-            min(v["generation_s_per_case"] / v["label_scoring_s_per_case"] for v in variants), 10.0,
+            min(v["generation_s_per_case"] / v["label_scoring_s_per_case"] for v in variants),
+            10.0,
             f"greedy mlx_lm.generate of the answer (max_tokens = C = {report['setup']['completion_positions']}) "
             f"per case / label scoring per case in batches of {setup.eval_batch_size} as evaluate runs it, "
-            "worst of float, q8, q4"),
+            "worst of float, q8, q4",
+        ),
         "mc_batch_vs_sequential": target(
-            sequential["mc_sequential_s"] / sequential["mc_batch_s"], 5.0,
+            sequential["mc_sequential_s"] / sequential["mc_batch_s"],
+            5.0,
             f"{setup.mc_copies} sequential MC-dropout passes / one batch of {setup.mc_copies} (blocks below the "
             "first adapter run once, as evaluate runs it), "
-            f"{setup.mc_sequential_variant}"),
+            f"{setup.mc_sequential_variant}",
+        ),
     } | real
 
 
@@ -605,27 +722,62 @@ def print_table(report: dict) -> None:
         print_synthetic(report)
     print_real_workload(report["model"], report["real_workload"])
     print()
-    print(tabulate([[name, t["value"], t["threshold"], {True: "met", False: "NOT met", None: "not measured"}[t["met"]]]
-                    for name, t in report["targets"].items()],
-                   headers=["target", "ratio", "needs >=", "result"], floatfmt=".2f", missingval="-"))
+    print(
+        tabulate(
+            [
+                [name, t["value"], t["threshold"], {True: "met", False: "NOT met", None: "not measured"}[t["met"]]]
+                for name, t in report["targets"].items()
+            ],
+            headers=["target", "ratio", "needs >=", "result"],
+            floatfmt=".2f",
+            missingval="-",
+        )
+    )
 
 
 def print_synthetic(report: dict) -> None:
     from tabulate import tabulate
 
-    rows = [[name, v["train_tokens_per_s"], v["train_gflops"], 100 * v["train_mfu"], v["peak_memory_mb"],
-             v["eval_cases_per_s"], v["mc_samples_per_s"]] for name, v in ((n, report[n]) for n in VARIANTS)]
+    rows = [
+        [
+            name,
+            v["train_tokens_per_s"],
+            v["train_gflops"],
+            100 * v["train_mfu"],
+            v["peak_memory_mb"],
+            v["eval_cases_per_s"],
+            v["mc_samples_per_s"],
+        ]
+        for name, v in ((n, report[n]) for n in VARIANTS)
+    ]
     torch_result = report["torch_peft"]
     if "train_tokens_per_s" in torch_result:
-        rows.append(["torch+PEFT float", torch_result["train_tokens_per_s"], None, None,
-                     torch_result["peak_rss_mb"], None, None])
-    print(f"\n{report['model']}: batch {report['setup']['batch_size']} x {report['setup']['seq_len']} tokens, "
-          f"LoRA rank {report['setup']['rank']} on {report['setup']['num_layers']} blocks; "
-          f"fp32 matmul peak {report['matmul_peak_gflops']:.1f} GFLOP/s; load average "
-          f"{report['machine']['load_average_start'][0]:.2f} -> {report['machine']['load_average_end'][0]:.2f}; "
-          f"{report['machine']['cpu_model']}")
-    print(tabulate(rows, headers=["variant", "train tok/s", "GFLOP/s", "MFU %", "peak MB",
-                                  "eval cases/s", "MC samples/s"], floatfmt=".1f", missingval="-"))
+        rows.append(
+            [
+                "torch+PEFT float",
+                torch_result["train_tokens_per_s"],
+                None,
+                None,
+                torch_result["peak_rss_mb"],
+                None,
+                None,
+            ]
+        )
+    print(
+        f"\n{report['model']}: batch {report['setup']['batch_size']} x {report['setup']['seq_len']} tokens, "
+        f"LoRA rank {report['setup']['rank']} on {report['setup']['num_layers']} blocks; "
+        f"fp32 matmul peak {report['matmul_peak_gflops']:.1f} GFLOP/s; load average "
+        f"{report['machine']['load_average_start'][0]:.2f} -> {report['machine']['load_average_end'][0]:.2f}; "
+        f"{report['machine']['cpu_model']}"
+    )
+    print(
+        tabulate(
+            rows,
+            headers=["variant", "train tok/s", "GFLOP/s", "MFU %", "peak MB", "eval cases/s", "MC samples/s"],
+            floatfmt=".1f",
+            missingval="-",
+        )
+    )
     if "skipped" in torch_result:
         print(f"torch+PEFT: not measured ({torch_result['skipped']})")
 
@@ -634,19 +786,29 @@ def print_real_workload(model: str, real: dict) -> None:
     from tabulate import tabulate
 
     positions = real["token_positions_per_step"]
-    print(f"\n{model}, real workload: {real['config']} (batch {real['batch_size']}, rank {real['rank']}) on the "
-          f"built-in train split ({real['train_cases']} cases, {real['mean_case_tokens']:.0f} tokens on average, "
-          f"{real['shared_prefix_tokens']} shared); {real['timed_steps']} timed steps after "
-          f"{real['warmup_steps']} warm-up steps (one per shape); token positions per step "
-          f"{positions['plain_batch']:.0f} plain, {positions['shared_prefix']:.0f} with the shared prefix; "
-          f"{real['step_shapes_per_epoch']['shared_prefix']} step shapes per epoch")
+    print(
+        f"\n{model}, real workload: {real['config']} (batch {real['batch_size']}, rank {real['rank']}) on the "
+        f"built-in train split ({real['train_cases']} cases, {real['mean_case_tokens']:.0f} tokens on average, "
+        f"{real['shared_prefix_tokens']} shared); {real['timed_steps']} timed steps after "
+        f"{real['warmup_steps']} warm-up steps (one per shape); token positions per step "
+        f"{positions['plain_batch']:.0f} plain, {positions['shared_prefix']:.0f} with the shared prefix; "
+        f"{real['step_shapes_per_epoch']['shared_prefix']} step shapes per epoch"
+    )
     names = [*VARIANTS, "q4_plain_batch"]
-    rows = [[name, real[name]["seconds_per_step"], real[name]["cases_per_s"], real[name]["peak_memory_mb"]]
-            for name in names]
+    rows = [
+        [name, real[name]["seconds_per_step"], real[name]["cases_per_s"], real[name]["peak_memory_mb"]]
+        for name in names
+    ]
     torch_result = real["torch_peft"]
     if "cases_per_s" in torch_result:
-        rows.append(["torch+PEFT float", torch_result["seconds_per_step"], torch_result["cases_per_s"],
-                     torch_result["peak_rss_mb"]])
+        rows.append(
+            [
+                "torch+PEFT float",
+                torch_result["seconds_per_step"],
+                torch_result["cases_per_s"],
+                torch_result["peak_rss_mb"],
+            ]
+        )
     print(tabulate(rows, headers=["variant", "s/step", "cases/s", "peak MB"], floatfmt=".3f"))
     if "skipped" in torch_result:
         print(f"torch+PEFT: not measured ({torch_result['skipped']})")
@@ -663,12 +825,18 @@ def matmul_peak() -> tuple[float, list[float]]:
     """
     load = os.getloadavg()[0]
     if load >= 0.5:
-        print(f"[bench] WARNING: load average {load:.1f} while measuring the matmul peak: it may read low, "
-              "and MFU (which divides by it) high", flush=True)
+        print(
+            f"[bench] WARNING: load average {load:.1f} while measuring the matmul peak: it may read low, "
+            "and MFU (which divides by it) high",
+            flush=True,
+        )
     runs = [measure_blas_in_subprocess("auto", 1024, 5, blas_threads())["gflops"] for _ in range(PEAK_PROCESSES)]
     if min(runs) < 0.8 * max(runs):
-        print(f"[bench] WARNING: matmul peak runs disagree ({', '.join(f'{r:.1f}' for r in runs)} GFLOP/s): "
-              "another process competes for the cores", flush=True)
+        print(
+            f"[bench] WARNING: matmul peak runs disagree ({', '.join(f'{r:.1f}' for r in runs)} GFLOP/s): "
+            "another process competes for the cores",
+            flush=True,
+        )
     return max(runs), runs
 
 
@@ -676,12 +844,22 @@ def machine() -> dict:
     """Where the numbers come from; warns when other processes compete for the cores."""
     load, cpus = os.getloadavg(), os.cpu_count() or 1
     if load[0] >= cpus / 2:
-        print(f"[bench] WARNING: load average {load[0]:.1f} on {cpus} cores: other processes compete, so the "
-              "numbers will be low and noisy (TRIAGE_BLAS_THREADS=1 is steadier on a busy machine)", flush=True)
-    return {"platform": platform.platform(), "cpu_model": this_cpu().model, "cpus": cpus,
-            "blas": triage.BLAS, "allocator": triage.ALLOCATOR, "schedule": triage.SCHEDULE,
-            "blas_threads": blas_threads(), "mlx": mx.__version__,
-            "load_average_start": list(load)}
+        print(
+            f"[bench] WARNING: load average {load[0]:.1f} on {cpus} cores: other processes compete, so the "
+            "numbers will be low and noisy (TRIAGE_BLAS_THREADS=1 is steadier on a busy machine)",
+            flush=True,
+        )
+    return {
+        "platform": platform.platform(),
+        "cpu_model": this_cpu().model,
+        "cpus": cpus,
+        "blas": triage.BLAS,
+        "allocator": triage.ALLOCATOR,
+        "schedule": triage.SCHEDULE,
+        "blas_threads": blas_threads(),
+        "mlx": mx.__version__,
+        "load_average_start": list(load),
+    }
 
 
 def benchmark(setup: Setup, cache: Path, torch_interpreter: Path | None) -> dict:
@@ -700,8 +878,9 @@ def benchmark(setup: Setup, cache: Path, torch_interpreter: Path | None) -> dict
     return report
 
 
-def synthetic(setup: Setup, paths: dict[str, Path], fmt: ChatFormat, cache: Path, torch_interpreter: Path | None,
-              scratch: Path) -> dict:
+def synthetic(
+    setup: Setup, paths: dict[str, Path], fmt: ChatFormat, cache: Path, torch_interpreter: Path | None, scratch: Path
+) -> dict:
     """The fixed B x T shape: training per variant with MFU, scoring, generation, MC dropout, and PEFT on it."""
     examples = real_examples(200)
     cases = [fmt.case(e) for e in examples]
@@ -710,36 +889,59 @@ def synthetic(setup: Setup, paths: dict[str, Path], fmt: ChatFormat, cache: Path
     typical = typical_examples(examples, cases, max(setup.eval_cases, setup.generation_cases))
     flops = flop_model(paths["float"])
     tokens = setup.batch_size * setup.seq_len
-    report: dict[str, Any] = {"setup": {
-        **asdict(setup), "completion_positions": completion,
-        "completion_positions_note": "C: median completion length in tokens of the generated study data "
-                                     "('LABEL - reason' + end of turn); also generation's max_tokens",
-        "mc_prompt_tokens": len(fmt.prompt_tokens(typical[0].prompt)),
-        "timing": "train_tokens_per_s and train_gflops use the fastest timed step (like the matmul peak: "
-                  "on a shared machine the rest is other load); every step time is listed",
-    }}
+    report: dict[str, Any] = {
+        "setup": {
+            **asdict(setup),
+            "completion_positions": completion,
+            "completion_positions_note": "C: median completion length in tokens of the generated study data "
+            "('LABEL - reason' + end of turn); also generation's max_tokens",
+            "mc_prompt_tokens": len(fmt.prompt_tokens(typical[0].prompt)),
+            "timing": "train_tokens_per_s and train_gflops use the fastest timed step (like the matmul peak: "
+            "on a shared machine the rest is other load); every step time is listed",
+        }
+    }
     report["flops"] = {
-        "formula": FLOPS_FORMULA, "per_train_step": flops.train_step(tokens, setup.batch_size * completion,
-                                                                     setup.num_layers),
-        "P_blocks": sum(flops.block_params), "P_top": sum(flops.block_params[-setup.num_layers:]),
-        "P_vocab": flops.vocab_params, "B": setup.batch_size, "T": setup.seq_len, "C": completion,
+        "formula": FLOPS_FORMULA,
+        "per_train_step": flops.train_step(tokens, setup.batch_size * completion, setup.num_layers),
+        "P_blocks": sum(flops.block_params),
+        "P_top": sum(flops.block_params[-setup.num_layers :]),
+        "P_vocab": flops.vocab_params,
+        "B": setup.batch_size,
+        "T": setup.seq_len,
+        "C": completion,
     }
     report["matmul_peak_gflops"], report["matmul_peak_runs"] = matmul_peak()
     report["cpu_ns_per_element"] = per_element_ns()
     for name in VARIANTS:
         print(f"[bench] {name}: training, scoring, generation, MC dropout", flush=True)
-        report[name] = measure_variant(name, paths[name], train_cases, typical, setup, flops, completion,
-                                       report["matmul_peak_gflops"], scratch)
-    spec = {"sequences": [c.tokens for c in train_cases], "batch_size": setup.batch_size,
-            "completion_tokens": completion}
-    report["torch_peft"] = torch_reference(setup, cache, torch_interpreter, paths["hf"], spec, scratch,
-                                           rank=setup.rank, scale=setup.scale, dropout=setup.dropout,
-                                           num_layers=setup.num_layers, warmup=setup.warmup_steps, steps=setup.steps)
+        report[name] = measure_variant(
+            name, paths[name], train_cases, typical, setup, flops, completion, report["matmul_peak_gflops"], scratch
+        )
+    spec = {
+        "sequences": [c.tokens for c in train_cases],
+        "batch_size": setup.batch_size,
+        "completion_tokens": completion,
+    }
+    report["torch_peft"] = torch_reference(
+        setup,
+        cache,
+        torch_interpreter,
+        paths["hf"],
+        spec,
+        scratch,
+        rank=setup.rank,
+        scale=setup.scale,
+        dropout=setup.dropout,
+        num_layers=setup.num_layers,
+        warmup=setup.warmup_steps,
+        steps=setup.steps,
+    )
     return report
 
 
-def torch_reference(setup: Setup, cache: Path, interpreter: Path | None, hf_dir: Path, spec: dict, scratch: Path,
-                    **hyper: float) -> dict:
+def torch_reference(
+    setup: Setup, cache: Path, interpreter: Path | None, hf_dir: Path, spec: dict, scratch: Path, **hyper: float
+) -> dict:
     """The PyTorch numbers on ``spec``'s batches, with as many threads as MLX uses, or why there are none.
 
     The report says why instead of failing.
@@ -757,23 +959,45 @@ def torch_reference(setup: Setup, cache: Path, interpreter: Path | None, hf_dir:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default=Setup.model)
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny random model, one timed step, two cases, no PyTorch: checks the script in seconds")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny random model, one timed step, two cases, no PyTorch: checks the script in seconds",
+    )
     parser.add_argument("--steps", type=int, default=Setup.steps, help="timed training steps per variant")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "latest.json")
-    parser.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache",
-                        help="converted models and the PyTorch venv (git-ignored)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=ROOT / "bench" / ".cache",
+        help="converted models and the PyTorch venv (git-ignored)",
+    )
     parser.add_argument("--torch-python", type=Path, help="an existing interpreter with torch, transformers, peft")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--real-only", action="store_true", help="only the real workload (as for Gemma-3-270M)")
     parser.add_argument("--real-steps", type=int, default=Setup.real_steps, help="timed steps of the real workload")
     args = parser.parse_args()
 
-    setup = Setup(model=args.model, steps=args.steps, torch=not args.no_torch, real_only=args.real_only,
-                  real_steps=args.real_steps)
+    setup = Setup(
+        model=args.model,
+        steps=args.steps,
+        torch=not args.no_torch,
+        real_only=args.real_only,
+        real_steps=args.real_steps,
+    )
     if args.smoke:
-        setup = replace(setup, model="tiny", seq_len=64, steps=1, eval_cases=4, eval_batch_size=2, generation_cases=1,
-                        mc_copies=4, torch=args.torch_python is not None, real_steps=2)
+        setup = replace(
+            setup,
+            model="tiny",
+            seq_len=64,
+            steps=1,
+            eval_cases=4,
+            eval_batch_size=2,
+            generation_cases=1,
+            mc_copies=4,
+            torch=args.torch_python is not None,
+            real_steps=2,
+        )
     args.cache.mkdir(parents=True, exist_ok=True)
     (args.cache / ".gitignore").write_text("*\n")  # models and a venv: never committed
     started = time.perf_counter()

@@ -43,8 +43,13 @@ def load_lora_model(model_dir: Path, rank: int, scale: float, dropout: float, nu
     model.config.use_cache = False  # training: no key/value cache to build
     blocks = model.config.num_hidden_layers
     config = peft.LoraConfig(
-        r=rank, lora_alpha=scale * rank, lora_dropout=dropout, target_modules=TARGET_MODULES,
-        layers_to_transform=list(range(blocks - num_layers, blocks)), bias="none", task_type="CAUSAL_LM",
+        r=rank,
+        lora_alpha=scale * rank,
+        lora_dropout=dropout,
+        target_modules=TARGET_MODULES,
+        layers_to_transform=list(range(blocks - num_layers, blocks)),
+        bias="none",
+        task_type="CAUSAL_LM",
     )
     model = peft.get_peft_model(model, config)
     model.train()
@@ -59,12 +64,14 @@ def make_batches(spec: dict) -> list[dict[str, torch.Tensor]]:
     ids = torch.tensor(spec["sequences"], dtype=torch.long)
     labels = torch.full_like(ids, IGNORE)
     labels[:, -completion:] = ids[:, -completion:]
-    return [{"input_ids": ids[i : i + size], "labels": labels[i : i + size]}
-            for i in range(0, len(ids) - size + 1, size)]
+    return [
+        {"input_ids": ids[i : i + size], "labels": labels[i : i + size]} for i in range(0, len(ids) - size + 1, size)
+    ]
 
 
 def padded_batch(cases: list[dict]) -> dict[str, torch.Tensor]:
-    """Cases of different lengths, right-padded to the longest, with the attention mask and labels that skip the padding."""
+    """Cases of different lengths, right-padded to the longest, with the attention mask and the labels
+    that skip the padding."""
     width = max(len(case["tokens"]) for case in cases)
     ids = torch.zeros((len(cases), width), dtype=torch.long)
     attention = torch.zeros_like(ids)
@@ -130,9 +137,12 @@ def main() -> None:
     }
     if "sequences" in spec:  # one shape: the fastest step, as the MLX side reports it
         tokens = spec["batch_size"] * len(spec["sequences"][0])
-        result |= {"tokens_per_step": tokens, "train_tokens_per_s": tokens / min(measured),
-                   "train_tokens_per_s_median": tokens / sorted(measured)[len(measured) // 2],
-                   "logits_positions_per_sequence": len(spec["sequences"][0])}
+        result |= {
+            "tokens_per_step": tokens,
+            "train_tokens_per_s": tokens / min(measured),
+            "train_tokens_per_s_median": tokens / sorted(measured)[len(measured) // 2],
+            "logits_positions_per_sequence": len(spec["sequences"][0]),
+        }
     else:  # the real job: every timed step counts, as a run spends them
         rows = sum(len(batch["input_ids"]) for batch in batches[args.warmup : len(times)])
         result |= {"seconds_per_step": sum(measured) / len(measured), "cases_per_s": rows / sum(measured)}

@@ -42,11 +42,20 @@ def main() -> None:
     metrics, predictions, _, _ = evaluate_sets(score, args.data, params.evaluate, target)
     write_jsonl(args.predictions, predictions)
     write_csv(args.confusion, predictions, ("id", "label", "pred"))
-    write_json(args.details, {"run": RUN_NAME, "adapter": False, "mc_dropout": {
-        "applicable": False, "reason": "not a neural network: no dropout to sample"}, **metrics})
+    write_json(
+        args.details,
+        {
+            "run": RUN_NAME,
+            "adapter": False,
+            "mc_dropout": {"applicable": False, "reason": "not a neural network: no dropout to sample"},
+            **metrics,
+        },
+    )
     write_json(args.metrics, headline_file(metrics))
-    print(f"[classical] {RUN_NAME}: accuracy {metrics['accuracy']:.3f}, ED recall {metrics['ed_recall']}, "
-          f"ED AUROC {metrics['ed_auroc']:.3f} (valid accuracy {metrics['valid']['accuracy']:.3f}) -> {args.metrics}")
+    print(
+        f"[classical] {RUN_NAME}: accuracy {metrics['accuracy']:.3f}, ED recall {metrics['ed_recall']}, "
+        f"ED AUROC {metrics['ed_auroc']:.3f} (valid accuracy {metrics['valid']['accuracy']:.3f}) -> {args.metrics}"
+    )
 
 
 if __name__ == "__main__":

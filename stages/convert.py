@@ -1,6 +1,6 @@
 """Fetch one base model and write it as a float32 MLX model.
 
-    dvc repro convert@smollm2-135m
+dvc repro convert@smollm2-135m
 """
 
 import argparse
@@ -11,8 +11,8 @@ import triage.runtime
 triage.runtime.setup()  # before any import that may load mlx (triage/runtime/__init__.py)
 
 from triage.config import load_params
-from triage.weights.sources import ModelSourceError, fetch_base_model
 from triage.stage import run_stage
+from triage.weights.sources import ModelSourceError, fetch_base_model
 
 
 def main() -> None:

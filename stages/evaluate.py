@@ -18,13 +18,13 @@ triage.runtime.setup()  # before any import that may load mlx (triage/runtime/__
 
 from mlx_lm import load
 
-from triage.model.device import cpu_streams, optimize_for_device
 from triage.config import load_params
 from triage.evaluate.decisions import ed_recall_target
 from triage.evaluate.evaluation import headline_file
 from triage.evaluate.language_model import evaluate_model
 from triage.evaluate.mc_dropout import adapter_dropout
 from triage.io import write_csv, write_json, write_jsonl
+from triage.model.device import cpu_streams, optimize_for_device
 from triage.model.lm import ChatFormat
 from triage.model.mlx_lm_internals import check_supported
 from triage.stage import run_stage
@@ -43,8 +43,12 @@ def main() -> None:
     parser.add_argument("--details", type=Path, required=True, help="evaluation.json: every rule, interval and gate")
     parser.add_argument("--training", type=Path, help="the run's train.json (its peak memory goes into --metrics)")
     parser.add_argument("--predictions", type=Path, required=True)
-    parser.add_argument("--confusion", type=Path, required=True,
-                        help="CSV of id, label, pred for DVC's confusion plot (DVC plots cannot read JSONL)")
+    parser.add_argument(
+        "--confusion",
+        type=Path,
+        required=True,
+        help="CSV of id, label, pred for DVC's confusion plot (DVC plots cannot read JSONL)",
+    )
     parser.add_argument("--review", type=Path, help="JSONL of the cases MC dropout flags as uncertain")
     args = parser.parse_args()
 
@@ -52,15 +56,23 @@ def main() -> None:
     for extra in params.evaluate.extra_sets:
         # DVC tracks data/raw for this stage; a file elsewhere can change without re-running it.
         if not Path(extra.path).resolve().is_relative_to(RAW_DATA.resolve()):
-            print(f"[evaluate] warning: extra set '{extra.name}' ({extra.path}) is outside {RAW_DATA}/, "
-                  "so DVC will not notice when it changes")
+            print(
+                f"[evaluate] warning: extra set '{extra.name}' ({extra.path}) is outside {RAW_DATA}/, "
+                "so DVC will not notice when it changes"
+            )
     model, tokenizer = load(str(args.model_dir), adapter_path=str(args.adapter) if args.adapter else None)
     check_supported(model)
     print(f"[evaluate] {triage.RUNTIME}; {optimize_for_device(model, inference=True)}")
 
     result = evaluate_model(
-        model, ChatFormat(tokenizer), args.data, params.evaluate, params.train.max_seq_length,
-        ed_recall_target(params, args.config), adapter_dropout(args.adapter), cpu_streams(params.train.cpu_streams),
+        model,
+        ChatFormat(tokenizer),
+        args.data,
+        params.evaluate,
+        params.train.max_seq_length,
+        ed_recall_target(params, args.config),
+        adapter_dropout(args.adapter),
+        cpu_streams(params.train.cpu_streams),
     )
     write_jsonl(args.predictions, result.predictions)
     write_csv(args.confusion, result.predictions, ("id", "label", "pred"))
@@ -72,9 +84,11 @@ def main() -> None:
     mc = result.metrics["mc_dropout"]
     mc_text = f"{mc['n_flagged']} flagged for review" if mc["applicable"] else "MC dropout not applicable"
     top = result.metrics
-    print(f"[evaluate] {args.run} ({top['decision']}): accuracy {top['accuracy']:.3f}, ED recall {top['ed_recall']}, "
-          f"ED AUROC {top['ed_auroc']}, safe {top['safe']}; valid accuracy {top['valid']['accuracy']:.3f}; "
-          f"{mc_text} -> {args.metrics}")
+    print(
+        f"[evaluate] {args.run} ({top['decision']}): accuracy {top['accuracy']:.3f}, ED recall {top['ed_recall']}, "
+        f"ED AUROC {top['ed_auroc']}, safe {top['safe']}; valid accuracy {top['valid']['accuracy']:.3f}; "
+        f"{mc_text} -> {args.metrics}"
+    )
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ triage.runtime.setup()  # before any import that may load mlx (triage/runtime/__
 from triage.config import load_params
 from triage.data.conditions import conditions_markdown
 from triage.data.datacard import data_card, data_card_markdown
-from triage.io import atomic_write_text, staged_directory, write_json, write_jsonl
 from triage.data.sources import builtin_splits, load_splits
 from triage.data.splits import assert_no_leakage, check_leakage
+from triage.io import atomic_write_text, staged_directory, write_json, write_jsonl
 from triage.stage import run_stage
 
 

@@ -49,18 +49,37 @@ def main() -> None:
         return prompt_features(model, fmt, [e.prompt for e in examples], params.evaluate.batch_size, streams)
 
     train_path, valid_path = args.data / "train.jsonl", args.data / "valid.jsonl"
-    probe, choice = fit_probe(read_examples(train_path), read_examples(valid_path), features, params.probe,
-                              SELECTION_CONDITION, str(train_path))
+    probe, choice = fit_probe(
+        read_examples(train_path),
+        read_examples(valid_path),
+        features,
+        params.probe,
+        SELECTION_CONDITION,
+        str(train_path),
+    )
     target = (params.evaluate.ed_threshold_target, "evaluate.ed_threshold_target")
     metrics, predictions, _, _ = evaluate_sets(probe_scorer(probe, features), args.data, params.evaluate, target)
     name = probe_name(args.model, args.bits)
     with staged_directory(args.out) as staged:
         staged.mkdir(parents=True)
         write_jsonl(staged / "predictions.jsonl", predictions)
-        write_json(staged / "evaluation.json", {"run": name, "adapter": False, "probe": choice, "mc_dropout": {
-            "applicable": False, "reason": "a linear probe on frozen features: no dropout to sample"}, **metrics})
-    print(f"[probe] {name} (C {choice['inverse_regularisation']}): accuracy {metrics['accuracy']:.3f}, "
-          f"ED recall {metrics['ed_recall']}, ED AUROC {metrics['ed_auroc']:.3f} -> {args.out}")
+        write_json(
+            staged / "evaluation.json",
+            {
+                "run": name,
+                "adapter": False,
+                "probe": choice,
+                "mc_dropout": {
+                    "applicable": False,
+                    "reason": "a linear probe on frozen features: no dropout to sample",
+                },
+                **metrics,
+            },
+        )
+    print(
+        f"[probe] {name} (C {choice['inverse_regularisation']}): accuracy {metrics['accuracy']:.3f}, "
+        f"ED recall {metrics['ed_recall']}, ED AUROC {metrics['ed_auroc']:.3f} -> {args.out}"
+    )
 
 
 if __name__ == "__main__":

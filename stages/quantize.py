@@ -1,6 +1,6 @@
 """Quantize one base model to one bit width with mlx-lm and record its size.
 
-    dvc repro quantize@smollm2-135m-4bit
+dvc repro quantize@smollm2-135m-4bit
 """
 
 import argparse
@@ -13,8 +13,8 @@ triage.runtime.setup()  # before any import that may load mlx (triage/runtime/__
 
 from triage.config import bits_of, load_params
 from triage.io import write_json
-from triage.weights.sources import quantize_model
 from triage.stage import run_stage
+from triage.weights.sources import quantize_model
 
 
 def main() -> None:

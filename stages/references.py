@@ -36,10 +36,19 @@ def main() -> None:
             metrics, predictions, _, _ = evaluate_sets(score, args.data, params.evaluate, target)
             (staged / name).mkdir(parents=True)
             write_jsonl(staged / name / "predictions.jsonl", predictions)
-            write_json(staged / name / "evaluation.json", {"run": name, "adapter": False, "mc_dropout": {
-                "applicable": False, "reason": "a fixed rule: no dropout to sample"}, **metrics})
-            print(f"[references] {name}: accuracy {metrics['accuracy']:.3f}, ED recall {metrics['ed_recall']}, "
-                  f"ED AUROC {metrics['ed_auroc']:.3f}")
+            write_json(
+                staged / name / "evaluation.json",
+                {
+                    "run": name,
+                    "adapter": False,
+                    "mc_dropout": {"applicable": False, "reason": "a fixed rule: no dropout to sample"},
+                    **metrics,
+                },
+            )
+            print(
+                f"[references] {name}: accuracy {metrics['accuracy']:.3f}, ED recall {metrics['ed_recall']}, "
+                f"ED AUROC {metrics['ed_auroc']:.3f}"
+            )
 
 
 if __name__ == "__main__":

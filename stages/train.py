@@ -28,8 +28,11 @@ def main() -> None:
     parser.add_argument("--log", type=Path, required=True, help="DVCLive directory for the training curves")
     parser.add_argument("--checkpoints", type=Path, required=True)
     args = parser.parse_args()
-    train_adapter(load_params(), args.config,
-                  TrainPaths(args.model_dir, args.data, args.adapter, args.metrics, args.log, args.checkpoints))
+    train_adapter(
+        load_params(),
+        args.config,
+        TrainPaths(args.model_dir, args.data, args.adapter, args.metrics, args.log, args.checkpoints),
+    )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 TINY_PROFILE = {
     "run": {"models": ["tiny"], "bits": ["4bit"], "configs": ["medical_fast", "balanced_safe"]},
-    "data": {"n_examples": 240, "conditions": {"wording": {"valid": 20, "test": 30},
-                                               "complaint": {"valid": 12, "test": 16}}},
+    "data": {
+        "n_examples": 240,
+        "conditions": {"wording": {"valid": 20, "test": 30}, "complaint": {"valid": 12, "test": 16}},
+    },
     "lora": {"iters": 20, "batch_size": 2},
     "train": {"steps_per_report": 5, "steps_per_eval": 10, "steps_per_save": 10, "val_batches": 2},
     "evaluate": {"mc_samples": 10},
@@ -36,9 +38,16 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
 
     DVC stages call ``python stages/...``, so PATH decides which interpreter runs them.
     """
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(cwd),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONPATH": str(cwd),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     # Output goes through files, not pipes: a command that leaves a daemon behind (dvc queue start's
     # workers inherit its stdout) would otherwise keep a pipe open and block this call until it exits.
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:

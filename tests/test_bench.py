@@ -13,19 +13,42 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANT_KEYS = {
-    "train_tokens_per_s", "train_gflops", "train_mfu", "peak_memory_mb", "eval_cases_per_s",
-    "mc_samples_per_s", "label_scoring_s_per_case", "generation_s_per_case", "mc_batch_s",
+    "train_tokens_per_s",
+    "train_gflops",
+    "train_mfu",
+    "peak_memory_mb",
+    "eval_cases_per_s",
+    "mc_samples_per_s",
+    "label_scoring_s_per_case",
+    "generation_s_per_case",
+    "mc_batch_s",
 }
-TARGETS = {"q4_vs_float_training", "training_mfu", "vs_torch_peft", "label_scoring_vs_generation",
-           "mc_batch_vs_sequential", "real_workload_vs_torch_peft"}
+TARGETS = {
+    "q4_vs_float_training",
+    "training_mfu",
+    "vs_torch_peft",
+    "label_scoring_vs_generation",
+    "mc_batch_vs_sequential",
+    "real_workload_vs_torch_peft",
+}
 NOT_MEASURED_WITHOUT_TORCH = {"vs_torch_peft", "real_workload_vs_torch_peft"}
 
 
 def test_smoke_run_writes_every_key(tmp_path):
     out = tmp_path / "latest.json"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--out", str(out), "--cache", str(tmp_path / "cache")],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "bench" / "run.py"),
+            "--smoke",
+            "--out",
+            str(out),
+            "--cache",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -45,8 +68,9 @@ def test_smoke_run_writes_every_key(tmp_path):
     for name in NOT_MEASURED_WITHOUT_TORCH:  # not measured in a smoke run, and says so
         assert report["targets"][name]["met"] is None
     assert "skipped" in report["torch_peft"] and "skipped" in report["real_workload"]["torch_peft"]
-    assert all(isinstance(t["met"], bool) for name, t in report["targets"].items()
-               if name not in NOT_MEASURED_WITHOUT_TORCH)
+    assert all(
+        isinstance(t["met"], bool) for name, t in report["targets"].items() if name not in NOT_MEASURED_WITHOUT_TORCH
+    )
     real = report["real_workload"]
     assert real["config"] == "medical_baseline" and real["timed_steps"] == 2
     for variant in ("float", "q8", "q4", "q4_plain_batch"):

@@ -11,16 +11,18 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, roc_auc_score
 
-from triage.evaluate.evaluation import headline_file
 from triage.classical import fit_tfidf_logreg, label_probabilities
 from triage.config import ClassicalParams
+from triage.evaluate.evaluation import headline_file
 from triage.schema import DataError, Example
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ClassicalParams(max_ngram=2, min_df=1, inverse_regularisation=10.0, class_weight="balanced")
-WORDS = {"ED": ["crushing chest pain", "cannot breathe", "face drooping"],
-         "GP": ["rash for a week", "ear ache since monday", "lump that is growing"],
-         "HOME": ["mild cold", "small bruise", "paper cut"]}
+WORDS = {
+    "ED": ["crushing chest pain", "cannot breathe", "face drooping"],
+    "GP": ["rash for a week", "ear ache since monday", "lump that is growing"],
+    "HOME": ["mild cold", "small bruise", "paper cut"],
+}
 
 
 def cases(n_per_label: int, offset: int = 0) -> list[Example]:
@@ -29,8 +31,15 @@ def cases(n_per_label: int, offset: int = 0) -> list[Example]:
     for label, phrases in WORDS.items():
         for i in range(n_per_label):
             phrase = phrases[(i + offset) % len(phrases)]
-            out.append(Example(id=f"{label}{i + offset}", prompt=f"Patient message: my son has {phrase}.",
-                               completion=label, label=label, group=f"{label}-{(i + offset) % 3}"))
+            out.append(
+                Example(
+                    id=f"{label}{i + offset}",
+                    prompt=f"Patient message: my son has {phrase}.",
+                    completion=label,
+                    label=label,
+                    group=f"{label}-{(i + offset) % 3}",
+                )
+            )
     return out
 
 
@@ -58,10 +67,25 @@ def test_the_stage_writes_the_metrics_every_run_writes(tmp_path: Path):
     for name, examples in (("train", cases(12)), ("valid", cases(4, 1)), ("test", cases(5, 2))):
         (data / f"{name}.jsonl").write_text("".join(json.dumps(e.to_json()) + "\n" for e in examples))
     out = tmp_path / "classical"
-    subprocess.run([sys.executable, str(ROOT / "stages/classical.py"), "--data", str(data),
-                    "--metrics", str(out / "eval.json"), "--details", str(out / "evaluation.json"),
-                    "--predictions", str(out / "predictions.jsonl"),
-                    "--confusion", str(out / "confusion.csv")], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "stages/classical.py"),
+            "--data",
+            str(data),
+            "--metrics",
+            str(out / "eval.json"),
+            "--details",
+            str(out / "evaluation.json"),
+            "--predictions",
+            str(out / "predictions.jsonl"),
+            "--confusion",
+            str(out / "confusion.csv"),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     compact, metrics = (json.loads((out / name).read_text()) for name in ("eval.json", "evaluation.json"))
     assert compact == headline_file(metrics) and "peak_memory_mb" not in compact
     assert metrics["run"] == "tfidf-logreg" and metrics["decision"] == "argmax"

@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 
 from triage.data import catalogue, conditions
+from triage.data.splits import message_of
 from triage.data.synth import DEFAULT_LABEL_MIX, fill
 from triage.schema import DataError, render_prompt
-from triage.data.splits import message_of
 
 SIZES = conditions.Sizes(train=300, wording={"valid": 60, "test": 80}, complaint={"valid": 40, "test": 50})
 FRACTIONS = {"train": 0.8, "valid": 0.1, "test": 0.1}
@@ -44,8 +44,9 @@ def test_partition_sizes_follow_the_list_length() -> None:
     assert pool.test == pool.train
 
 
-def test_partition_depends_on_the_lists_place_not_its_neighbours(kb: catalogue.Knowledge,
-                                                                 wording: conditions.WordingSplit) -> None:
+def test_partition_depends_on_the_lists_place_not_its_neighbours(
+    kb: catalogue.Knowledge, wording: conditions.WordingSplit
+) -> None:
     fewer = catalogue.assemble(kb.presentations[1:], kb.modifiers, kb.phrasing)
     again = {held.where: held for held in conditions.WordingSplit(fewer, SHARE, SEED).lists}
     kept = [held for held in wording.lists if not held.where.startswith(f"presentation {kb.presentations[0].id} ")]
@@ -71,8 +72,10 @@ def test_conditions_hold_the_right_presentations(built) -> None:
         assert not {e.group for e in by_condition["complaint"]} & train_groups
         for condition, examples in by_condition.items():
             assert {e.label for e in examples} == {"ED", "GP", "HOME"}, (part, condition)
-        assert len(splits[part]) == sum(getattr(SIZES, c)[part] for c in conditions.CONDITIONS) \
-            - report["dropped_near_duplicates"][part]
+        assert (
+            len(splits[part])
+            == sum(getattr(SIZES, c)[part] for c in conditions.CONDITIONS) - report["dropped_near_duplicates"][part]
+        )
     valid_complaints = {e.group for e in splits["valid"] if e.attrs["condition"] == "complaint"}
     assert not valid_complaints & {e.group for e in splits["test"] if e.attrs["condition"] == "complaint"}
     assert report["held_out_check"]["hits"] == 0 and report["held_out_check"]["lines_checked"] > 100

@@ -48,7 +48,13 @@ def test_safety_configs_carry_targets_weights_and_costs(params):
 def test_common_parameters_and_full_selection(params):
     t = params.train
     assert (t.weight_decay, t.warmup_ratio, t.max_seq_length, t.num_layers, t.seed) == (0.01, 0.1, 2048, 16, 42)
-    assert (t.steps_per_eval, t.steps_per_report, t.steps_per_save, t.grad_checkpoint, t.mask_prompt) == (200, 50, 100, False, True)
+    assert (t.steps_per_eval, t.steps_per_report, t.steps_per_save, t.grad_checkpoint, t.mask_prompt) == (
+        200,
+        50,
+        100,
+        False,
+        True,
+    )
     assert params.quantize.group_size == 64
     assert params.run.bits == ["4bit", "8bit"] and len(params.run.configs) == 10
     assert params.run.models == ["smollm2-135m", "smollm2-360m", "gemma3-270m"]
@@ -75,14 +81,19 @@ def test_lora_override_replaces_only_set_values(tmp_path):
         (lambda p: p["run"].update(bits=["16bit"]), "'run.bits[0]'"),
         (lambda p: p["lora"].update(rank=True), "'lora.rank' must be int"),
         (lambda p: p["configs"]["balanced_safe"].pop("cost_matrix"), "'configs.balanced_safe.cost_matrix'"),
-        (lambda p: p["configs"]["medical_fast"].update(class_weights={"ED": 1.0, "GP": 1.0, "HOME": 1.0}),
-         "only applies to kind: safety"),
+        (
+            lambda p: p["configs"]["medical_fast"].update(class_weights={"ED": 1.0, "GP": 1.0, "HOME": 1.0}),
+            "only applies to kind: safety",
+        ),
         (lambda p: p["evaluate"]["cost_matrix"]["ED"].update(ED=1.0), "a correct answer costs 0"),
         (lambda p: p["data"].update(label_mix={"ED": 0.5, "GP": 0.5, "HOME": 0.5}), "sum to 1"),
         (lambda p: p["evaluate"].update(decision="vote"), "expected one of: argmax, cost_aware"),
         (lambda p: p["models"]["tiny"].update(source="s3://bucket"), "'models.tiny.source'"),
         (lambda p: p["train"].update(steps_per_eval=75), "multiple of 'train.steps_per_report'"),
-        (lambda p: p["data"]["conditions"]["wording"].update(test=5), "'data.conditions.wording.test' must be at least"),
+        (
+            lambda p: p["data"]["conditions"]["wording"].update(test=5),
+            "'data.conditions.wording.test' must be at least",
+        ),
         (lambda p: p["data"]["conditions"]["complaint"].pop("valid"), "'data.conditions.complaint' must have exactly"),
         (lambda p: p["data"]["conditions"].update(held_out_share=0.6), "'data.conditions.held_out_share'"),
     ],

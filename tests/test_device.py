@@ -26,9 +26,15 @@ def tiny_quantized_llama(bits: int) -> Model:
     mx.random.seed(0)
     model = Model(
         ModelArgs(
-            model_type="llama", hidden_size=64, num_hidden_layers=2,
-            intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-            rms_norm_eps=1e-5, vocab_size=300, tie_word_embeddings=True,
+            model_type="llama",
+            hidden_size=64,
+            num_hidden_layers=2,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-5,
+            vocab_size=300,
+            tie_word_embeddings=True,
         )
     )
     nn.quantize(model, group_size=64, bits=bits)
@@ -128,8 +134,11 @@ def test_optimize_for_device_switches_layers_and_activations_only_on_cpu(monkeyp
 def test_inference_weights_dequantized_once_give_the_per_call_logits(bits, monkeypatch):
     from mlx_lm.models import gemma3_text, llama
 
-    for module, name in ((llama, "scaled_dot_product_attention"), (gemma3_text, "scaled_dot_product_attention"),
-                         (llama, "swiglu")):
+    for module, name in (
+        (llama, "scaled_dot_product_attention"),
+        (gemma3_text, "scaled_dot_product_attention"),
+        (llama, "swiglu"),
+    ):
         monkeypatch.setattr(module, name, getattr(module, name))
     monkeypatch.setattr(device, "cpu_needs_dequantized_matmul", lambda: True)
     model = tiny_quantized_llama(bits)

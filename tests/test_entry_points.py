@@ -53,8 +53,13 @@ else:
 def _imports(path: Path, names: tuple[str, ...]) -> bool:
     """Whether ``path`` imports any of the top-level packages ``names`` anywhere."""
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                   else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        modules = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+            if isinstance(node, ast.ImportFrom) and not node.level
+            else []
+        )
         if any(module.split(".")[0] in names for module in modules):
             return True
     return False
@@ -63,8 +68,12 @@ def _imports(path: Path, names: tuple[str, ...]) -> bool:
 def entry_points(root: Path = ROOT) -> list[Path]:
     """Every script a user or DVC runs that may load mlx, and the tests' conftest.py."""
     bench = [path for path in sorted((root / "bench").glob("*.py")) if _imports(path, ("triage", *MLX))]
-    return [*sorted((root / "stages").glob("*.py")), root / "triage" / "__main__.py", *bench,
-            root / "tests" / "conftest.py"]
+    return [
+        *sorted((root / "stages").glob("*.py")),
+        root / "triage" / "__main__.py",
+        *bench,
+        root / "tests" / "conftest.py",
+    ]
 
 
 def _is_setup_call(statement: ast.stmt) -> bool:
@@ -100,18 +109,32 @@ def setup_problems(source: str) -> list[str]:
     problems = []
     for statement in body[:call]:
         for node in _executed_imports(statement):
-            modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                       else [node.module or ""] if not node.level else ["(relative import)"])
-            problems += [f"line {node.lineno}: imports {module} before {SETUP}()" for module in modules
-                         if _may_load_mlx(module) or module == "(relative import)"]
+            modules = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if not node.level
+                else ["(relative import)"]
+            )
+            problems += [
+                f"line {node.lineno}: imports {module} before {SETUP}()"
+                for module in modules
+                if _may_load_mlx(module) or module == "(relative import)"
+            ]
     return problems
 
 
 def run_guarded(target: str, *args: str, kind: str = "path", root: Path = ROOT) -> subprocess.CompletedProcess:
     """Run a script (or ``-m`` module) in a fresh interpreter that dies if mlx is imported before the set-up."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-c", GUARD, kind, target, *args], cwd=root, env=env,
-                           capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", GUARD, kind, target, *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 ENTRY_POINTS = entry_points()
@@ -119,21 +142,32 @@ ENTRY_POINTS = entry_points()
 
 def test_the_entry_points_are_found():
     names = {str(path.relative_to(ROOT)) for path in ENTRY_POINTS}
-    assert {"stages/train.py", "stages/evaluate.py", "triage/__main__.py", "bench/run.py", "bench/blas.py",
-            "tests/conftest.py"} <= names
+    assert {
+        "stages/train.py",
+        "stages/evaluate.py",
+        "triage/__main__.py",
+        "bench/run.py",
+        "bench/blas.py",
+        "tests/conftest.py",
+    } <= names
 
 
 @pytest.mark.parametrize("path", ENTRY_POINTS, ids=lambda path: str(path.relative_to(ROOT)))
 def test_entry_point_calls_setup_before_any_import_that_may_load_mlx(path: Path):
     problems = setup_problems(path.read_text(encoding="utf-8"))
-    assert not problems, (f"{path.relative_to(ROOT)}: {'; '.join(problems)}. Call {SETUP}() right after the "
-                          "standard-library imports and `import triage.runtime`, and import the rest after it "
-                          "(see triage/runtime/__init__.py)")
+    assert not problems, (
+        f"{path.relative_to(ROOT)}: {'; '.join(problems)}. Call {SETUP}() right after the "
+        "standard-library imports and `import triage.runtime`, and import the rest after it "
+        "(see triage/runtime/__init__.py)"
+    )
 
 
 def test_the_runtime_package_never_imports_mlx():
-    offenders = [str(path.relative_to(ROOT)) for path in sorted((ROOT / "triage" / "runtime").glob("*.py"))
-                 if _imports(path, MLX)]
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in sorted((ROOT / "triage" / "runtime").glob("*.py"))
+        if _imports(path, MLX)
+    ]
     assert not offenders
 
 

@@ -12,31 +12,30 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from scipy.special import softmax
 import pytest
 import yaml
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm import load
+from scipy.special import softmax
 
 from conftest import ROOT, SHARED_DATA
-from triage.model.quantized import use_cpu_dequantized_matmul
 from triage.config import ExtraSet, LoraConfig, ParamsError, TrainParams, load_params
-from triage.evaluate.decisions import EdThreshold, argmax_decision, freeze_ed_threshold
+from triage.data.ktas import KTAS_TEXT_COLUMNS
+from triage.data.synth import generate
+from triage.evaluate.decisions import EdThreshold, freeze_ed_threshold
 from triage.evaluate.evaluation import HEADLINE_FILE, ScoredSet, headline_file, read_extra_set, set_metrics
 from triage.evaluate.language_model import evaluate_model, score_set
 from triage.evaluate.mc_dropout import adapter_dropout, first_random_block, mc_dropout_votes, shared_lower_blocks
-from triage.model.scoring import label_log_likelihoods, label_probabilities
-from triage.model.completion import completion_loss
-from triage.data.ktas import KTAS_TEXT_COLUMNS
 from triage.io import write_jsonl
-from triage.model.lm import ChatFormat, label_log_probs, tokenize_split
-from triage.schema import LABELS, DataError, Example, render_prompt
-from triage.data.synth import generate
-from triage.train.losses import plain_loss
-from triage.evaluate.metrics import vote_summary
-from triage.train.loop import add_lora, run_training, save_adapter
+from triage.model.completion import completion_loss
 from triage.model.device import optimize_for_device
+from triage.model.lm import ChatFormat, label_log_probs, tokenize_split
+from triage.model.quantized import use_cpu_dequantized_matmul
+from triage.model.scoring import label_log_likelihoods, label_probabilities
 from triage.predict import RunPaths, export_run
+from triage.schema import LABELS, DataError, Example, render_prompt
+from triage.train.loop import add_lora, run_training, save_adapter
+from triage.train.losses import plain_loss
 from triage.weights.sources import quantize_model
 
 EXPORT_TOLERANCE = 1e-3
@@ -79,12 +78,16 @@ def write_ktas_csv(path: Path, rows: list[tuple[str, ...]] = KTAS_ROWS) -> Path:
 def write_adapter(directory: Path, model_dir: Path, dropout: float, num_layers: int = 1, b_scale: float = 1.0) -> Path:
     """A LoRA adapter on the top ``num_layers`` blocks with random (non-zero) lora_b, saved like train does."""
     model, _ = load(str(model_dir))
-    config = LoraConfig(kind="standard", learning_rate=1.0e-5, batch_size=2, rank=8, scale=20.0,
-                        dropout=dropout, iters=1)
+    config = LoraConfig(
+        kind="standard", learning_rate=1.0e-5, batch_size=2, rank=8, scale=20.0, dropout=dropout, iters=1
+    )
     lora = add_lora(model, config, num_layers)
     mx.random.seed(0)
-    weights = [(k, b_scale * mx.random.normal(v.shape)) for k, v in tree_flatten(model.trainable_parameters())
-               if k.endswith("lora_b")]
+    weights = [
+        (k, b_scale * mx.random.normal(v.shape))
+        for k, v in tree_flatten(model.trainable_parameters())
+        if k.endswith("lora_b")
+    ]
     model.update(tree_unflatten(weights))
     save_adapter(directory, model, lora["adapter_config"])
     return directory
@@ -127,8 +130,7 @@ def adapters(tmp_path_factory, model_dir) -> dict[float, Path]:
 def params(tmp_path_factory):
     ktas = write_ktas_csv(tmp_path_factory.mktemp("raw") / "ktas.csv")
     evaluate = load_params(ROOT / "params.yaml").evaluate
-    return replace(evaluate, mc_samples=SAMPLES,
-                   extra_sets=[ExtraSet(name="ktas", path=str(ktas), format="ktas")])
+    return replace(evaluate, mc_samples=SAMPLES, extra_sets=[ExtraSet(name="ktas", path=str(ktas), format="ktas")])
 
 
 @pytest.fixture(scope="module")
@@ -205,15 +207,30 @@ def test_a_trained_dropout_adapter_gives_mc_samples_that_differ(model_dir, tmp_p
     lora_b still 0, or dropout off, every sample would be the same.
     """
     model, fmt = load_decisive(model_dir)
-    config = LoraConfig(kind="standard", learning_rate=1.0e-2, batch_size=4, rank=8, scale=20.0, dropout=0.3,
-                        iters=10)
+    config = LoraConfig(kind="standard", learning_rate=1.0e-2, batch_size=4, rank=8, scale=20.0, dropout=0.3, iters=10)
     add_lora(model, config, 2)
     examples = generate(24, MIX, seed=9)
     cases = tokenize_split(fmt, examples, "train.jsonl", 2048)
-    params = TrainParams(weight_decay=0.01, warmup_ratio=0.1, schedule="cosine", num_layers=2, max_seq_length=2048,
-                         seed=42, steps_per_report=5, steps_per_eval=10, steps_per_save=100, val_batches=1,
-                         grad_checkpoint=False, mask_prompt=True, early_stopping_patience=0,
-                         early_stopping_min_delta=0.0, select_on="val_loss", label_weight=1.0, cpu_streams=1, share_prompt_prefix=True)
+    params = TrainParams(
+        weight_decay=0.01,
+        warmup_ratio=0.1,
+        schedule="cosine",
+        num_layers=2,
+        max_seq_length=2048,
+        seed=42,
+        steps_per_report=5,
+        steps_per_eval=10,
+        steps_per_save=100,
+        val_batches=1,
+        grad_checkpoint=False,
+        mask_prompt=True,
+        early_stopping_patience=0,
+        early_stopping_min_delta=0.0,
+        select_on="val_loss",
+        label_weight=1.0,
+        cpu_streams=1,
+        share_prompt_prefix=True,
+    )
     run_training(model, cases, cases[:4], config, params, plain_loss, tmp_path / "checkpoints", "spread")
     model.train()  # LoRA dropout on, as MC sampling runs it
     mx.random.seed(7)
@@ -243,10 +260,14 @@ def test_cases_on_two_cpu_streams_score_exactly_as_on_one(model_dir, adapters, d
     model, fmt = load_decisive(model_dir, adapters[0.3])
     examples = [Example(**json.loads(line)) for line in (data_dir / "test.jsonl").read_text().splitlines()][:5]
     streams = [mx.new_stream(mx.cpu) for _ in range(2)]
-    np.testing.assert_array_equal(label_probabilities(model, fmt, prompts_of(examples), 2, streams),
-                                  label_probabilities(model, fmt, prompts_of(examples), 2))
-    np.testing.assert_array_equal(mc_dropout_votes(model, fmt, prompts_of(examples), SAMPLES, 7, streams),
-                                  mc_dropout_votes(model, fmt, prompts_of(examples), SAMPLES, 7))
+    np.testing.assert_array_equal(
+        label_probabilities(model, fmt, prompts_of(examples), 2, streams),
+        label_probabilities(model, fmt, prompts_of(examples), 2),
+    )
+    np.testing.assert_array_equal(
+        mc_dropout_votes(model, fmt, prompts_of(examples), SAMPLES, 7, streams),
+        mc_dropout_votes(model, fmt, prompts_of(examples), SAMPLES, 7),
+    )
     cases = tokenize_split(fmt, examples, "test", 2048)
     assert completion_loss(model, cases, 2, streams) == completion_loss(model, cases, 2)
 
@@ -295,7 +316,7 @@ def test_the_ed_threshold_is_tuned_on_the_validation_split_only(model_dir, data_
 
     reference = baseline.metrics["ed_threshold"]["threshold"]
     assert threshold_with("valid", "valid") == reference  # other test cases, same threshold
-    assert threshold_with("test", "test") != reference    # other validation cases move it
+    assert threshold_with("test", "test") != reference  # other validation cases move it
 
 
 def test_a_validation_split_without_ed_cannot_drive_the_ed_threshold_rule(model_dir, data_dir, params, tmp_path):
@@ -304,13 +325,16 @@ def test_a_validation_split_without_ed_cannot_drive_the_ed_threshold_rule(model_
     write_jsonl(tmp_path / "valid.jsonl", [row for row in rows if row["label"] != "ED"])
     (tmp_path / "test.jsonl").write_text((data_dir / "test.jsonl").read_text())
     with pytest.raises(DataError, match="valid.jsonl.*no ED case"):
-        evaluate_model(model, fmt, tmp_path, replace(params, decision="ed_threshold", extra_sets=[]),
-                       2048, TARGET, None)
+        evaluate_model(
+            model, fmt, tmp_path, replace(params, decision="ed_threshold", extra_sets=[]), 2048, TARGET, None
+        )
 
 
 def synthetic_set(labels: list[str], probs: list[list[float]]) -> ScoredSet:
-    examples = [Example(f"c{i}", render_prompt("x"), label, label, attrs={"age_band": "adult", "sex": "female"})
-                for i, label in enumerate(labels)]
+    examples = [
+        Example(f"c{i}", render_prompt("x"), label, label, attrs={"age_band": "adult", "sex": "female"})
+        for i, label in enumerate(labels)
+    ]
     return ScoredSet(examples, np.array(probs), loss=0.5)
 
 
@@ -375,19 +399,29 @@ def test_the_real_ktas_file_as_an_extra_set(model_dir, params):
 def test_csv_extra_sets_map_labels_and_keep_attribute_columns(tmp_path):
     path = tmp_path / "clinic.csv"
     path.write_text("msg,urgency,age_band\nchest pain,emergent,adult\ncough,routine,child\n", encoding="utf-8")
-    spec = ExtraSet(name="clinic", path=str(path), format="csv", text_field="msg", label_field="urgency",
-                    label_map={"emergent": "ED", "routine": "HOME"}, attr_fields=["age_band"])
+    spec = ExtraSet(
+        name="clinic",
+        path=str(path),
+        format="csv",
+        text_field="msg",
+        label_field="urgency",
+        label_map={"emergent": "ED", "routine": "HOME"},
+        attr_fields=["age_band"],
+    )
     examples = read_extra_set(spec)
     assert [(e.label, e.attrs) for e in examples] == [("ED", {"age_band": "adult"}), ("HOME", {"age_band": "child"})]
     assert len(read_extra_set(replace(spec, limit=1))) == 1
 
 
-@pytest.mark.parametrize("entry, message", [
-    ({"name": "x", "path": "a.csv", "format": "csv", "label_field": "y"}, "missing key.*text_field"),
-    ({"name": "x", "path": "a.csv", "format": "ktas", "label_map": {"a": "ED"}}, "label_map.*only applies"),
-    ({"name": "x y", "path": "a.jsonl", "format": "chat"}, "name"),
-    ({"name": "x", "path": "a.jsonl", "format": "chat", "limit": 0}, "limit"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"name": "x", "path": "a.csv", "format": "csv", "label_field": "y"}, "missing key.*text_field"),
+        ({"name": "x", "path": "a.csv", "format": "ktas", "label_map": {"a": "ED"}}, "label_map.*only applies"),
+        ({"name": "x y", "path": "a.jsonl", "format": "chat"}, "name"),
+        ({"name": "x", "path": "a.jsonl", "format": "chat", "limit": 0}, "limit"),
+    ],
+)
 def test_bad_extra_set_entries_are_named(tmp_path, entry, message):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["evaluate"]["extra_sets"] = [entry]
@@ -401,12 +435,32 @@ def test_the_stage_writes_metrics_predictions_and_review(model_dir, adapters, da
     raw["evaluate"]["mc_samples"] = 4
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
-    command = [sys.executable, str(ROOT / "stages/evaluate.py"), "--run", "tiny-4bit-balanced_safe",
-               "--config", "balanced_safe", "--model-dir", str(model_dir), "--adapter", str(adapters[0.3]),
-               "--data", str(data_dir), "--metrics", str(out / "eval.json"), "--details", str(out / "evaluation.json"),
-               "--training", str(write_json_file(tmp_path / "train.json", {"peak_memory_mb": 12.5})),
-               "--predictions", str(out / "predictions.jsonl"), "--confusion", str(out / "confusion.csv"),
-               "--review", str(out / "review.jsonl")]
+    command = [
+        sys.executable,
+        str(ROOT / "stages/evaluate.py"),
+        "--run",
+        "tiny-4bit-balanced_safe",
+        "--config",
+        "balanced_safe",
+        "--model-dir",
+        str(model_dir),
+        "--adapter",
+        str(adapters[0.3]),
+        "--data",
+        str(data_dir),
+        "--metrics",
+        str(out / "eval.json"),
+        "--details",
+        str(out / "evaluation.json"),
+        "--training",
+        str(write_json_file(tmp_path / "train.json", {"peak_memory_mb": 12.5})),
+        "--predictions",
+        str(out / "predictions.jsonl"),
+        "--confusion",
+        str(out / "confusion.csv"),
+        "--review",
+        str(out / "review.jsonl"),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -432,19 +486,25 @@ def test_export_answers_like_base_plus_adapter_not_like_the_base(tiny_model_dir,
     mx.random.seed(11)  # lora_a is drawn before write_adapter seeds lora_b: fix it, whatever ran before
     adapter = write_adapter(tmp_path / "adapter", model_dir, dropout=0.0, num_layers=2, b_scale=0.01)
     prompts = prompts_of([Example(**json.loads(line)) for line in (data_dir / "test.jsonl").read_text().splitlines()])
-    check = export_run(RunPaths("tiny-4bit-x", model_dir, adapter, tmp_path / "eval.json"), tmp_path / "exported",
-                       prompts, 4)
+    check = export_run(
+        RunPaths("tiny-4bit-x", model_dir, adapter, tmp_path / "eval.json"), tmp_path / "exported", prompts, 4
+    )
 
     def log_likelihoods(directory, adapter_dir=None):
         model, tokenizer = load(str(directory), adapter_path=str(adapter_dir) if adapter_dir else None)
         optimize_for_device(model, inference=True)
         return label_log_likelihoods(model, ChatFormat(tokenizer), prompts, 4)
 
-    base, adapted, exported = (log_likelihoods(model_dir), log_likelihoods(model_dir, adapter),
-                               log_likelihoods(tmp_path / "exported"))
+    base, adapted, exported = (
+        log_likelihoods(model_dir),
+        log_likelihoods(model_dir, adapter),
+        log_likelihoods(tmp_path / "exported"),
+    )
     adapter_effect, export_error = np.abs(adapted - base).mean(), np.abs(exported - adapted).mean()
     assert export_error < EXPORT_TOLERANCE * adapter_effect, (export_error, adapter_effect)
     assert np.abs(exported - base).mean() > 0.5 * adapter_effect  # not the base model
     probs = softmax(adapted, axis=1), softmax(exported, axis=1)
-    assert check.cases == len(prompts) and check.max_abs_diff == pytest.approx(np.abs(probs[1] - probs[0]).max(), abs=1e-5)
+    assert check.cases == len(prompts) and check.max_abs_diff == pytest.approx(
+        np.abs(probs[1] - probs[0]).max(), abs=1e-5
+    )
     assert check.agreement == np.mean(probs[0].argmax(axis=1) == probs[1].argmax(axis=1)) == 1.0

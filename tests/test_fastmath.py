@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import triage  # noqa: F401  (fast BLAS before MLX, as in the stages)
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -53,8 +52,9 @@ def masks(length: int, span: int, batch: int, heads: int) -> dict:
 
 
 @pytest.mark.parametrize("length,span", [(5, 5), (1, 9), (3, 9)], ids=["prompt", "decode", "continue"])
-@pytest.mark.parametrize("name", ["none", "causal", "bool 2-D", "bool per row (left padding)", "bool per head",
-                                  "additive"])
+@pytest.mark.parametrize(
+    "name", ["none", "causal", "bool 2-D", "bool per row (left padding)", "bool per head", "additive"]
+)
 def test_attention_matches_mlx_fast_sdpa(length, span, name):
     mx.random.seed(1)
     batch, heads, kv_heads, dim = 2, 6, 2, 8  # grouped-query heads, as in SmolLM2 and Gemma 3
@@ -72,19 +72,31 @@ def test_attention_gradient_matches():
     def loss(fn, q, k, v):
         return (fn(q, k, v) ** 2).sum()
 
-    reference = mx.grad(lambda *a: loss(lambda q, k, v: mx.fast.scaled_dot_product_attention(
-        q, k, v, scale=0.3, mask="causal"), *a), argnums=(0, 1, 2))(q, k, v)
-    fast = mx.grad(lambda *a: loss(lambda q, k, v: fastmath.attention(q, k, v, 0.3, "causal"), *a),
-                   argnums=(0, 1, 2))(q, k, v)
+    reference = mx.grad(
+        lambda *a: loss(lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask="causal"), *a),
+        argnums=(0, 1, 2),
+    )(q, k, v)
+    fast = mx.grad(lambda *a: loss(lambda q, k, v: fastmath.attention(q, k, v, 0.3, "causal"), *a), argnums=(0, 1, 2))(
+        q, k, v
+    )
     for a, b in zip(fast, reference):
         close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_install_swaps_once_and_models_still_compute_the_same(mlx_lm_originals):
     mx.random.seed(3)
-    model = llama.Model(llama.ModelArgs(
-        model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
-        num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=50))
+    model = llama.Model(
+        llama.ModelArgs(
+            model_type="llama",
+            hidden_size=32,
+            num_hidden_layers=2,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-5,
+            vocab_size=50,
+        )
+    )
     tokens = mx.array([[1, 5, 9, 2, 7, 3]])
     before = model(tokens)
     assert len(fastmath.install()) == 3

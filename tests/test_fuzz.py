@@ -87,7 +87,7 @@ def may_be_absent(path: KeyPath) -> bool:
 
 
 TEXT = st.text(max_size=12)
-INTEGERS = st.integers(-10**9, 10**9)
+INTEGERS = st.integers(-(10**9), 10**9)
 FLOATS = st.floats(allow_nan=False, allow_infinity=False)
 BOOLEANS = st.booleans()
 LISTS = st.lists(INTEGERS | TEXT, min_size=1, max_size=3)
@@ -116,8 +116,12 @@ def load_mutated(params: dict, directory: Path):
     """load_params on ``params`` written as YAML; the Params, or the ParamsError raised."""
     path = directory / "params.yaml"
     text = yaml.dump(params, Dumper=yaml.CSafeDumper, sort_keys=False, allow_unicode=True)
-    assert yaml.dump(yaml.load(text, Loader=yaml.CSafeLoader), Dumper=yaml.CSafeDumper, sort_keys=False,
-                     allow_unicode=True) == text, "the YAML round trip changed the mutation"
+    assert (
+        yaml.dump(
+            yaml.load(text, Loader=yaml.CSafeLoader), Dumper=yaml.CSafeDumper, sort_keys=False, allow_unicode=True
+        )
+        == text
+    ), "the YAML round trip changed the mutation"
     path.write_text(text, encoding="utf-8")
     try:
         return load_params(path)
@@ -216,11 +220,14 @@ JSON_VALUES = st.recursive(
 )
 LABEL_LIKE = st.sampled_from(["ED", "GP", "HOME", "ED: chest pain", "home", "Emergent", "urgent", "", " ", "GP."])
 MESSAGE_LIKE = st.sampled_from(["crushing chest pain", "sore throat for 2 days", "", "   "]) | st.text(max_size=20)
-MALFORMED_LINE = (st.one_of(
-    JSON_VALUES.map(json.dumps),
-    st.text(max_size=30),
-    st.sampled_from(['{"prompt": "a", "completion": ', '{"text": "a" "label": "ED"}', "   ", ""]),
-).map(str.encode) | st.binary(max_size=20)).map(lambda raw: raw.replace(b"\n", b" "))
+MALFORMED_LINE = (
+    st.one_of(
+        JSON_VALUES.map(json.dumps),
+        st.text(max_size=30),
+        st.sampled_from(['{"prompt": "a", "completion": ', '{"text": "a" "label": "ED"}', "   ", ""]),
+    ).map(str.encode)
+    | st.binary(max_size=20)
+).map(lambda raw: raw.replace(b"\n", b" "))
 
 
 def with_one_malformed_line(lines: st.SearchStrategy[bytes]) -> st.SearchStrategy[bytes]:
@@ -297,8 +304,9 @@ def test_csv_table_lines_parse_or_name_file_and_line(scratch, content):
     check_reader(table_reader("csv"), scratch / "table.csv", content, csv_module=True)
 
 
-@pytest.mark.parametrize("read", [read_prompt_completion_jsonl, table_reader("jsonl")],
-                         ids=["prompt_completion", "table"])
+@pytest.mark.parametrize(
+    "read", [read_prompt_completion_jsonl, table_reader("jsonl")], ids=["prompt_completion", "table"]
+)
 def test_deeply_nested_json_names_file_and_line(scratch, read):
     """json.loads recurses once per bracket: a line of 100,000 of them must still be a DataError."""
     content = b'{"prompt": "chest pain", "completion": "ED", "text": "chest pain", "label": "ED"}\n'

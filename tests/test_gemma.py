@@ -27,8 +27,8 @@ from triage.model.lm import ChatFormat, tokenize_split
 from triage.model.mlx_lm_internals import check_supported
 from triage.model.scoring import label_probabilities
 from triage.schema import LABELS, read_examples
-from triage.train.losses import make_completion_loss
 from triage.train.loop import add_lora, run_training, save_adapter
+from triage.train.losses import make_completion_loss
 from triage.weights.sources import fetch_base_model, quantize_model
 
 MIX = {"ED": 0.3, "GP": 0.45, "HOME": 0.25}
@@ -70,14 +70,38 @@ def test_gemma3_trains_and_evaluates_like_the_llama(gemma_dir, data_dir, tmp_pat
     config = LoraConfig(kind="standard", learning_rate=2.0e-3, batch_size=4, rank=4, scale=20.0, dropout=0.1, iters=6)
     lora = add_lora(model, config, num_layers=-1)
     optimize_for_device(model)
-    params = TrainParams(weight_decay=0.0, warmup_ratio=0.0, schedule="constant", num_layers=-1,
-                         max_seq_length=2048, seed=3, steps_per_report=3, steps_per_eval=3, steps_per_save=100,
-                         val_batches=-1, grad_checkpoint=False, mask_prompt=True, early_stopping_patience=0,
-                         early_stopping_min_delta=0.0, select_on="val_loss", label_weight=5.0, cpu_streams=2, share_prompt_prefix=True)
+    params = TrainParams(
+        weight_decay=0.0,
+        warmup_ratio=0.0,
+        schedule="constant",
+        num_layers=-1,
+        max_seq_length=2048,
+        seed=3,
+        steps_per_report=3,
+        steps_per_eval=3,
+        steps_per_save=100,
+        val_batches=-1,
+        grad_checkpoint=False,
+        mask_prompt=True,
+        early_stopping_patience=0,
+        early_stopping_min_delta=0.0,
+        select_on="val_loss",
+        label_weight=5.0,
+        cpu_streams=2,
+        share_prompt_prefix=True,
+    )
     train = tokenize_split(fmt, read_examples(data_dir / "train.jsonl"), "train", 2048)
     valid = tokenize_split(fmt, read_examples(data_dir / "valid.jsonl"), "valid", 2048)
-    result = run_training(model, train, valid, config, params, make_completion_loss(params.label_weight),
-                          tmp_path / "checkpoints", "gemma")
+    result = run_training(
+        model,
+        train,
+        valid,
+        config,
+        params,
+        make_completion_loss(params.label_weight),
+        tmp_path / "checkpoints",
+        "gemma",
+    )
     losses = [row["train_loss"] for row in result.train_rows]
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
     save_adapter(tmp_path / "adapter", model, lora["adapter_config"])
@@ -90,8 +114,15 @@ def test_gemma3_trains_and_evaluates_like_the_llama(gemma_dir, data_dir, tmp_pat
     assert not np.allclose(label_probabilities(adapted, fmt, prompts, 4), label_probabilities(base, fmt, prompts, 4))
 
     evaluate = load_params(ROOT / "params.yaml").evaluate
-    evaluation = evaluate_model(adapted, ChatFormat(tokenizer), data_dir, replace(evaluate, mc_samples=3), 2048,
-                                (0.9, "evaluate.ed_threshold_target"), adapter_dropout(tmp_path / "adapter"))
+    evaluation = evaluate_model(
+        adapted,
+        ChatFormat(tokenizer),
+        data_dir,
+        replace(evaluate, mc_samples=3),
+        2048,
+        (0.9, "evaluate.ed_threshold_target"),
+        adapter_dropout(tmp_path / "adapter"),
+    )
     metrics = evaluation.metrics
     assert metrics["n_cases"] == 6 and math.isfinite(metrics["test_loss"])
     assert metrics["mc_dropout"]["applicable"] and len(evaluation.predictions) == 6

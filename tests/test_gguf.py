@@ -13,7 +13,6 @@ import json
 from importlib import metadata
 from pathlib import Path
 
-import triage  # noqa: F401  (a BLAS proven on this CPU, before mlx is imported)
 import gguf
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,7 +23,8 @@ from gguf.quants import dequantize, quantize
 from mlx_lm.models import gemma3_text, llama
 from safetensors.numpy import load_file
 
-from triage.weights import gguf as tg, packaged
+from triage.weights import gguf as tg
+from triage.weights import packaged
 
 Q8 = gguf.GGMLQuantizationType.Q8_0
 
@@ -37,11 +37,7 @@ Q8 = gguf.GGMLQuantizationType.Q8_0
 def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf q/k permutation, restated here independently."""
     rows = weight.shape[0]
-    return (
-        weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
-    )
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def gpt2_byte_chars() -> list[str]:
@@ -654,7 +650,7 @@ PARAGRAPH = (
 )
 ROUNDTRIP_TEXT = (
     "Patient (age 67) reports chest pain since 03:15 — sharp, 8/10, radiating to the left arm.\n"
-    "Temp. 38.4°C; BP 150/95.  Naïve café visit? \"Yes\", she said…\n\n\tEnd of note 🙂"
+    'Temp. 38.4°C; BP 150/95.  Naïve café visit? "Yes", she said…\n\n\tEnd of note 🙂'
 )
 REAL = {"smollm2": packaged.SMOLLM2_135M_INSTRUCT, "gemma3": packaged.GEMMA3_270M}
 
@@ -731,6 +727,8 @@ def test_real_tokenizer_roundtrip_and_special_tokens(real_models: dict, key: str
     turn_start = tokenizer.convert_tokens_to_ids(specials[0] if key == "smollm2" else "<start_of_turn>")
     assert turn_start in chat
     assert tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids(specials[1])
+
+
 @pytest.mark.real_model
 def test_real_smollm2_answers_chat_question(real_models: dict) -> None:
     model, tokenizer = mlx_lm.load(str(_real(real_models, "smollm2")))
@@ -740,6 +738,8 @@ def test_real_smollm2_answers_chat_question(real_models: dict) -> None:
     answer = mlx_lm.generate(model, tokenizer, prompt, max_tokens=12, verbose=False)
     print(f"smollm2 greedy answer: {answer!r}")
     assert "Paris" in answer
+
+
 @pytest.mark.real_model
 def test_real_gemma_base_continues_fact(real_models: dict) -> None:
     model, tokenizer = mlx_lm.load(str(_real(real_models, "gemma3")))

@@ -52,21 +52,27 @@ def raises(call, *args, line: int | None, field: str | None, **kwargs) -> DataEr
 
 
 def test_prompt_completion_keeps_prompt_and_completion_verbatim(tmp_path: Path) -> None:
-    path = write(tmp_path / "cases.jsonl", [
-        pc("  Crushing chest pain\n", "ED. Possible heart attack.", id="c1", age_band="elderly", score=0.3),
-        "",
-        pc("Sore throat 2 days", "GP", group="g7", attrs={"sex": "female", "n": 3}),
-    ])
+    path = write(
+        tmp_path / "cases.jsonl",
+        [
+            pc("  Crushing chest pain\n", "ED. Possible heart attack.", id="c1", age_band="elderly", score=0.3),
+            "",
+            pc("Sore throat 2 days", "GP", group="g7", attrs={"sex": "female", "n": 3}),
+        ],
+    )
     first, second = read_prompt_completion_jsonl(path)
-    assert first == Example("c1", "  Crushing chest pain\n", "ED. Possible heart attack.", "ED", "c1",
-                            {"age_band": "elderly"})
+    assert first == Example(
+        "c1", "  Crushing chest pain\n", "ED. Possible heart attack.", "ED", "c1", {"age_band": "elderly"}
+    )
     # No id: the default names the file and the physical line (the blank line 2 counts).
     assert (second.id, second.group, second.label, second.attrs) == ("cases-3", "g7", "GP", {"sex": "female"})
 
 
 def test_whitespace_before_the_label_is_removed_with_one_note(tmp_path: Path, capsys) -> None:
-    path = write(tmp_path / "openai.jsonl", [pc(completion=" ED - call an ambulance"), pc(completion="\nGP"),
-                                             pc(completion="HOME - rest")])
+    path = write(
+        tmp_path / "openai.jsonl",
+        [pc(completion=" ED - call an ambulance"), pc(completion="\nGP"), pc(completion="HOME - rest")],
+    )
     examples = read_prompt_completion_jsonl(path)
     assert [e.completion for e in examples] == ["ED - call an ambulance", "GP", "HOME - rest"]
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[import]")]
@@ -227,11 +233,18 @@ def chat(*turns: tuple[str, str], **extra) -> str:
 
 
 def test_chat_uses_user_turns_as_the_message_and_the_last_answer_as_completion(tmp_path: Path) -> None:
-    path = write(tmp_path / "chat.jsonl", [
-        chat(("system", "Be brief."), ("user", "My chest hurts"), ("assistant", "ED now"), id="x", sex="male"),
-        chat(("user", "I have a rash"), ("assistant", "Is it spreading?"), ("user", "No, 3 days"),
-             ("assistant", "GP: book an appointment")),
-    ])
+    path = write(
+        tmp_path / "chat.jsonl",
+        [
+            chat(("system", "Be brief."), ("user", "My chest hurts"), ("assistant", "ED now"), id="x", sex="male"),
+            chat(
+                ("user", "I have a rash"),
+                ("assistant", "Is it spreading?"),
+                ("user", "No, 3 days"),
+                ("assistant", "GP: book an appointment"),
+            ),
+        ],
+    )
     first, second = read_chat_jsonl(path)
     assert first == Example("x", render_prompt("My chest hurts"), "ED now", "ED", "x", {"sex": "male"})
     assert second.prompt == render_prompt("I have a rash\nNo, 3 days")
@@ -239,21 +252,30 @@ def test_chat_uses_user_turns_as_the_message_and_the_last_answer_as_completion(t
     assert "Be brief" not in first.prompt and "spreading" not in second.prompt
 
 
-@pytest.mark.parametrize(("record", "field", "words"), [
-    ({"id": 1}, "messages", "missing"),
-    ({"messages": "hi"}, "messages", "non-empty array"),
-    ({"messages": []}, "messages", "non-empty array"),
-    ({"messages": ["hi"]}, "messages[0]", "object"),
-    ({"messages": [{"content": "hi"}]}, "messages[0].role", "missing"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "unknown role"),
-    ({"messages": [{"role": "user"}]}, "messages[0].content", "missing"),
-    ({"messages": [{"role": "user", "content": " "}]}, "messages[0].content", "empty"),
-    ({"messages": [{"role": "assistant", "content": "ED"}, {"role": "user", "content": "hi"}]}, "messages", "end"),
-    ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "ED"}]}, "messages",
-     "no user message"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "maybe"}]},
-     "messages[1].content", "ED, GP, HOME"),
-])
+@pytest.mark.parametrize(
+    ("record", "field", "words"),
+    [
+        ({"id": 1}, "messages", "missing"),
+        ({"messages": "hi"}, "messages", "non-empty array"),
+        ({"messages": []}, "messages", "non-empty array"),
+        ({"messages": ["hi"]}, "messages[0]", "object"),
+        ({"messages": [{"content": "hi"}]}, "messages[0].role", "missing"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "unknown role"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content", "missing"),
+        ({"messages": [{"role": "user", "content": " "}]}, "messages[0].content", "empty"),
+        ({"messages": [{"role": "assistant", "content": "ED"}, {"role": "user", "content": "hi"}]}, "messages", "end"),
+        (
+            {"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "ED"}]},
+            "messages",
+            "no user message",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "maybe"}]},
+            "messages[1].content",
+            "ED, GP, HOME",
+        ),
+    ],
+)
 def test_bad_chat_records(tmp_path: Path, record: dict, field: str, words: str) -> None:
     path = write(tmp_path / "chat.jsonl", [chat(("user", "ok"), ("assistant", "HOME")), json.dumps(record)])
     assert words in str(raises(read_chat_jsonl, path, line=2, field=field))
@@ -272,12 +294,15 @@ LEVELS = {"Emergent": "ED", "urgent": "GP", "NON-URGENT": "HOME"}
 
 
 def test_csv_table_with_mapping_ids_attrs_and_a_multiline_cell(tmp_path: Path) -> None:
-    path = write(tmp_path / "msgs.csv", [
-        "case,message,acuity,sex,age_band",
-        'a1,"Fell off a ladder,\nleg bent wrong",EMERGENT,male,adult',
-        "a2,Mild headache,non-urgent,female,",
-        "a3,Cough for a week,GP,,elderly",
-    ])
+    path = write(
+        tmp_path / "msgs.csv",
+        [
+            "case,message,acuity,sex,age_band",
+            'a1,"Fell off a ladder,\nleg bent wrong",EMERGENT,male,adult',
+            "a2,Mild headache,non-urgent,female,",
+            "a3,Cough for a week,GP,,elderly",
+        ],
+    )
     examples = read_table(path, "csv", "message", "acuity", LEVELS, id_field="case", attr_fields=("sex", "age_band"))
     assert [(e.id, e.label, e.completion, e.group, e.attrs) for e in examples] == [
         ("a1", "ED", "ED", "a1", {"sex": "male", "age_band": "adult"}),
@@ -299,14 +324,20 @@ def test_unknown_label_without_a_mapping(tmp_path: Path) -> None:
 
 
 def test_jsonl_table_maps_numeric_labels_and_uses_a_group_field(tmp_path: Path) -> None:
-    path = write(tmp_path / "t.jsonl", [
-        json.dumps({"msg": "Cannot breathe", "level": 1, "visit": "v1", "age": 80}),
-        json.dumps({"msg": "Itchy eyes", "level": 5, "visit": "v1"}),
-    ])
-    examples = read_table(path, "jsonl", "msg", "level", {"1": "ED", "5": "HOME"}, attr_fields=("age",),
-                          group_field="visit")
+    path = write(
+        tmp_path / "t.jsonl",
+        [
+            json.dumps({"msg": "Cannot breathe", "level": 1, "visit": "v1", "age": 80}),
+            json.dumps({"msg": "Itchy eyes", "level": 5, "visit": "v1"}),
+        ],
+    )
+    examples = read_table(
+        path, "jsonl", "msg", "level", {"1": "ED", "5": "HOME"}, attr_fields=("age",), group_field="visit"
+    )
     assert [(e.id, e.label, e.group, e.attrs) for e in examples] == [
-        ("t-1", "ED", "v1", {"age": "80"}), ("t-2", "HOME", "v1", {})]
+        ("t-1", "ED", "v1", {"age": "80"}),
+        ("t-2", "HOME", "v1", {}),
+    ]
 
 
 def test_csv_missing_column_is_reported_on_the_header_line(tmp_path: Path) -> None:
@@ -364,22 +395,63 @@ def test_unknown_table_format(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- #
 
 KTAS_HEADER = [
-    "Group", "Sex", "Age", "Patients number per hour", "Arrival mode", "Injury", "Chief_complain", "Mental", "Pain",
-    "NRS_pain", "SBP", "DBP", "HR", "RR", "BT", "Saturation", "KTAS_RN", "Diagnosis in ED", "Disposition",
-    "KTAS_expert", "Error_group", "Length of stay_min", "KTAS duration_min", "mistriage",
+    "Group",
+    "Sex",
+    "Age",
+    "Patients number per hour",
+    "Arrival mode",
+    "Injury",
+    "Chief_complain",
+    "Mental",
+    "Pain",
+    "NRS_pain",
+    "SBP",
+    "DBP",
+    "HR",
+    "RR",
+    "BT",
+    "Saturation",
+    "KTAS_RN",
+    "Diagnosis in ED",
+    "Disposition",
+    "KTAS_expert",
+    "Error_group",
+    "Length of stay_min",
+    "KTAS duration_min",
+    "mistriage",
 ]
 VISIT = {
-    "Group": "2", "Sex": "1", "Age": "62", "Patients number per hour": "7", "Arrival mode": "2", "Injury": "1",
-    "Chief_complain": "chest pain", "Mental": "1", "Pain": "1", "NRS_pain": "6", "SBP": "150", "DBP": "90",
-    "HR": "96", "RR": "20", "BT": "36.8", "Saturation": "97", "KTAS_RN": "3", "Diagnosis in ED": "Angina",
-    "Disposition": "2", "KTAS_expert": "2", "Error_group": "0 ", "Length of stay_min": "300",
-    "KTAS duration_min": "4,50", "mistriage": "0 ",
+    "Group": "2",
+    "Sex": "1",
+    "Age": "62",
+    "Patients number per hour": "7",
+    "Arrival mode": "2",
+    "Injury": "1",
+    "Chief_complain": "chest pain",
+    "Mental": "1",
+    "Pain": "1",
+    "NRS_pain": "6",
+    "SBP": "150",
+    "DBP": "90",
+    "HR": "96",
+    "RR": "20",
+    "BT": "36.8",
+    "Saturation": "97",
+    "KTAS_RN": "3",
+    "Diagnosis in ED": "Angina",
+    "Disposition": "2",
+    "KTAS_expert": "2",
+    "Error_group": "0 ",
+    "Length of stay_min": "300",
+    "KTAS duration_min": "4,50",
+    "mistriage": "0 ",
 }
 
 
 def write_ktas(path: Path, *visits: dict[str, str]) -> Path:
-    rows = [";".join(KTAS_HEADER)] + [";".join({**VISIT, **visit}[column] for column in KTAS_HEADER)
-                                      for visit in visits]
+    rows = [";".join(KTAS_HEADER)] + [
+        ";".join({**VISIT, **visit}[column] for column in KTAS_HEADER) for visit in visits
+    ]
     return write(path, rows, encoding="cp1254")
 
 
@@ -394,16 +466,35 @@ def test_ktas_note_reads_like_a_triage_note(tmp_path: Path) -> None:
         "62-year-old woman, arrived by public ambulance. Complaint: chest pain. Alert. Pain 6/10. "
         "BP 150/90, pulse 96, breathing 20/min, temp 36.8 °C, SpO2 97%."
     )
-    assert example == Example("ktas-1", example.prompt, "ED", "ED", "ktas-1",
-                              {"age_band": "adult", "sex": "female", "vitals": "normal", "nurse_label": "ED"})
+    assert example == Example(
+        "ktas-1",
+        example.prompt,
+        "ED",
+        "ED",
+        "ktas-1",
+        {"age_band": "adult", "sex": "female", "vitals": "normal", "nurse_label": "ED"},
+    )
 
 
 def test_ktas_missing_values_are_left_out(tmp_path: Path) -> None:
     visits = [
         {"Chief_complain": "?? ???", "NRS_pain": "#BOŞ!", "SBP": "??", "DBP": "??", "Saturation": "", "BT": "36,8"},
-        {"Sex": "2", "Age": "16", "Arrival mode": "1", "Injury": "2", "Chief_complain": "Pain, ?nus", "Mental": "3",
-         "Pain": "0", "NRS_pain": "#BOŞ!", "DBP": "??", "HR": "??", "RR": "??", "BT": "??", "Saturation": "??",
-         "KTAS_expert": "4"},
+        {
+            "Sex": "2",
+            "Age": "16",
+            "Arrival mode": "1",
+            "Injury": "2",
+            "Chief_complain": "Pain, ?nus",
+            "Mental": "3",
+            "Pain": "0",
+            "NRS_pain": "#BOŞ!",
+            "DBP": "??",
+            "HR": "??",
+            "RR": "??",
+            "BT": "??",
+            "Saturation": "??",
+            "KTAS_expert": "4",
+        },
         {"KTAS_expert": "5"},
     ]
     first, second, third = read_ktas_csv(write_ktas(tmp_path / "k.csv", *visits))
@@ -441,18 +532,39 @@ def test_ktas_unknown_nurse_level_names_line_and_column(tmp_path: Path) -> None:
     raises(read_ktas_csv, write_ktas(tmp_path / "k.csv", {}, {"KTAS_RN": "7"}), line=3, field=NURSE_COLUMN)
 
 
-@pytest.mark.parametrize(("visit", "expected"), [
-    ({}, "normal"),
-    ({"SBP": "89"}, "abnormal"), ({"SBP": "90"}, "normal"), ({"SBP": "180"}, "normal"), ({"SBP": "181"}, "abnormal"),
-    ({"DBP": "120"}, "normal"), ({"DBP": "121"}, "abnormal"),
-    ({"HR": "49"}, "abnormal"), ({"HR": "50"}, "normal"), ({"HR": "120"}, "normal"), ({"HR": "121"}, "abnormal"),
-    ({"RR": "9"}, "abnormal"), ({"RR": "10"}, "normal"), ({"RR": "24"}, "normal"), ({"RR": "25"}, "abnormal"),
-    ({"BT": "35,9"}, "abnormal"), ({"BT": "36.0"}, "normal"), ({"BT": "38.4"}, "normal"), ({"BT": "38.5"}, "abnormal"),
-    ({"Saturation": "91"}, "abnormal"), ({"Saturation": "92"}, "normal"), ({"Saturation": "??"}, "normal"),
-    ({"DBP": "??"}, "normal"),
-    ({"SBP": "??"}, "missing"), ({"HR": "??"}, "missing"), ({"RR": "#BOŞ!"}, "missing"), ({"BT": ""}, "missing"),
-    ({"SBP": "??", "HR": "130"}, "abnormal"),
-])
+@pytest.mark.parametrize(
+    ("visit", "expected"),
+    [
+        ({}, "normal"),
+        ({"SBP": "89"}, "abnormal"),
+        ({"SBP": "90"}, "normal"),
+        ({"SBP": "180"}, "normal"),
+        ({"SBP": "181"}, "abnormal"),
+        ({"DBP": "120"}, "normal"),
+        ({"DBP": "121"}, "abnormal"),
+        ({"HR": "49"}, "abnormal"),
+        ({"HR": "50"}, "normal"),
+        ({"HR": "120"}, "normal"),
+        ({"HR": "121"}, "abnormal"),
+        ({"RR": "9"}, "abnormal"),
+        ({"RR": "10"}, "normal"),
+        ({"RR": "24"}, "normal"),
+        ({"RR": "25"}, "abnormal"),
+        ({"BT": "35,9"}, "abnormal"),
+        ({"BT": "36.0"}, "normal"),
+        ({"BT": "38.4"}, "normal"),
+        ({"BT": "38.5"}, "abnormal"),
+        ({"Saturation": "91"}, "abnormal"),
+        ({"Saturation": "92"}, "normal"),
+        ({"Saturation": "??"}, "normal"),
+        ({"DBP": "??"}, "normal"),
+        ({"SBP": "??"}, "missing"),
+        ({"HR": "??"}, "missing"),
+        ({"RR": "#BOŞ!"}, "missing"),
+        ({"BT": ""}, "missing"),
+        ({"SBP": "??", "HR": "130"}, "abnormal"),
+    ],
+)
 def test_ktas_vitals_attribute_follows_the_adult_limits(tmp_path: Path, visit: dict[str, str], expected: str) -> None:
     [example] = read_ktas_csv(write_ktas(tmp_path / "k.csv", visit))
     assert example.attrs["vitals"] == expected
@@ -463,13 +575,16 @@ def test_ktas_identical_notes_share_a_group(tmp_path: Path) -> None:
     assert [e.group for e in examples] == ["ktas-1", "ktas-2", "ktas-1"]
 
 
-@pytest.mark.parametrize(("visit", "field"), [
-    ({"KTAS_expert": "??"}, "KTAS_expert"),
-    ({"KTAS_expert": "6"}, "KTAS_expert"),
-    ({"Sex": "3"}, "Sex"),
-    ({"HR": "fast"}, "HR"),
-    ({"NRS_pain": "11"}, "NRS_pain"),
-])
+@pytest.mark.parametrize(
+    ("visit", "field"),
+    [
+        ({"KTAS_expert": "??"}, "KTAS_expert"),
+        ({"KTAS_expert": "6"}, "KTAS_expert"),
+        ({"Sex": "3"}, "Sex"),
+        ({"HR": "fast"}, "HR"),
+        ({"NRS_pain": "11"}, "NRS_pain"),
+    ],
+)
 def test_ktas_bad_cells_name_line_and_column(tmp_path: Path, visit: dict[str, str], field: str) -> None:
     raises(read_ktas_csv, write_ktas(tmp_path / "k.csv", {}, visit), line=3, field=field)
 
@@ -569,11 +684,22 @@ def test_ktas_vitals_attribute_on_the_real_data(ktas_examples: list[Example]) ->
     import pandas as pd
 
     frame = pd.read_csv(KTAS_DATA, sep=";", encoding="cp1254", dtype=str)
-    vital = {column: pd.to_numeric(frame[column].str.strip().str.replace(",", "."), errors="coerce")
-             for column in ("SBP", "DBP", "HR", "RR", "BT", "Saturation")}
-    abnormal = ((vital["SBP"] < 90) | (vital["SBP"] > 180) | (vital["DBP"] > 120) | (vital["HR"] < 50)
-                | (vital["HR"] > 120) | (vital["RR"] < 10) | (vital["RR"] > 24) | (vital["BT"] < 36)
-                | (vital["BT"] >= 38.5) | (vital["Saturation"] < 92))
+    vital = {
+        column: pd.to_numeric(frame[column].str.strip().str.replace(",", "."), errors="coerce")
+        for column in ("SBP", "DBP", "HR", "RR", "BT", "Saturation")
+    }
+    abnormal = (
+        (vital["SBP"] < 90)
+        | (vital["SBP"] > 180)
+        | (vital["DBP"] > 120)
+        | (vital["HR"] < 50)
+        | (vital["HR"] > 120)
+        | (vital["RR"] < 10)
+        | (vital["RR"] > 24)
+        | (vital["BT"] < 36)
+        | (vital["BT"] >= 38.5)
+        | (vital["Saturation"] < 92)
+    )
     recorded = pd.concat([vital[c].notna() for c in ("SBP", "HR", "RR", "BT")], axis=1).all(axis=1)
     expected = ["abnormal" if a else "normal" if r else "missing" for a, r in zip(abnormal, recorded)]
     assert [e.attrs["vitals"] for e in ktas_examples] == expected

@@ -69,8 +69,12 @@ def subpackage(module: str) -> str | None:
 
 def crossings(graph: Graph) -> list[str]:
     """Every import between the sub-packages kept apart, as 'a imports b'."""
-    return sorted(f"{source} imports {target}" for source, targets in graph.items() for target in targets
-                  if {subpackage(source), subpackage(target)} == set(APART))
+    return sorted(
+        f"{source} imports {target}"
+        for source, targets in graph.items()
+        for target in targets
+        if {subpackage(source), subpackage(target)} == set(APART)
+    )
 
 
 def within(module: str, packages: tuple[str, ...]) -> bool:
@@ -79,8 +83,12 @@ def within(module: str, packages: tuple[str, ...]) -> bool:
 
 def upward(graph: Graph) -> list[str]:
     """Every import from the model layer (or below) of a module above it, as 'a imports b'."""
-    return sorted(f"{source} imports {target}" for source, targets in graph.items() for target in targets
-                  if within(source, LOWER) and within(target, UPPER))
+    return sorted(
+        f"{source} imports {target}"
+        for source, targets in graph.items()
+        for target in targets
+        if within(source, LOWER) and within(target, UPPER)
+    )
 
 
 def test_no_module_imports_itself_back():
@@ -90,8 +98,10 @@ def test_no_module_imports_itself_back():
 
 def test_training_and_evaluation_never_import_each_other():
     found = crossings(import_graph())
-    assert not found, ("train and evaluate must share code through a lower module (triage.model, triage.scores), "
-                       "not import each other:\n  " + "\n  ".join(found))
+    assert not found, (
+        "train and evaluate must share code through a lower module (triage.model, triage.scores), "
+        "not import each other:\n  " + "\n  ".join(found)
+    )
 
 
 def test_the_model_layer_imports_nothing_above_it():

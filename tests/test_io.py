@@ -55,7 +55,9 @@ def test_the_replacement_never_renames_onto_a_missing_path_when_it_can_exchange(
         pytest.skip("this OS or file system has no atomic exchange")
     seen_missing = []
     real_replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda src, dst: (seen_missing.append(not final.exists()), real_replace(src, dst)))
+    monkeypatch.setattr(
+        os, "replace", lambda src, dst: (seen_missing.append(not final.exists()), real_replace(src, dst))
+    )
     io.replace_directory(new, final)
     assert tree(final) == {"b.txt": "new"} and not new.exists() and seen_missing == []
 

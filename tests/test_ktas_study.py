@@ -48,8 +48,9 @@ def study(repo: Path, *args: str, check: bool = True):
 
 def made_up_ktas(path: Path) -> Path:
     """Three invented visits in the KTAS layout: an ED, a GP and a HOME case."""
-    return write_ktas(path, {}, {"KTAS_expert": "4", "KTAS_RN": "4", "Age": "30"},
-                      {"KTAS_expert": "5", "KTAS_RN": "4", "Age": "25"})
+    return write_ktas(
+        path, {}, {"KTAS_expert": "4", "KTAS_RN": "4", "Age": "30"}, {"KTAS_expert": "5", "KTAS_RN": "4", "Age": "25"}
+    )
 
 
 def test_the_script_refuses_without_data(repo: Path) -> None:
@@ -65,8 +66,13 @@ def test_the_script_copies_the_file_and_runs_the_study_selection(repo: Path, tmp
     assert (repo / TARGET).read_bytes() == given.read_bytes()
     assert "3 visits; expert label ED 1, GP 1, HOME 1; nurse's level recorded for 3" in out, out
     command = out.split("running:", 1)[1]
-    for override in ("data.source=ktas", f"data.path={TARGET}", "run.models=\\[smollm2-135m\\]",
-                     "run.bits=\\[4bit\\,8bit\\]", "run.configs=\\[medical_baseline\\,balanced_safe\\]"):
+    for override in (
+        "data.source=ktas",
+        f"data.path={TARGET}",
+        "run.models=\\[smollm2-135m\\]",
+        "run.bits=\\[4bit\\,8bit\\]",
+        "run.configs=\\[medical_baseline\\,balanced_safe\\]",
+    ):
         assert override in command, command
     assert "lora.iters" not in command  # the configs' own lengths
     # Never committed: git sees nothing new.
@@ -96,8 +102,9 @@ def test_the_script_never_overwrites_a_different_file(repo: Path, tmp_path: Path
 
 
 def test_the_script_refuses_when_the_data_would_not_be_git_ignored(repo: Path, tmp_path: Path) -> None:
-    (repo / ".gitignore").write_text("".join(line + "\n" for line in (ROOT / ".gitignore").read_text().splitlines()
-                                             if "ktas" not in line))
+    (repo / ".gitignore").write_text(
+        "".join(line + "\n" for line in (ROOT / ".gitignore").read_text().splitlines() if "ktas" not in line)
+    )
     refused = study(repo, str(made_up_ktas(tmp_path / "mine.csv")), check=False)
     assert refused.returncode == 1 and "not git-ignored" in refused.stderr, refused.stderr
     assert not (repo / TARGET).exists()
@@ -184,6 +191,7 @@ def test_the_pipeline_runs_end_to_end_on_ktas(ktas_project, tmp_path: Path) -> N
     if "references" in stages:  # the nurses' row: every test case carries attrs.nurse_label
         assert (project / "metrics/references/nurses/evaluation.json").is_file()
     # The evaluation carries the attrs through to each case's row (the nurses' row and the vitals subgroup read them).
-    predictions = [json.loads(line) for line in
-                   (project / f"metrics/runs/{RUNS[0]}/predictions.jsonl").read_text().splitlines()]
+    predictions = [
+        json.loads(line) for line in (project / f"metrics/runs/{RUNS[0]}/predictions.jsonl").read_text().splitlines()
+    ]
     assert predictions and all(row["nurse_label"] == cases[row["id"]].attrs["nurse_label"] for row in predictions)

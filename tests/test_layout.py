@@ -41,7 +41,10 @@ def _absolute(node: ast.ImportFrom, path: Path, root: Path) -> str:
 
 
 def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
-    """Dotted names of every module ``path`` imports (``from pkg import sub`` counts ``pkg.sub`` when it is a module)."""
+    """Dotted names of every module ``path`` imports.
+
+    ``from pkg import sub`` counts ``pkg.sub`` when it is a module.
+    """
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
@@ -49,8 +52,9 @@ def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = _absolute(node, path, root)
             names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names
-                         if module_path(f"{base}.{alias.name}", root) is not None)
+            names.update(
+                f"{base}.{alias.name}" for alias in node.names if module_path(f"{base}.{alias.name}", root) is not None
+            )
     return names
 
 
@@ -90,8 +94,11 @@ def stage_scripts(dvc_yaml: Path) -> dict[str, tuple[Path, list[str]]]:
 def uncovered(files: set[Path], deps: list[str], root: Path = ROOT) -> list[str]:
     """The files no dep names, itself or through a folder that holds it."""
     dep_paths = [(root / dep).resolve() for dep in deps]
-    return sorted(str(f.relative_to(root)) for f in files
-                  if not any(f.resolve() == d or d in f.resolve().parents for d in dep_paths))
+    return sorted(
+        str(f.relative_to(root))
+        for f in files
+        if not any(f.resolve() == d or d in f.resolve().parents for d in dep_paths)
+    )
 
 
 STAGES = stage_scripts(ROOT / "dvc.yaml")
@@ -142,9 +149,18 @@ def test_the_closure_follows_function_level_and_package_imports(tmp_path):
     script = tmp_path / "stage.py"
     script.write_text("from triage.sub.a import f\n")
     closure = {str(p.relative_to(tmp_path)) for p in import_closure(script, tmp_path)}
-    assert closure == {"stage.py", "triage/__init__.py", "triage/sub/__init__.py", "triage/sub/a.py",
-                       "triage/sub/b.py", "triage/sub/c.py"}
-    assert uncovered(import_closure(script, tmp_path), ["stage.py", "triage/sub", "triage/__init__.py"],
-                     tmp_path) == []
+    assert closure == {
+        "stage.py",
+        "triage/__init__.py",
+        "triage/sub/__init__.py",
+        "triage/sub/a.py",
+        "triage/sub/b.py",
+        "triage/sub/c.py",
+    }
+    assert uncovered(import_closure(script, tmp_path), ["stage.py", "triage/sub", "triage/__init__.py"], tmp_path) == []
     assert uncovered(import_closure(script, tmp_path), ["stage.py", "triage/sub/a.py"], tmp_path) == [
-        "triage/__init__.py", "triage/sub/__init__.py", "triage/sub/b.py", "triage/sub/c.py"]
+        "triage/__init__.py",
+        "triage/sub/__init__.py",
+        "triage/sub/b.py",
+        "triage/sub/c.py",
+    ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import triage  # noqa: F401  (fast BLAS before MLX, as in the stages)
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -20,17 +19,38 @@ FMT = SimpleNamespace(label_tokens=[[5], [7, 8], [9, 10, 11]], prompt_tokens=lis
 
 
 def llama_model() -> nn.Module:
-    return llama.Model(llama.ModelArgs(
-        model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
-        num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=VOCAB, tie_word_embeddings=True))
+    return llama.Model(
+        llama.ModelArgs(
+            model_type="llama",
+            hidden_size=32,
+            num_hidden_layers=2,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-5,
+            vocab_size=VOCAB,
+            tie_word_embeddings=True,
+        )
+    )
 
 
 def gemma_model() -> nn.Module:
     # A sliding window of 8 with prompts up to 13 tokens exercises the rotating caches of Gemma 3's local layers.
-    return gemma3_text.Model(gemma3_text.ModelArgs(
-        model_type="gemma3_text", hidden_size=32, num_hidden_layers=6, intermediate_size=64, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=8, rms_norm_eps=1e-6, vocab_size=VOCAB, query_pre_attn_scalar=8,
-        sliding_window=8))
+    return gemma3_text.Model(
+        gemma3_text.ModelArgs(
+            model_type="gemma3_text",
+            hidden_size=32,
+            num_hidden_layers=6,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=8,
+            rms_norm_eps=1e-6,
+            vocab_size=VOCAB,
+            query_pre_attn_scalar=8,
+            sliding_window=8,
+        )
+    )
 
 
 def reference_scores(model: nn.Module, prompt: list[int]) -> list[float]:
@@ -80,7 +100,9 @@ def test_scores_after_a_shared_prefix_equal_the_plain_forward_pass(build):
     expected = np.array([reference_scores(model, prompt) for prompt in PREFIXED])
     np.testing.assert_allclose(np.array(batch_label_log_probs(model, FMT, PREFIXED, prefix)), expected, atol=2e-4)
     # The prefix's cache is reused, not consumed: a second batch after it scores the same.
-    np.testing.assert_allclose(np.array(batch_label_log_probs(model, FMT, PREFIXED[1:], prefix)), expected[1:], atol=2e-4)
+    np.testing.assert_allclose(
+        np.array(batch_label_log_probs(model, FMT, PREFIXED[1:], prefix)), expected[1:], atol=2e-4
+    )
 
 
 def test_a_prompt_that_does_not_continue_the_prefix_is_refused():
@@ -100,7 +122,10 @@ def test_every_prompt_keeps_a_token_of_its_own():
 
 
 class RowNoise(nn.Dropout):
-    """A deterministic stand-in for dropout: row k is scaled by 1 + 0.3 * (k % samples), so each MC sample is recognisable."""
+    """A deterministic stand-in for dropout: row k is scaled by 1 + 0.3 * (k % samples).
+
+    So each MC sample is recognisable.
+    """
 
     def __init__(self, samples: int):
         super().__init__(0.5)
@@ -125,8 +150,11 @@ def test_mc_samples_after_a_shared_prefix_equal_each_prompt_run_whole(build):
     samples = 3
     mx.random.seed(6)
     model = build()
-    add_lora(model, LoraConfig(kind="standard", learning_rate=1e-3, batch_size=4, rank=4, scale=2.0, dropout=0.1,
-                               iters=1), len(model.model.layers) // 2)
+    add_lora(
+        model,
+        LoraConfig(kind="standard", learning_rate=1e-3, batch_size=4, rank=4, scale=2.0, dropout=0.1, iters=1),
+        len(model.model.layers) // 2,
+    )
     for _, module in model.named_modules():
         if isinstance(module, LoRALinear):
             module.lora_b = 0.5 * mx.random.normal(module.lora_b.shape)

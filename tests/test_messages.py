@@ -71,8 +71,9 @@ def test_every_flag_has_at_least_3_say_and_2_deny(kb: catalogue.Knowledge) -> No
 def test_context_is_parsed_as_templates(kb: catalogue.Knowledge) -> None:
     with_context = [p for p in kb.presentations if p.context]
     assert with_context and all(isinstance(p.context, tuple) for p in kb.presentations)
-    assert all(catalogue.template_problem(line, catalogue.PATIENT_TOKENS) is None
-               for p in with_context for line in p.context)
+    assert all(
+        catalogue.template_problem(line, catalogue.PATIENT_TOKENS) is None for p in with_context for line in p.context
+    )
 
 
 def test_bad_context_line_names_file_line_and_field(tmp_path: Path) -> None:
@@ -148,8 +149,10 @@ def test_every_flag_can_be_stated(kb: catalogue.Knowledge) -> None:
     # A flag is only ever written into a label at least as urgent as its own, which some band must allow.
     for p in kb.presentations:
         for flag in p.flags:
-            assert any(LABELS.index(flag.label) <= LABELS.index(synth.least_urgent(p, band, kb)) for band in p.ages), \
-                (p.id, flag.id)
+            assert any(LABELS.index(flag.label) <= LABELS.index(synth.least_urgent(p, band, kb)) for band in p.ages), (
+                p.id,
+                flag.id,
+            )
 
 
 # --------------------------------------------------------------------------- denials and context
@@ -168,8 +171,10 @@ def test_denials_are_own_flags_or_own_system_screening(kb: catalogue.Knowledge, 
 
 
 def test_negation_is_no_sign_of_the_label(cases: list[synth.Generated]) -> None:
-    share = {label: np.mean([bool(g.case.denied or g.case.screened) for g in cases if g.decision.label == label])
-             for label in LABELS}
+    share = {
+        label: np.mean([bool(g.case.denied or g.case.screened) for g in cases if g.decision.label == label])
+        for label in LABELS
+    }
     assert 0.4 <= min(share.values()) and max(share.values()) - min(share.values()) <= 0.08, share
 
 
@@ -193,13 +198,15 @@ def test_context_lines_are_written_into_notes_and_dialogues(kb: catalogue.Knowle
     case = synth.Case(p, "adult", 40 * 52, p.sex or "female", "first", context=p.context[:3])
     lines = [normalise_text(synth.fill(line, "first", case.sex)) for line in case.context]
     for dialogue in (False, True):
-        texts = [normalise_text(synth.render_message(case, kb, random.Random(seed), dialogue).text)
-                 for seed in range(5)]
+        texts = [
+            normalise_text(synth.render_message(case, kb, random.Random(seed), dialogue).text) for seed in range(5)
+        ]
         assert any(all(line in text for line in lines) for text in texts), (dialogue, texts[0])
 
 
-def test_context_never_answers_what_a_stated_modifier_answers(kb: catalogue.Knowledge,
-                                                              cases: list[synth.Generated]) -> None:
+def test_context_never_answers_what_a_stated_modifier_answers(
+    kb: catalogue.Knowledge, cases: list[synth.Generated]
+) -> None:
     checked = 0
     for generated in cases:
         answered = {kb.modifier(m).slot or "history" for m in generated.case.stated}
@@ -251,8 +258,10 @@ def test_registers_have_their_form(cases: list[synth.Generated]) -> None:
 def test_messages_spread_over_one_to_six_sentences(examples: list[Example], cases: list[synth.Generated]) -> None:
     notes = Counter(g.message.sentences for g in cases if "\nNurse: " not in g.message.text)
     assert set(notes) == set(range(1, 7)) and min(notes.values()) >= 0.04 * sum(notes.values())
-    assert all(e.attrs["sentences"] == str(g.message.sentences) and e.attrs["register"] == g.case.register
-               for e, g in zip(examples, cases))
+    assert all(
+        e.attrs["sentences"] == str(g.message.sentences) and e.attrs["register"] == g.case.register
+        for e, g in zip(examples, cases)
+    )
 
 
 def test_every_label_takes_the_same_age_mix(cases: list[synth.Generated]) -> None:
@@ -277,9 +286,15 @@ def _form(example: Example, greeting: re.Pattern[str], closings: frozenset[str])
     text = message_of(example.prompt)
     first_line = re.sub(r"^(Patient|Caller): ", "", text).lower()
     normalised = normalise_text(text)
-    return [len(text), len(text.split()), int(example.attrs["sentences"]), "\nNurse: " in text,
-            bool(greeting.match(first_line)), any(normalised.endswith(c) for c in closings),
-            *(example.attrs["register"] == register for register in synth.REGISTERS)]
+    return [
+        len(text),
+        len(text.split()),
+        int(example.attrs["sentences"]),
+        "\nNurse: " in text,
+        bool(greeting.match(first_line)),
+        any(normalised.endswith(c) for c in closings),
+        *(example.attrs["register"] == register for register in synth.REGISTERS),
+    ]
 
 
 def form_scores(examples: list[Example], kb: catalogue.Knowledge) -> tuple[float, float]:
@@ -288,13 +303,19 @@ def form_scores(examples: list[Example], kb: catalogue.Knowledge) -> tuple[float
     # A whole greeting word: "Hi" must not match "His knee" or "Hives".
     greeting = re.compile("|".join(rf"{re.escape(g.lower())}\b" for g in phrasing["greetings"]))
     lines = [c for key, cs in phrasing["closings"].items() if key != "__line__" for c in cs]
-    closings = frozenset(normalise_text(synth.fill(c, voice, sex)) for c in lines + phrasing["clinician"]["closings"]
-                         for voice in ("first", "third") for sex in catalogue.SEXES)
+    closings = frozenset(
+        normalise_text(synth.fill(c, voice, sex))
+        for c in lines + phrasing["clinician"]["closings"]
+        for voice in ("first", "third")
+        for sex in catalogue.SEXES
+    )
     features = np.array([_form(e, greeting, closings) for e in examples], dtype=float)
     labels = np.array([e.label for e in examples])
     folds = StratifiedKFold(5, shuffle=True, random_state=0)
-    models = (make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
-              DecisionTreeClassifier(max_depth=4, random_state=0))
+    models = (
+        make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
+        DecisionTreeClassifier(max_depth=4, random_state=0),
+    )
     best = max(cross_val_score(model, features, labels, cv=folds).mean() for model in models)
     return float(best), max(Counter(labels).values()) / len(labels)
 
@@ -307,16 +328,27 @@ def test_form_does_not_give_the_label_away(examples: list[Example], kb: catalogu
 
 def test_form_check_catches_a_planted_leak(examples: list[Example], kb: catalogue.Knowledge) -> None:
     closing = kb.phrasing["closings"]["first"][0]
-    planted = [Example(e.id, render_prompt(f"{message_of(e.prompt)} {closing}"), e.completion, e.label, e.group,
-                       {**e.attrs, "sentences": str(int(e.attrs["sentences"]) + 1)})
-               if e.label == "ED" else e for e in examples]
+    planted = [
+        Example(
+            e.id,
+            render_prompt(f"{message_of(e.prompt)} {closing}"),
+            e.completion,
+            e.label,
+            e.group,
+            {**e.attrs, "sentences": str(int(e.attrs["sentences"]) + 1)},
+        )
+        if e.label == "ED"
+        else e
+        for e in examples
+    ]
     score, majority = form_scores(planted, kb)
     assert score > majority + FORM_MARGIN
 
 
 # --------------------------------------------------------------------------- data card
-def test_data_card_shows_the_knowledge_base_registers_lengths_and_rules(examples: list[Example],
-                                                                       kb: catalogue.Knowledge) -> None:
+def test_data_card_shows_the_knowledge_base_registers_lengths_and_rules(
+    examples: list[Example], kb: catalogue.Knowledge
+) -> None:
     splits = split_by_group(examples, DEFAULT_FRACTIONS, SEED)
     card = data_card(splits, check_leakage(splits), knowledge=kb)
     summary = card["knowledge"]
@@ -342,8 +374,10 @@ def test_data_card_shows_the_knowledge_base_registers_lengths_and_rules(examples
 
 
 def test_data_card_of_imported_cases_has_no_knowledge_section() -> None:
-    rows = [Example(f"x{i}", render_prompt("Sore throat. Two days."), label, label, group=f"g{i}")
-            for i, label in enumerate(LABELS * 10)]
+    rows = [
+        Example(f"x{i}", render_prompt("Sore throat. Two days."), label, label, group=f"g{i}")
+        for i, label in enumerate(LABELS * 10)
+    ]
     splits = {"train": rows[:20], "valid": rows[20:25], "test": rows[25:]}
     card = data_card(splits, check_leakage(splits))
     assert "knowledge" not in card and "registers" not in card

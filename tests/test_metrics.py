@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-
-import itertools
 
 import numpy as np
 import pytest
@@ -283,8 +282,11 @@ def test_ed_discrimination_matches_sklearn(seed: int) -> None:
     assert result["ed_ap"] == pytest.approx(average_precision_score(is_ed, p_ed))
     for key, budget in (("non_ed_to_ed_20", 0.2), ("non_ed_to_ed_40", 0.4)):
         # Brute force over every threshold: the best recall whose share of non-ED sent to ED fits the budget.
-        fits = [np.mean(p_ed[is_ed] >= t) for t in np.unique(np.append(p_ed, np.inf))
-                if np.mean(p_ed[~is_ed] >= t) <= budget]
+        fits = [
+            np.mean(p_ed[is_ed] >= t)
+            for t in np.unique(np.append(p_ed, np.inf))
+            if np.mean(p_ed[~is_ed] >= t) <= budget
+        ]
         assert result["ed_recall_at_budget"][key] == pytest.approx(max(fits))
 
 
@@ -303,18 +305,22 @@ def test_weighted_scores_match_sklearn_sample_weight(seed: int) -> None:
     kw = {"labels": list(LABELS), "zero_division": np.nan}
     for row, w in enumerate(weights):
         assert scores["accuracy"][row] == pytest.approx(accuracy_score(labels, mapped, sample_weight=w))
-        assert scores["macro_f1"][row] == pytest.approx(f1_score(labels, mapped, average="macro", sample_weight=w, **kw),
-                                                        nan_ok=True)
+        assert scores["macro_f1"][row] == pytest.approx(
+            f1_score(labels, mapped, average="macro", sample_weight=w, **kw), nan_ok=True
+        )
         assert scores["ed_f2"][row] == pytest.approx(
-            fbeta_score(labels, mapped, beta=2, average=None, sample_weight=w, **kw)[0], nan_ok=True)
+            fbeta_score(labels, mapped, beta=2, average=None, sample_weight=w, **kw)[0], nan_ok=True
+        )
         if is_ed.any() and not is_ed.all():
             assert scores["ed_auroc"][row] == pytest.approx(roc_auc_score(is_ed, p_ed, sample_weight=w))
             assert scores["ed_recall"][row] == pytest.approx(
-                recall_score(labels, mapped, labels=["ED"], average=None, sample_weight=w)[0])
+                recall_score(labels, mapped, labels=["ED"], average=None, sample_weight=w)[0]
+            )
     # Unit weights are the plain metrics.
     plain = weighted_scores(np.ones((1, len(labels))), labels, preds, p_ed)
-    assert plain["macro_f1"][0] == pytest.approx(_none_to_nan(classification_metrics(labels, preds)["macro_f1"]),
-                                                 nan_ok=True)
+    assert plain["macro_f1"][0] == pytest.approx(
+        _none_to_nan(classification_metrics(labels, preds)["macro_f1"]), nan_ok=True
+    )
 
 
 def test_cluster_bootstrap_draws_whole_groups() -> None:
@@ -361,7 +367,7 @@ def test_paired_comparison_verdicts() -> None:
     better = {row["metric"]: row for row in paired_comparison(labels, groups, perfect, flipped)}
     assert all(row["verdict"] == "better" and row["low"] > 0 for row in better.values())
     assert better["accuracy"]["diff"] == 1.0 and better["ed_auroc"]["diff"] == 1.0
-    assert better["accuracy"]["p_value"] == pytest.approx(2 * 0.5 ** 200)
+    assert better["accuracy"]["p_value"] == pytest.approx(2 * 0.5**200)
     assert better["ed_auroc"]["p_value"] is None
     worse = {row["metric"]: row for row in paired_comparison(labels, groups, flipped, perfect)}
     assert all(row["verdict"] == "worse" and row["high"] < 0 for row in worse.values())
@@ -537,12 +543,15 @@ def test_few_groups_are_judged_by_an_exact_sign_flip_test_over_groups() -> None:
     accuracy = rows["accuracy"]
     assert accuracy["test"] == "group permutation" and accuracy["groups"] == 8 and accuracy["interval_approximate"]
     # Independent reference: enumerate the 2^8 swaps of whole groups by hand.
-    diffs = [sum((labels[i] == a[0][i]) - (labels[i] == b[0][i]) for i in range(len(labels)) if groups[i] == f"g{g}")
-             for g in range(8)]
+    diffs = [
+        sum((labels[i] == a[0][i]) - (labels[i] == b[0][i]) for i in range(len(labels)) if groups[i] == f"g{g}")
+        for g in range(8)
+    ]
     observed = sum(diffs)
-    extreme = sum(abs(sum(s * d for s, d in zip(signs, diffs))) >= abs(observed)
-                  for signs in itertools.product((-1, 1), repeat=8))
-    assert accuracy["p_groups"] == pytest.approx(extreme / 2 ** 8)
+    extreme = sum(
+        abs(sum(s * d for s, d in zip(signs, diffs))) >= abs(observed) for signs in itertools.product((-1, 1), repeat=8)
+    )
+    assert accuracy["p_groups"] == pytest.approx(extreme / 2**8)
     # 3 of 8 groups differ: p = 2 * 2^5 / 2^8 = 0.25 however many cases they hold, so no verdict.
     assert accuracy["p_groups"] == pytest.approx(0.25) and accuracy["verdict"] == "no detectable difference"
 

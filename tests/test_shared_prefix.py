@@ -2,45 +2,55 @@
 
 from __future__ import annotations
 
-import triage  # noqa: F401  (fast BLAS before MLX, as in the stages)
+import functools
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
-from test_lm import gemma_model, llama_model
 
+from test_lm import gemma_model, llama_model
 from triage.config import LoraConfig
+from triage.model.completion import collate, plain_loss
 from triage.model.frozen import frozen_blocks, record_frozen_prefix
 from triage.model.lm import TokenizedCase
-from triage.model.completion import collate, plain_loss
 from triage.train.batches import make_iterate_batches, prefix_length
-from triage.train.losses import make_safety_loss, sharded, split_cross_entropy
 from triage.train.loop import add_lora
+from triage.train.losses import make_safety_loss, sharded, split_cross_entropy
 
 LABEL_TOKENS = [5, 7, 9]
-COST = {"ED": {"ED": 0.0, "GP": 50.0, "HOME": 100.0},
-        "GP": {"ED": 2.0, "GP": 0.0, "HOME": 1.0},
-        "HOME": {"ED": 2.0, "GP": 1.0, "HOME": 0.0}}
+COST = {
+    "ED": {"ED": 0.0, "GP": 50.0, "HOME": 100.0},
+    "GP": {"ED": 2.0, "GP": 0.0, "HOME": 1.0},
+    "HOME": {"ED": 2.0, "GP": 1.0, "HOME": 0.0},
+}
 WEIGHTS = {"ED": 4.0, "GP": 2.0, "HOME": 1.0}
 # Ten shared prompt tokens, longer than the tiny Gemma's window of 8, then prompts and completions of other lengths.
 PREFIX = list(range(20, 30))
-TAILS = [([1], [5, 13, 14]), ([4, 12, 13, 14, 15, 16], [7]), ([2, 31, 6], [9, 33, 34, 35, 36]),
-         ([3, 17], [5, 18])]
+TAILS = [([1], [5, 13, 14]), ([4, 12, 13, 14, 15, 16], [7]), ([2, 31, 6], [9, 33, 34, 35, 36]), ([3, 17], [5, 18])]
 
 
 def cases() -> list[TokenizedCase]:
-    return [TokenizedCase(PREFIX + prompt + completion, len(PREFIX) + len(prompt), LABEL_TOKENS.index(completion[0]))
-            for prompt, completion in TAILS]
+    return [
+        TokenizedCase(PREFIX + prompt + completion, len(PREFIX) + len(prompt), LABEL_TOKENS.index(completion[0]))
+        for prompt, completion in TAILS
+    ]
 
 
 def adapted(build, num_layers: int = -1) -> nn.Module:
-    """A tiny random model with LoRA on its top blocks (-1: all), its B matrices random so that every adapter weight has a gradient."""
+    """A tiny random model with LoRA on its top blocks (-1: all).
+
+    Its B matrices are random so that every adapter weight has a gradient.
+    """
     mx.random.seed(11)
     model = build()
-    add_lora(model, LoraConfig(kind="standard", learning_rate=1e-3, batch_size=4, rank=4, scale=2.0, dropout=0.0,
-                               iters=1), num_layers)
+    add_lora(
+        model,
+        LoraConfig(kind="standard", learning_rate=1e-3, batch_size=4, rank=4, scale=2.0, dropout=0.0, iters=1),
+        num_layers,
+    )
     for _, module in model.named_modules():
         if isinstance(module, LoRALinear):
             module.lora_b = 0.2 * mx.random.normal(module.lora_b.shape)
@@ -73,8 +83,9 @@ def test_the_shared_prefix_gives_the_plain_batch_loss_and_lora_gradients(build, 
     for name, loss in LOSSES.items():
         expected = nn.value_and_grad(model, loss)(model, *plain)
         assert_same_loss_and_gradients(nn.value_and_grad(model, sharded(loss, streams))(model, *shared), expected, name)
-    np.testing.assert_allclose(np.array(split_cross_entropy(model, *shared)),
-                               np.array(split_cross_entropy(model, *plain)), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.array(split_cross_entropy(model, *shared)), np.array(split_cross_entropy(model, *plain)), rtol=1e-5
+    )
 
 
 LOSSES = {"plain": plain_loss, "safety": make_safety_loss(LABEL_TOKENS, WEIGHTS, COST, label_weight=3.0)}
@@ -89,8 +100,9 @@ def assert_same_loss_and_gradients(got: tuple, want: tuple, name: str) -> None:
         assert float(mx.abs(wanted).max()) > 0, key  # every adapter weight is trained, prefix included
         # fp32 rounding relative to the tensor's scale (measured: up to 1.3e-5 on Gemma): sums run in another order
         scale = float(mx.abs(wanted).max())
-        np.testing.assert_allclose(np.array(computed), np.array(wanted), rtol=1e-4, atol=1e-4 * scale,
-                                   err_msg=f"{name} {key}")
+        np.testing.assert_allclose(
+            np.array(computed), np.array(wanted), rtol=1e-4, atol=1e-4 * scale, err_msg=f"{name} {key}"
+        )
 
 
 @pytest.mark.parametrize("shards", [1, 2], ids=["one stream", "two shards"])
@@ -107,7 +119,7 @@ def test_the_frozen_blocks_replayed_once_give_the_plain_batch_loss_and_lora_grad
         expected = nn.value_and_grad(model, loss)(model, *plain)
         # compiled, as mlx-lm's trainer runs its step: the blocks stand in while it traces
         value_and_grad = nn.value_and_grad(model, sharded(loss, streams, prefix))
-        step = mx.compile(lambda *batch: value_and_grad(model, *batch), inputs=model.state, outputs=model.state)
+        step = mx.compile(functools.partial(value_and_grad, model), inputs=model.state, outputs=model.state)
         assert_same_loss_and_gradients(step(*shared), expected, name)
     assert all(isinstance(block, type(model.model.layers[-1])) for block in model.model.layers)  # its own blocks back
     top = prefix.replays[-1]

@@ -19,8 +19,14 @@ from conftest import ROOT, deep_update
 
 def stage(name: str, *args: str, cwd: Path, **env_vars: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), **env_vars}
-    return subprocess.Popen([sys.executable, str(ROOT / "stages" / f"{name}.py"), *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "stages" / f"{name}.py"), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str, str]:
@@ -57,15 +63,18 @@ def test_prepare_imports_a_users_file(tmp_path):
     cwd = workdir(tmp_path, {"data": {"source": "prompt_completion", "path": "cases.jsonl"}})
     code, out, err = finish(stage("prepare", "--out", "data/prepared", cwd=cwd))
     assert code == 0, err
-    counts = {s: len((cwd / "data/prepared" / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "valid", "test")}
+    counts = {
+        s: len((cwd / "data/prepared" / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "valid", "test")
+    }
     assert sum(counts.values()) == 60 and min(counts.values()) >= 3
 
 
 def test_convert_of_a_hub_model_offline_names_the_alternatives(tmp_path):
     cwd = workdir(tmp_path, {"models": {"smollm2-360m": {"source": "hub:HuggingFaceTB/SmolLM2-360M-Instruct"}}})
     # Offline mode makes the hub client fail at once, as it does on a machine without network.
-    code, _, err = finish(stage("convert", "--model", "smollm2-360m", "--out", "models/x/float", cwd=cwd,
-                                HF_HUB_OFFLINE="1"))
+    code, _, err = finish(
+        stage("convert", "--model", "smollm2-360m", "--out", "models/x/float", cwd=cwd, HF_HUB_OFFLINE="1")
+    )
     assert code == 1 and "Traceback" not in err
     assert "smollm2-360m" in err and "dir:" in err and "run.models=[" in err
     assert not (cwd / "models/x/float").exists()
@@ -79,9 +88,22 @@ TRAIN_PROFILE = {
 
 
 def train_args(run: str) -> list[str]:
-    return ["--config", "balanced_safe", "--model-dir", "model", "--data", "data/prepared",
-            "--adapter", f"{run}/adapter", "--metrics", f"{run}/train.json", "--log", f"{run}/dvclive",
-            "--checkpoints", f"{run}/checkpoints"]
+    return [
+        "--config",
+        "balanced_safe",
+        "--model-dir",
+        "model",
+        "--data",
+        "data/prepared",
+        "--adapter",
+        f"{run}/adapter",
+        "--metrics",
+        f"{run}/train.json",
+        "--log",
+        f"{run}/dvclive",
+        "--checkpoints",
+        f"{run}/checkpoints",
+    ]
 
 
 def test_training_killed_with_sigkill_resumes_to_the_same_adapter(tmp_path, tiny_model_dir):
@@ -114,9 +136,12 @@ def test_training_killed_with_sigkill_resumes_to_the_same_adapter(tmp_path, tiny
     for key in straight:
         np.testing.assert_allclose(np.array(resumed[key]), np.array(straight[key]), rtol=1e-5, atol=1e-6)
     for curve in ("train/loss.tsv", "val/loss.tsv"):  # the resumed run's DVCLive log has every step once
-        straight_rows, resumed_rows = ([line.split("\t") for line in (cwd / run / "dvclive/plots/metrics" / curve)
-                                        .read_text().splitlines()] for run in ("straight", "killed"))
+        straight_rows, resumed_rows = (
+            [line.split("\t") for line in (cwd / run / "dvclive/plots/metrics" / curve).read_text().splitlines()]
+            for run in ("straight", "killed")
+        )
         assert [row[0] for row in resumed_rows] == [row[0] for row in straight_rows], curve
-        np.testing.assert_allclose([float(r[1]) for r in resumed_rows[1:]], [float(r[1]) for r in straight_rows[1:]],
-                                   rtol=1e-4)
+        np.testing.assert_allclose(
+            [float(r[1]) for r in resumed_rows[1:]], [float(r[1]) for r in straight_rows[1:]], rtol=1e-4
+        )
     assert not (cwd / "killed/checkpoints").exists()

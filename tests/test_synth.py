@@ -50,8 +50,12 @@ def splits(examples: list[Example]) -> dict[str, list[Example]]:
 def make_case(kb: catalogue.Knowledge, presentation_id: str, band: str | None = None, **facts) -> synth.Case:
     p = kb.presentation(presentation_id)
     band = band or next((b for b in ("adult", "child", "elderly") if b in p.ages), p.ages[0])
-    defaults = {"age_weeks": NEUTRAL_WEEKS[band], "sex": p.sex or "female", "voice": "first",
-                "gestation": 30 if band == "pregnant" else None}
+    defaults = {
+        "age_weeks": NEUTRAL_WEEKS[band],
+        "sex": p.sex or "female",
+        "voice": "first",
+        "gestation": 30 if band == "pregnant" else None,
+    }
     return synth.Case(presentation=p, band=band, **{**defaults, **facts})
 
 
@@ -126,8 +130,11 @@ def test_negations_and_context_never_escalate(kb: catalogue.Knowledge) -> None:
 
 def test_denied_flags_are_written_into_the_message(kb: catalogue.Knowledge) -> None:
     case = make_case(kb, "chest_pain_exertional", present=(), denied=("pain_at_rest", "exertional_sweating"))
-    denials = {normalise_text(synth.fill(s, "first", "female")) for f in ("pain_at_rest", "exertional_sweating")
-               for s in case.presentation.flag(f).deny}
+    denials = {
+        normalise_text(synth.fill(s, "first", "female"))
+        for f in ("pain_at_rest", "exertional_sweating")
+        for s in case.presentation.flag(f).deny
+    }
     texts = [normalise_text(synth.render_message(case, kb, random.Random(seed)).text) for seed in range(5)]
     assert any(sum(d in text for d in denials) == 2 for text in texts)
     assert synth.decide(case, kb).label == "GP"
@@ -141,27 +148,37 @@ def test_same_complaint_takes_all_three_labels_by_modifier(kb: catalogue.Knowled
     assert (thunderclap.label, thunderclap.rule) == ("ED", "thunderclap")
 
 
-@pytest.mark.parametrize(("presentation", "band", "facts", "label", "rule"), [
-    ("child_fever", "infant", {"age_weeks": 6}, "ED", "infant_under_3_months_fever"),
-    ("child_fever", "infant", {"age_weeks": 12}, "ED", "infant_under_3_months_fever"),
-    ("child_fever", "infant", {"age_weeks": 17}, "GP", "infant_3_to_6_months_fever"),
-    ("child_fever", "infant", {"age_weeks": 39}, "HOME", "base"),
-    ("child_fever", "child", {}, "HOME", "base"),
-    ("flu_like_illness", "adult", {"stated": ("immunosuppressed_fever",)}, "ED", "immunosuppressed_fever"),
-    ("flu_like_illness", "adult", {}, "HOME", "base"),
-    ("head_bump", "elderly", {"stated": ("anticoagulated_head_injury",)}, "ED", "anticoagulated_head_injury"),
-    ("gallstone_pain", "pregnant", {}, "ED", "pregnancy_abdominal_pain"),
-    ("cystitis_female", "pregnant", {}, "GP", "pregnancy_needs_review"),
-    ("diarrhoea_vomiting_adult", "adult", {"stated": ("type1_diabetes_vomiting",)}, "ED", "type1_diabetes_vomiting"),
-    ("ankle_sprain", "adult", {"stated": ("severe_pain",)}, "GP", "severe_pain"),
-    # A stated modifier that does not fit the complaint changes nothing.
-    ("sore_throat", "adult", {"stated": ("anticoagulated_head_injury",)}, "HOME", "base"),
-    # A modifier that does not raise the label leaves the base reason in place.
-    ("bronchiolitis", "infant", {"age_weeks": 17}, "GP", "base"),
-    ("gout", "adult", {"stated": ("severe_pain",)}, "GP", "base"),
-])
-def test_red_flag_modifiers(kb: catalogue.Knowledge, presentation: str, band: str, facts: dict, label: str,
-                            rule: str) -> None:
+@pytest.mark.parametrize(
+    ("presentation", "band", "facts", "label", "rule"),
+    [
+        ("child_fever", "infant", {"age_weeks": 6}, "ED", "infant_under_3_months_fever"),
+        ("child_fever", "infant", {"age_weeks": 12}, "ED", "infant_under_3_months_fever"),
+        ("child_fever", "infant", {"age_weeks": 17}, "GP", "infant_3_to_6_months_fever"),
+        ("child_fever", "infant", {"age_weeks": 39}, "HOME", "base"),
+        ("child_fever", "child", {}, "HOME", "base"),
+        ("flu_like_illness", "adult", {"stated": ("immunosuppressed_fever",)}, "ED", "immunosuppressed_fever"),
+        ("flu_like_illness", "adult", {}, "HOME", "base"),
+        ("head_bump", "elderly", {"stated": ("anticoagulated_head_injury",)}, "ED", "anticoagulated_head_injury"),
+        ("gallstone_pain", "pregnant", {}, "ED", "pregnancy_abdominal_pain"),
+        ("cystitis_female", "pregnant", {}, "GP", "pregnancy_needs_review"),
+        (
+            "diarrhoea_vomiting_adult",
+            "adult",
+            {"stated": ("type1_diabetes_vomiting",)},
+            "ED",
+            "type1_diabetes_vomiting",
+        ),
+        ("ankle_sprain", "adult", {"stated": ("severe_pain",)}, "GP", "severe_pain"),
+        # A stated modifier that does not fit the complaint changes nothing.
+        ("sore_throat", "adult", {"stated": ("anticoagulated_head_injury",)}, "HOME", "base"),
+        # A modifier that does not raise the label leaves the base reason in place.
+        ("bronchiolitis", "infant", {"age_weeks": 17}, "GP", "base"),
+        ("gout", "adult", {"stated": ("severe_pain",)}, "GP", "base"),
+    ],
+)
+def test_red_flag_modifiers(
+    kb: catalogue.Knowledge, presentation: str, band: str, facts: dict, label: str, rule: str
+) -> None:
     decision = synth.decide(make_case(kb, presentation, band=band, **facts), kb)
     assert (decision.label, decision.rule) == (label, rule)
 
@@ -181,10 +198,15 @@ def test_generated_infant_fevers_follow_the_age_rule(kb: catalogue.Knowledge, ex
 def test_generated_immunosuppressed_fevers_are_ed(kb: catalogue.Knowledge, examples: list[Example]) -> None:
     modifier = kb.modifier("immunosuppressed_fever")
     fever_ids = {p.id for p in kb.presentations if "fever" in p.tags}
-    phrases = {normalise_text(synth.fill(s, voice, sex)) for s in modifier.say
-               for voice in ("first", "third") for sex in catalogue.SEXES}
-    mentioned = [e for e in examples if e.group in fever_ids
-                 and any(phrase in normalise_text(message(e)) for phrase in phrases)]
+    phrases = {
+        normalise_text(synth.fill(s, voice, sex))
+        for s in modifier.say
+        for voice in ("first", "third")
+        for sex in catalogue.SEXES
+    }
+    mentioned = [
+        e for e in examples if e.group in fever_ids and any(phrase in normalise_text(message(e)) for phrase in phrases)
+    ]
     assert mentioned and all(e.label == "ED" for e in mentioned)
 
 
@@ -212,8 +234,9 @@ def test_default_mix_matches_at_default_size(examples: list[Example]) -> None:
         assert abs(counts[label] / N_DEFAULT - share) <= 0.01
 
 
-def test_default_size_covers_presentations_and_every_age_group(kb: catalogue.Knowledge,
-                                                               examples: list[Example]) -> None:
+def test_default_size_covers_presentations_and_every_age_group(
+    kb: catalogue.Knowledge, examples: list[Example]
+) -> None:
     assert len({e.group for e in examples}) >= 150
     assert len({e.attrs["system"] for e in examples}) >= 15
     by_band = Counter((e.attrs["age_band"], e.label) for e in examples)
@@ -232,8 +255,16 @@ def test_examples_follow_the_contract(kb: catalogue.Knowledge, examples: list[Ex
         assert re.fullmatch(rf"{example.label} - \S.+", example.completion)
         assert "\n" not in example.completion
         assert example.group == example.attrs["presentation"]
-        assert set(example.attrs) == {"age_band", "sex", "system", "presentation", "rule", "negation", "register",
-                                      "sentences"}
+        assert set(example.attrs) == {
+            "age_band",
+            "sex",
+            "system",
+            "presentation",
+            "rule",
+            "negation",
+            "register",
+            "sentences",
+        }
         assert example.attrs["register"] in synth.REGISTERS and 1 <= int(example.attrs["sentences"]) <= 12
         assert example.attrs["age_band"] in catalogue.AGE_BANDS and example.attrs["sex"] in catalogue.SEXES
         assert example.attrs["system"] in systems
@@ -245,8 +276,9 @@ def test_messages_vary_in_form(examples: list[Example]) -> None:
     texts = [message(e) for e in examples]
     dialogues = [t for t in texts if "\nNurse: " in t]
     assert abs(len(dialogues) / len(texts) - 0.3) <= 0.05
-    assert all(re.match(r"(Patient|Caller): ", line) or line.startswith("Nurse: ")
-               for t in dialogues for line in t.split("\n"))
+    assert all(
+        re.match(r"(Patient|Caller): ", line) or line.startswith("Nurse: ") for t in dialogues for line in t.split("\n")
+    )
     lengths = sorted(approx_tokens(t) for t in texts)
     assert lengths[0] <= 30 and lengths[-1] >= 120
     assert sum(e.attrs["negation"] == "yes" for e in examples) >= 0.2 * len(examples)
@@ -275,13 +307,14 @@ def test_generate_rejects_bad_arguments() -> None:
 
 
 # --------------------------------------------------------------------------- splits
-def test_splits_keep_groups_apart_and_hold_every_label(examples: list[Example],
-                                                      splits: dict[str, list[Example]]) -> None:
+def test_splits_keep_groups_apart_and_hold_every_label(
+    examples: list[Example], splits: dict[str, list[Example]]
+) -> None:
     assert list(splits) == list(DEFAULT_FRACTIONS)
     assert sorted(e.id for part in splits.values() for e in part) == sorted(e.id for e in examples)
     names = list(splits)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             assert not groups_of(splits[a]) & groups_of(splits[b]), (a, b)
     for name, part in splits.items():
         assert {e.label for e in part} == set(LABELS), name
@@ -297,17 +330,25 @@ def test_split_is_deterministic(examples: list[Example], splits: dict[str, list[
 
 def test_split_moves_a_small_group_into_a_split_missing_a_class() -> None:
     # HOME only occurs inside three large mixed groups, which greedy placement puts in train.
-    rows = [Example(id=f"m{g}-{j}", prompt="p", completion=label, label=label, group=f"mixed{g}")
-            for g in range(3) for j, label in enumerate(["HOME"] + ["GP"] * 20)]
-    rows += [Example(id=f"p{g}-{j}", prompt="p", completion=label, label=label, group=f"pure{g}")
-             for g in range(40) for j, label in enumerate(["ED", "GP", "GP"])]
+    rows = [
+        Example(id=f"m{g}-{j}", prompt="p", completion=label, label=label, group=f"mixed{g}")
+        for g in range(3)
+        for j, label in enumerate(["HOME"] + ["GP"] * 20)
+    ]
+    rows += [
+        Example(id=f"p{g}-{j}", prompt="p", completion=label, label=label, group=f"pure{g}")
+        for g in range(40)
+        for j, label in enumerate(["ED", "GP", "GP"])
+    ]
     parts = split_by_group(rows, DEFAULT_FRACTIONS, seed=0)
     assert all(Counter(e.label for e in part)["HOME"] == 1 for part in parts.values())
 
 
 def test_split_names_the_split_and_class_it_cannot_fill() -> None:
-    rows = [Example(id=f"x{i}", prompt=f"p{i}", completion=label, label=label, group=f"g{i % 10}")
-            for i, label in enumerate(["ED", "GP"] * 20)]
+    rows = [
+        Example(id=f"x{i}", prompt=f"p{i}", completion=label, label=label, group=f"g{i % 10}")
+        for i, label in enumerate(["ED", "GP"] * 20)
+    ]
     rows.append(Example(id="home", prompt="p", completion="HOME", label="HOME", group="only-home"))
     with pytest.raises(SplitError) as error:
         split_by_group(rows, DEFAULT_FRACTIONS, seed=0)
@@ -338,8 +379,8 @@ def test_leakage_detects_planted_exact_and_near_duplicates(splits: dict[str, lis
     source = max(splits["train"][:200], key=lambda e: len(message(e)))
     text = message(source)
     exact_copy = text.upper().replace(".", " !")  # same words, different case and punctuation
-    middle = len(text) // 2 + next(i for i, ch in enumerate(text[len(text) // 2:]) if ch.isalpha())
-    near_copy = text[:middle] + ("x" if text[middle] != "x" else "y") + text[middle + 1:]
+    middle = len(text) // 2 + next(i for i, ch in enumerate(text[len(text) // 2 :]) if ch.isalpha())
+    near_copy = text[:middle] + ("x" if text[middle] != "x" else "y") + text[middle + 1 :]
     with_exact = {**splits, "test": _plant(splits["test"], source, exact_copy, "planted-exact")}
     report = check_leakage(with_exact)
     assert (report["exact"], report["near"]) == (1, 0)
@@ -368,9 +409,11 @@ def test_data_card_counts_add_up(splits: dict[str, list[Example]]) -> None:
             assert sum(row["by_split"][name] for row in table.values()) == len(part)
         for label in LABELS:
             assert sum(row["by_label"][label] for row in table.values()) == sum(
-                card["splits"][name]["by_label"][label] for name in splits)
-        assert all(sum(row["by_split"].values()) == sum(row["by_label"].values()) == row["total"]
-                   for row in table.values())
+                card["splits"][name]["by_label"][label] for name in splits
+            )
+        assert all(
+            sum(row["by_split"].values()) == sum(row["by_label"].values()) == row["total"] for row in table.values()
+        )
     assert set(card["subgroups"]) == {"age_band", "sex"}
     for stats in (s for by_field in card["lengths"]["by_split"].values() for s in by_field.values()):
         assert 0 < stats["min"] <= stats["median"] <= stats["p95"] <= stats["max"]

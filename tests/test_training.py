@@ -22,9 +22,11 @@ from triage.train.loop import TrainingDiverged, add_lora, learning_rate_schedule
 from triage.train.losses import complement_log_probs, make_safety_loss, safety_objective, sharded
 
 WEIGHTS = {"ED": 5.0, "GP": 2.0, "HOME": 1.0}
-COST = {"ED": {"ED": 0.0, "GP": 100.0, "HOME": 100.0},
-        "GP": {"ED": 2.0, "GP": 0.0, "HOME": 1.0},
-        "HOME": {"ED": 2.0, "GP": 1.0, "HOME": 0.0}}
+COST = {
+    "ED": {"ED": 0.0, "GP": 100.0, "HOME": 100.0},
+    "GP": {"ED": 2.0, "GP": 0.0, "HOME": 1.0},
+    "HOME": {"ED": 2.0, "GP": 1.0, "HOME": 0.0},
+}
 VOCAB = 16
 FIRST = [3, 7, 11]  # the label options' first tokens in the synthetic vocabulary
 
@@ -39,7 +41,7 @@ def one_token_batch(label: str, answer: str, confidence: float = 8.0):
 
 def logit_grads(label: str, answer: str) -> tuple[np.ndarray, np.ndarray]:
     logits, tokens, labels, positions, mask = one_token_batch(label, answer)
-    weights = mx.array([WEIGHTS[l] for l in LABELS])
+    weights = mx.array([WEIGHTS[label] for label in LABELS])
     cost = mx.array([[COST[t][p] for p in LABELS] for t in LABELS])
 
     def plain(z):
@@ -116,10 +118,26 @@ def short_cases(fmt: ChatFormat, n: int, ed_share: float, seed: int) -> list[Tok
 
 
 def train_params(**changes) -> TrainParams:
-    base = dict(weight_decay=0.01, warmup_ratio=0.1, schedule="cosine", num_layers=16, max_seq_length=512,
-                seed=42, steps_per_report=10, steps_per_eval=20, steps_per_save=10, val_batches=2,
-                grad_checkpoint=False, mask_prompt=True, early_stopping_patience=0, early_stopping_min_delta=0.0,
-                select_on="val_loss", label_weight=1.0, cpu_streams=2, share_prompt_prefix=True)
+    base = dict(
+        weight_decay=0.01,
+        warmup_ratio=0.1,
+        schedule="cosine",
+        num_layers=16,
+        max_seq_length=512,
+        seed=42,
+        steps_per_report=10,
+        steps_per_eval=20,
+        steps_per_save=10,
+        val_batches=2,
+        grad_checkpoint=False,
+        mask_prompt=True,
+        early_stopping_patience=0,
+        early_stopping_min_delta=0.0,
+        select_on="val_loss",
+        label_weight=1.0,
+        cpu_streams=2,
+        share_prompt_prefix=True,
+    )
     return TrainParams(**{**base, **changes})
 
 
@@ -156,7 +174,7 @@ def test_training_the_cost_term_and_scoring_read_the_same_label_tokens(tiny):
         scored = fmt.label_tokens[LABELS.index(label)]
         # Cross-entropy's targets after the prompt are the scored label tokens, and the cost
         # term's option of this label is their first token.
-        assert case.tokens[case.prompt_length:case.prompt_length + len(scored)] == scored
+        assert case.tokens[case.prompt_length : case.prompt_length + len(scored)] == scored
         assert fmt.label_first_tokens[LABELS.index(label)] == scored[0]
         _, _, positions, mask, _, _ = collate([case], mask_prompt=True)
         assert case.tokens[int(positions[0, 0]) + 1] == scored[0]
@@ -174,7 +192,7 @@ class MergingTokenizer:
         while text:
             match = next((word for word in self.VOCAB if text.startswith(word)), text[0])
             ids.append(1 + self.VOCAB.index(match) if match in self.VOCAB else 100 + ord(match))
-            text = text[len(match):]
+            text = text[len(match) :]
         return ids
 
 
@@ -199,10 +217,18 @@ def test_a_completion_not_starting_with_its_label_is_refused_with_file_and_line(
 def test_sharded_loss_and_gradients_equal_the_whole_batch(tiny, shards):
     """Row shards on separate CPU streams: same value, same gradients, plain and safety loss."""
     model, fmt = fresh(tiny, lora_config(dropout=0.0))
-    cases = [fmt.case(Example(str(i), text, completion, completion.split()[0]))
-             for i, (text, completion) in enumerate([("chest pain", "ED - now"), ("a cough for a week", "GP"),
-                                                     ("sore throat", "HOME - rest"), ("I fainted", "ED"),
-                                                     ("rash", "GP - soon")])]
+    cases = [
+        fmt.case(Example(str(i), text, completion, completion.split()[0]))
+        for i, (text, completion) in enumerate(
+            [
+                ("chest pain", "ED - now"),
+                ("a cough for a week", "GP"),
+                ("sore throat", "HOME - rest"),
+                ("I fainted", "ED"),
+                ("rash", "GP - soon"),
+            ]
+        )
+    ]
     batch = collate(cases, mask_prompt=True)
     streams = [mx.new_stream(mx.cpu) for _ in range(shards)]
     for loss in (plain_loss, make_safety_loss(fmt.label_first_tokens, WEIGHTS, COST)):
@@ -283,8 +309,9 @@ def test_a_checkpoint_of_other_params_is_ignored(tiny, tmp_path):
     config = lora_config(iters=10)
     model, fmt = fresh(tiny, config)
     cases = short_cases(fmt, 16, 0.3, seed=2)
-    run_training(model, cases, cases[:8], config, train_params(steps_per_save=5, steps_per_report=5),
-                 plain_loss, tmp_path, "old")
+    run_training(
+        model, cases, cases[:8], config, train_params(steps_per_save=5, steps_per_report=5), plain_loss, tmp_path, "old"
+    )
     model, _ = fresh(tiny, config)
     result = run_training(model, cases, cases[:8], config, train_params(), plain_loss, tmp_path, "new")
     assert result.metrics["resumed_from_step"] == 0
@@ -324,8 +351,16 @@ def test_safety_loss_finds_more_rare_ed_cases_than_plain_cross_entropy(tiny, tmp
     recalls = {}
     for name, loss in {"plain": plain_loss, "safety": make_safety_loss(fmt.label_first_tokens, WEIGHTS, COST)}.items():
         model, _ = fresh(tiny, config)
-        run_training(model, train_cases, train_cases[:8], config, train_params(steps_per_report=50, steps_per_eval=200,
-                     steps_per_save=200), loss, tmp_path / name, name)
+        run_training(
+            model,
+            train_cases,
+            train_cases[:8],
+            config,
+            train_params(steps_per_report=50, steps_per_eval=200, steps_per_save=200),
+            loss,
+            tmp_path / name,
+            name,
+        )
         recalls[name] = ed_recall(model, fmt, test_cases)
     assert recalls["safety"] > recalls["plain"], recalls
 
@@ -380,8 +415,10 @@ def per_token_cross_entropy(model, batch) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def two_cases(fmt: ChatFormat) -> list[TokenizedCase]:
-    return [fmt.case(Example("a", "chest pain", "ED - call an ambulance now", "ED")),
-            fmt.case(Example("b", "a cold", "HOME - rest and drink fluids", "HOME"))]
+    return [
+        fmt.case(Example("a", "chest pain", "ED - call an ambulance now", "ED")),
+        fmt.case(Example("b", "a cold", "HOME - rest and drink fluids", "HOME")),
+    ]
 
 
 def test_label_weight_counts_each_label_token_that_many_times_over_the_real_token_count(tiny):
@@ -396,8 +433,9 @@ def test_label_weight_counts_each_label_token_that_many_times_over_the_real_toke
     loss, ntoks = make_completion_loss(10.0)(model, *batch)
     expected = ((mask + 9.0 * label_mask) * ce).sum() / mask.sum()
     assert int(ntoks) == mask.sum() and float(loss) == pytest.approx(expected, rel=1e-4)
-    weighted_safety, _ = make_safety_loss(fmt.label_first_tokens, {"ED": 1, "GP": 1, "HOME": 1},
-                                          {t: dict.fromkeys(LABELS, 0.0) for t in LABELS}, 10.0)(model, *batch)
+    weighted_safety, _ = make_safety_loss(
+        fmt.label_first_tokens, {"ED": 1, "GP": 1, "HOME": 1}, {t: dict.fromkeys(LABELS, 0.0) for t in LABELS}, 10.0
+    )(model, *batch)
     assert float(weighted_safety) == pytest.approx(expected, rel=1e-4)  # zero costs, unit weights: the same loss
 
 
@@ -479,15 +517,22 @@ def test_early_stopping_when_no_validation_beats_the_first_keeps_the_starting_ad
 
 
 @pytest.mark.parametrize("terminal", [False, True])
-def test_the_trainer_draws_colour_and_a_progress_bar_only_on_a_terminal(tiny, tmp_path, monkeypatch, capsys,
-                                                                         terminal):
+def test_the_trainer_draws_colour_and_a_progress_bar_only_on_a_terminal(tiny, tmp_path, monkeypatch, capsys, terminal):
     monkeypatch.delenv("NO_COLOR", raising=False)
     monkeypatch.setattr("sys.stdout.isatty", lambda: terminal)
     config = lora_config(iters=2)
     model, fmt = fresh(tiny, config)
     cases = short_cases(fmt, 8, 0.3, seed=2)
-    run_training(model, cases, cases[:4], config, train_params(steps_per_report=1, steps_per_eval=2), plain_loss,
-                 tmp_path, "colour")
+    run_training(
+        model,
+        cases,
+        cases[:4],
+        config,
+        train_params(steps_per_report=1, steps_per_eval=2),
+        plain_loss,
+        tmp_path,
+        "colour",
+    )
     out = capsys.readouterr().out
     drawn = ("\x1b[" in out, "\u2588" in out, "train_loss" in out)  # colour, the bar's blocks, mlx-lm's table
     assert drawn == (terminal, terminal, terminal)

@@ -23,7 +23,9 @@ def __getattr__(name: str) -> str:
 
     runtime = settled()
     if runtime is None:
-        raise AttributeError(f"triage.{name}: triage.runtime.setup() has not run in this process; "
-                             "an entry point calls it before anything imports mlx")
+        raise AttributeError(
+            f"triage.{name}: triage.runtime.setup() has not run in this process; "
+            "an entry point calls it before anything imports mlx"
+        )
     part = _SETTLED_PARTS[name]
     return str(runtime) if part is None else getattr(runtime, part)

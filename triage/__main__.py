@@ -1,8 +1,8 @@
 """Command line: ask a trained run to triage messages, or export it as a standalone model.
 
-    python -m triage predict --run smollm2-135m-4bit-balanced_safe "I have crushing chest pain"
-    python -m triage predict --run smollm2-135m-4bit-balanced_safe --json --file messages.jsonl
-    python -m triage export --run smollm2-135m-4bit-balanced_safe --out exported/triage-model
+python -m triage predict --run smollm2-135m-4bit-balanced_safe "I have crushing chest pain"
+python -m triage predict --run smollm2-135m-4bit-balanced_safe --json --file messages.jsonl
+python -m triage export --run smollm2-135m-4bit-balanced_safe --out exported/triage-model
 """
 
 from __future__ import annotations
@@ -42,14 +42,17 @@ def read_messages(path: Path) -> list[tuple[str, str]]:
 
 def show(result: dict, text: str) -> str:
     probs = "  ".join(f"{label} {result[f'p_{label}']:.2f}" for label in ("ED", "GP", "HOME"))
-    others = ", ".join(f"{rule} {result[rule]}" for rule in ("argmax", "cost_aware", "ed_threshold")
-                       if rule in result and rule != result["decision_rule"])
+    others = ", ".join(
+        f"{rule} {result[rule]}"
+        for rule in ("argmax", "cost_aware", "ed_threshold")
+        if rule in result and rule != result["decision_rule"]
+    )
     if "mc_uncertainty" in result:
         flag = " -> FLAGGED for review" if result["flagged"] else ""
         uncertainty = f"MC-dropout uncertainty {result['mc_uncertainty']:.3f}{flag}"
     else:
         uncertainty = result["mc_dropout"]
-    return (f"{text}\n  {result['pred']} ({result['decision_rule']} rule; {others})  ({probs})  {uncertainty}")
+    return f"{text}\n  {result['pred']} ({result['decision_rule']} rule; {others})  ({probs})  {uncertainty}"
 
 
 def predict(args: argparse.Namespace) -> None:
@@ -61,8 +64,13 @@ def predict(args: argparse.Namespace) -> None:
         if not text.strip():
             raise DataError("<command line>", None, "text", "the message is empty")
         messages = [("1", text)]
-    triager = Triager(resolve_run(args.root, args.run), params.evaluate, params.train.cpu_streams,
-                      params.train.max_seq_length, str(args.file or "<command line>"))
+    triager = Triager(
+        resolve_run(args.root, args.run),
+        params.evaluate,
+        params.train.cpu_streams,
+        params.train.max_seq_length,
+        str(args.file or "<command line>"),
+    )
     if not args.json:
         print(NOT_FOR_CLINICAL_USE, file=sys.stderr)
     for (_, text), result in zip(messages, triager.triage(messages)):
@@ -75,13 +83,16 @@ def export(args: argparse.Namespace) -> None:
         raise UnknownRun(f"'{args.run}' is a base variant without an adapter; export a trained run")
     test = args.root / "data" / "prepared" / "test.jsonl"
     if not test.is_file():
-        raise DataError(test, None, None,
-                        "the test split checks the export against base + adapter; run `dvc repro` first")
+        raise DataError(
+            test, None, None, "the test split checks the export against base + adapter; run `dvc repro` first"
+        )
     prompts = [example.prompt for example in read_examples(test)]
     check = export_run(paths, args.out, prompts, load_params(args.params).evaluate.batch_size)
     print(f"exported {args.run} (adapter fused into its base) to {args.out}; load it with mlx_lm.load('{args.out}')")
-    print(f"check on the {check.cases} test cases: argmax agreement with base + adapter {check.agreement:.1%}, "
-          f"largest label-probability difference {check.max_abs_diff:.4f}")
+    print(
+        f"check on the {check.cases} test cases: argmax agreement with base + adapter {check.agreement:.1%}, "
+        f"largest label-probability difference {check.max_abs_diff:.4f}"
+    )
 
 
 def offline_plots(args: argparse.Namespace) -> None:

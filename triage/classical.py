@@ -26,11 +26,15 @@ def fit_tfidf_logreg(train: Sequence[Example], params: ClassicalParams, source: 
     missing = sorted(set(LABELS) - {example.label for example in train})
     if missing:
         raise DataError(source, None, "label", f"no {', '.join(missing)} case: the classifier cannot learn it")
-    pipeline = Pipeline([
-        ("tfidf", TfidfVectorizer(ngram_range=(1, params.max_ngram), min_df=params.min_df, sublinear_tf=True)),
-        ("logreg", LogisticRegression(C=params.inverse_regularisation, class_weight=params.class_weight,
-                                      max_iter=5000)),
-    ])
+    pipeline = Pipeline(
+        [
+            ("tfidf", TfidfVectorizer(ngram_range=(1, params.max_ngram), min_df=params.min_df, sublinear_tf=True)),
+            (
+                "logreg",
+                LogisticRegression(C=params.inverse_regularisation, class_weight=params.class_weight, max_iter=5000),
+            ),
+        ]
+    )
     return pipeline.fit([example.prompt for example in train], [example.label for example in train])
 
 

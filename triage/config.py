@@ -8,7 +8,7 @@ import types
 import typing
 from dataclasses import MISSING, dataclass, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -47,7 +47,7 @@ class ConditionParams:
 @dataclass(frozen=True)
 class DataParams:
     source: Literal["builtin", "prompt_completion", "chat", "table", "ktas"]
-    path: Optional[str]
+    path: str | None
     n_examples: int
     label_mix: dict[str, float]
     splits: dict[str, float]
@@ -59,7 +59,7 @@ class DataParams:
 @dataclass(frozen=True)
 class ModelSource:
     source: str
-    upstream: Optional[str] = None
+    upstream: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,12 +91,12 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class LoraOverrides:
-    rank: Optional[int]
-    scale: Optional[float]
-    dropout: Optional[float]
-    learning_rate: Optional[float]
-    batch_size: Optional[int]
-    iters: Optional[int]
+    rank: int | None
+    scale: float | None
+    dropout: float | None
+    learning_rate: float | None
+    batch_size: int | None
+    iters: int | None
 
 
 @dataclass(frozen=True)
@@ -108,9 +108,9 @@ class LoraConfig:
     scale: float
     dropout: float
     iters: int
-    target_ed_recall: Optional[float] = None
-    class_weights: Optional[dict[str, float]] = None
-    cost_matrix: Optional[CostMatrix] = None
+    target_ed_recall: float | None = None
+    class_weights: dict[str, float] | None = None
+    cost_matrix: CostMatrix | None = None
 
 
 @dataclass(frozen=True)
@@ -127,14 +127,14 @@ class ExtraSet:
     name: str
     path: str
     format: Literal["jsonl", "csv", "prompt_completion", "chat", "ktas"]
-    text_field: Optional[str] = None
-    label_field: Optional[str] = None
-    label_map: Optional[dict[str, str]] = None
-    id_field: Optional[str] = None
-    attr_fields: Optional[list[str]] = None
-    delimiter: Optional[str] = None
-    encoding: Optional[str] = None
-    limit: Optional[int] = None
+    text_field: str | None = None
+    label_field: str | None = None
+    label_map: dict[str, str] | None = None
+    id_field: str | None = None
+    attr_fields: list[str] | None = None
+    delimiter: str | None = None
+    encoding: str | None = None
+    limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -156,13 +156,13 @@ class ClassicalParams:
     max_ngram: int
     min_df: int
     inverse_regularisation: float
-    class_weight: Optional[Literal["balanced"]]
+    class_weight: Literal["balanced"] | None
 
 
 @dataclass(frozen=True)
 class ProbeParams:
     inverse_regularisation: list[float]
-    class_weight: Optional[Literal["balanced"]]
+    class_weight: Literal["balanced"] | None
 
 
 @dataclass(frozen=True)
@@ -237,18 +237,13 @@ def _build_dataclass(kind: Any, value: Any, key: str) -> Any:
     names = [f.name for f in fields(kind)]
     unknown = sorted(set(map(str, value)) - set(names))
     if unknown:
-        raise ParamsError(
-            f"unknown key '{_join(key, unknown[0])}'; allowed here: {', '.join(names)}"
-        )
+        raise ParamsError(f"unknown key '{_join(key, unknown[0])}'; allowed here: {', '.join(names)}")
     missing = [
-        f.name for f in fields(kind)
-        if f.name not in value and f.default is MISSING and f.default_factory is MISSING
+        f.name for f in fields(kind) if f.name not in value and f.default is MISSING and f.default_factory is MISSING
     ]
     if missing:
         raise ParamsError(f"missing key '{_join(key, missing[0])}'")
-    built = {
-        name: _build(hints[name], value[name], _join(key, name)) for name in names if name in value
-    }
+    built = {name: _build(hints[name], value[name], _join(key, name)) for name in names if name in value}
     return kind(**built)
 
 
@@ -278,7 +273,9 @@ def _join(prefix: str, name: str) -> str:
 
 
 BITS_PATTERN = re.compile(r"^(2|3|4|5|6|8)bit$")
-MODEL_SOURCE = re.compile(r"^(builtin:tiny(-gemma3)?|hub:[\w.-]+/[\w.-]+|dir:.+|gguf:.+\.gguf|gguf-package:[\w.-]+/[\w.-]+\.gguf)$")
+MODEL_SOURCE = re.compile(
+    r"^(builtin:tiny(-gemma3)?|hub:[\w.-]+/[\w.-]+|dir:.+|gguf:.+\.gguf|gguf-package:[\w.-]+/[\w.-]+\.gguf)$"
+)
 
 
 def bits_of(variant_bits: str) -> int:
@@ -294,8 +291,7 @@ def _check_semantics(params: Params) -> None:
         for i, name in enumerate(getattr(params.run, field_name)):
             if name not in known:
                 raise ParamsError(
-                    f"'run.{field_name}[{i}]' is '{name}', which is not in '{field_name}:' "
-                    f"(known: {', '.join(known)})"
+                    f"'run.{field_name}[{i}]' is '{name}', which is not in '{field_name}:' (known: {', '.join(known)})"
                 )
     for i, bits in enumerate(params.run.bits):
         try:
@@ -371,8 +367,13 @@ def _check_fraction_map(key: str, values: dict[str, float], expected: tuple[str,
 
 
 def _check_config(key: str, config: LoraConfig) -> None:
-    positive = {"learning_rate": config.learning_rate, "batch_size": config.batch_size,
-                "rank": config.rank, "scale": config.scale, "iters": config.iters}
+    positive = {
+        "learning_rate": config.learning_rate,
+        "batch_size": config.batch_size,
+        "rank": config.rank,
+        "scale": config.scale,
+        "iters": config.iters,
+    }
     for name, value in positive.items():
         if value <= 0:
             raise ParamsError(f"'{key}.{name}' must be positive, got {value}")

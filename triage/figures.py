@@ -7,8 +7,8 @@ grammar DVC's plots use, so a figure in ``reports/report.md`` and a page of
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from sklearn.metrics import roc_curve
 
@@ -21,24 +21,44 @@ PANEL = 170  # pixels per small-multiple panel
 
 def confusion_spec(predictions: dict[str, Sequence[dict]]) -> dict:
     """Confusion matrices as small multiples, in the order given (each run beside its zero-shot baseline)."""
-    cells = [{"run": run, "label": label, "pred": pred,
-              "cases": sum(1 for row in rows if row["label"] == label and row["pred"] == pred)}
-             for run, rows in predictions.items() for label in LABELS for pred in LABELS]
+    cells = [
+        {
+            "run": run,
+            "label": label,
+            "pred": pred,
+            "cases": sum(1 for row in rows if row["label"] == label and row["pred"] == pred),
+        }
+        for run, rows in predictions.items()
+        for label in LABELS
+        for pred in LABELS
+    ]
     square = {"field": "label", "type": "nominal", "sort": list(LABELS), "title": "true label"}
     return {
-        "$schema": SCHEMA, "title": "Test-split confusion matrices (headline rule)",
+        "$schema": SCHEMA,
+        "title": "Test-split confusion matrices (headline rule)",
         "data": {"values": cells},
         "facet": {"field": "run", "type": "nominal", "sort": list(predictions), "title": None},
         "columns": 2,
         "spec": {
-            "width": PANEL, "height": PANEL,
+            "width": PANEL,
+            "height": PANEL,
             "layer": [
-                {"mark": "rect", "encoding": {
-                    "x": {"field": "pred", "type": "nominal", "sort": list(LABELS), "title": "answer"},
-                    "y": square, "color": {"field": "cases", "type": "quantitative", "scale": {"scheme": "blues"}}}},
-                {"mark": {"type": "text", "fontSize": 13}, "encoding": {
-                    "x": {"field": "pred", "type": "nominal", "sort": list(LABELS)},
-                    "y": square, "text": {"field": "cases", "type": "quantitative"}}},
+                {
+                    "mark": "rect",
+                    "encoding": {
+                        "x": {"field": "pred", "type": "nominal", "sort": list(LABELS), "title": "answer"},
+                        "y": square,
+                        "color": {"field": "cases", "type": "quantitative", "scale": {"scheme": "blues"}},
+                    },
+                },
+                {
+                    "mark": {"type": "text", "fontSize": 13},
+                    "encoding": {
+                        "x": {"field": "pred", "type": "nominal", "sort": list(LABELS)},
+                        "y": square,
+                        "text": {"field": "cases", "type": "quantitative"},
+                    },
+                },
             ],
         },
     }
@@ -63,18 +83,27 @@ def by_condition(rows: Sequence[dict]) -> dict[str, list[dict]]:
 
 def roc_spec(predictions: dict[str, Sequence[dict]]) -> dict:
     """One panel per test condition, side by side."""
-    points = [point | {"condition": condition} for run, rows in predictions.items()
-              for condition, part in by_condition(rows).items() for point in roc_points(run, part)]
+    points = [
+        point | {"condition": condition}
+        for run, rows in predictions.items()
+        for condition, part in by_condition(rows).items()
+        for point in roc_points(run, part)
+    ]
     return {
-        "$schema": SCHEMA, "title": "ED vs the rest: ED recall against over-triage to ED (test split)",
+        "$schema": SCHEMA,
+        "title": "ED vs the rest: ED recall against over-triage to ED (test split)",
         "data": {"values": points},
         "facet": {"column": {"field": "condition", "type": "nominal", "title": "test condition"}},
         "spec": {
-            "width": 300, "height": 260,
+            "width": 300,
+            "height": 260,
             "mark": {"type": "line", "interpolate": "step-after", "point": False},
             "encoding": {
-                "x": {"field": "over_triage", "type": "quantitative",
-                      "title": "non-ED cases sent to ED (false-positive rate)"},
+                "x": {
+                    "field": "over_triage",
+                    "type": "quantitative",
+                    "title": "non-ED cases sent to ED (false-positive rate)",
+                },
                 "y": {"field": "ed_recall", "type": "quantitative", "title": "ED recall"},
                 "color": {"field": "run", "type": "nominal", "legend": {"labelLimit": 400}},
                 "order": {"field": "over_triage"},
@@ -85,11 +114,19 @@ def roc_spec(predictions: dict[str, Sequence[dict]]) -> dict:
 
 def memory_spec(points: Sequence[dict]) -> dict:
     return {
-        "$schema": SCHEMA, "title": "ED recall (test) against peak training memory", "width": 420, "height": 280,
-        "data": {"values": list(points)}, "mark": {"type": "point", "filled": True, "size": 80},
+        "$schema": SCHEMA,
+        "title": "ED recall (test) against peak training memory",
+        "width": 420,
+        "height": 280,
+        "data": {"values": list(points)},
+        "mark": {"type": "point", "filled": True, "size": 80},
         "encoding": {
-            "x": {"field": "peak_memory_mb", "type": "quantitative", "title": "peak training memory (MB)",
-                  "scale": {"zero": False}},
+            "x": {
+                "field": "peak_memory_mb",
+                "type": "quantitative",
+                "title": "peak training memory (MB)",
+                "scale": {"zero": False},
+            },
             "y": {"field": "ed_recall", "type": "quantitative", "title": "ED recall", "scale": {"domain": [0, 1]}},
             "color": {"field": "run", "type": "nominal", "legend": {"labelLimit": 400}},
         },
@@ -99,47 +136,93 @@ def memory_spec(points: Sequence[dict]) -> dict:
 def loss_spec(curves: Iterable[dict]) -> dict:
     """Rows ``{run, step, loss, split}``: train and validation loss per run, one panel per run."""
     return {
-        "$schema": SCHEMA, "title": "Training and validation loss", "data": {"values": list(curves)},
-        "facet": {"field": "run", "type": "nominal", "title": None}, "columns": 2,
-        "spec": {"width": 260, "height": 160, "mark": {"type": "line", "point": True},
-                 "encoding": {"x": {"field": "step", "type": "quantitative"},
-                              "y": {"field": "loss", "type": "quantitative", "title": "the run's objective"},
-                              "color": {"field": "split", "type": "nominal"}}},
+        "$schema": SCHEMA,
+        "title": "Training and validation loss",
+        "data": {"values": list(curves)},
+        "facet": {"field": "run", "type": "nominal", "title": None},
+        "columns": 2,
+        "spec": {
+            "width": 260,
+            "height": 160,
+            "mark": {"type": "line", "point": True},
+            "encoding": {
+                "x": {"field": "step", "type": "quantitative"},
+                "y": {"field": "loss", "type": "quantitative", "title": "the run's objective"},
+                "color": {"field": "split", "type": "nominal"},
+            },
+        },
     }
 
 
 def uncertainty_spec(histograms: dict[str, Sequence[dict]]) -> dict:
     bins = [{"run": run, **row} for run, rows in histograms.items() for row in rows]
     return {
-        "$schema": SCHEMA, "title": "MC-dropout uncertainty of the test cases (vote entropy, nats)",
-        "data": {"values": bins}, "facet": {"field": "run", "type": "nominal", "title": None}, "columns": 2,
-        "spec": {"width": 260, "height": 140, "mark": "bar",
-                 "encoding": {"x": {"field": "uncertainty", "type": "ordinal", "title": "vote entropy"},
-                              "y": {"field": "cases", "type": "quantitative"}}},
+        "$schema": SCHEMA,
+        "title": "MC-dropout uncertainty of the test cases (vote entropy, nats)",
+        "data": {"values": bins},
+        "facet": {"field": "run", "type": "nominal", "title": None},
+        "columns": 2,
+        "spec": {
+            "width": 260,
+            "height": 140,
+            "mark": "bar",
+            "encoding": {
+                "x": {"field": "uncertainty", "type": "ordinal", "title": "vote entropy"},
+                "y": {"field": "cases", "type": "quantitative"},
+            },
+        },
     }
 
 
 def forest_spec(paired: Sequence[dict]) -> dict:
     """Each paired difference a - b with its 95% interval; a line at 0 (no difference)."""
-    rows = [{"pair": f"{row['a']} - {row['b']}", "metric": row["metric"], "diff": row["diff"],
-             "condition": row.get("condition", "all"), "low": row["low"], "high": row["high"],
-             "verdict": row["verdict"]}
-            for row in paired if row["diff"] is not None and row["low"] is not None]
+    rows = [
+        {
+            "pair": f"{row['a']} - {row['b']}",
+            "metric": row["metric"],
+            "diff": row["diff"],
+            "condition": row.get("condition", "all"),
+            "low": row["low"],
+            "high": row["high"],
+            "verdict": row["verdict"],
+        }
+        for row in paired
+        if row["diff"] is not None and row["low"] is not None
+    ]
     y = {"field": "pair", "type": "nominal", "title": None, "axis": {"labelLimit": 520}}
-    colour = {"field": "verdict", "type": "nominal", "scale": {
-        "domain": list(VERDICTS), "range": ["#2a9d4a", "#d1495b", "#8d99ae"]}}
+    colour = {
+        "field": "verdict",
+        "type": "nominal",
+        "scale": {"domain": list(VERDICTS), "range": ["#2a9d4a", "#d1495b", "#8d99ae"]},
+    }
     return {
-        "$schema": SCHEMA, "title": "Paired differences on the same test cases, with 95% intervals",
-        "data": {"values": rows}, "facet": {"row": {"field": "metric", "type": "nominal", "title": None},
-                                            "column": {"field": "condition", "type": "nominal", "title": None}},
+        "$schema": SCHEMA,
+        "title": "Paired differences on the same test cases, with 95% intervals",
+        "data": {"values": rows},
+        "facet": {
+            "row": {"field": "metric", "type": "nominal", "title": None},
+            "column": {"field": "condition", "type": "nominal", "title": None},
+        },
         "resolve": {"scale": {"y": "independent"}},
-        "spec": {"width": 300, "layer": [
-            {"mark": "rule", "encoding": {"y": y, "x": {"field": "low", "type": "quantitative", "title": "a - b"},
-                                          "x2": {"field": "high"}, "color": colour}},
-            {"mark": {"type": "point", "filled": True}, "encoding": {
-                "y": y, "x": {"field": "diff", "type": "quantitative"}, "color": colour}},
-            {"mark": {"type": "rule", "strokeDash": [4, 4]}, "encoding": {"x": {"datum": 0}}},
-        ]},
+        "spec": {
+            "width": 300,
+            "layer": [
+                {
+                    "mark": "rule",
+                    "encoding": {
+                        "y": y,
+                        "x": {"field": "low", "type": "quantitative", "title": "a - b"},
+                        "x2": {"field": "high"},
+                        "color": colour,
+                    },
+                },
+                {
+                    "mark": {"type": "point", "filled": True},
+                    "encoding": {"y": y, "x": {"field": "diff", "type": "quantitative"}, "color": colour},
+                },
+                {"mark": {"type": "rule", "strokeDash": [4, 4]}, "encoding": {"x": {"datum": 0}}},
+            ],
+        },
     }
 
 
@@ -162,13 +245,21 @@ def curve_rows(run: str, log_dir: Path) -> list[dict]:
         path = log_dir / "plots" / "metrics" / path
         if path.is_file():
             with path.open(encoding="utf-8") as handle:
-                rows += [{"run": run, "step": int(r["step"]), "loss": float(r["loss"]), "split": split}
-                         for r in csv.DictReader(handle, delimiter="\t")]
+                rows += [
+                    {"run": run, "step": int(r["step"]), "loss": float(r["loss"]), "split": split}
+                    for r in csv.DictReader(handle, delimiter="\t")
+                ]
     return rows
 
 
-def study_figures(directory: Path, predictions: dict[str, Sequence[dict]], memory: Sequence[dict],
-                  curves: Sequence[dict], histograms: dict[str, Sequence[dict]], paired: Sequence[dict]) -> dict[str, str]:
+def study_figures(
+    directory: Path,
+    predictions: dict[str, Sequence[dict]],
+    memory: Sequence[dict],
+    curves: Sequence[dict],
+    histograms: dict[str, Sequence[dict]],
+    paired: Sequence[dict],
+) -> dict[str, str]:
     """Render every figure that has data into ``directory``; returns title -> file name, in report order."""
     figures = {
         "Confusion matrices, each run beside its zero-shot baseline": (confusion_spec(predictions), "confusion"),

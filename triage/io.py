@@ -72,15 +72,23 @@ def write_csv(path: str | Path, rows: Iterable[dict], fields: Sequence[str]) -> 
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
-    """Yield ``(line_number, value)`` for each non-blank line; a line that is not UTF-8 JSON is a DataError naming it."""
+    """Yield ``(line_number, value)`` for each non-blank line.
+
+    A line that is not UTF-8 JSON is a DataError naming it.
+    """
     offset = 0
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(path, number, None, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte offset "
-                                f"{offset + exc.start} of the file); save it as UTF-8") from None
+                raise DataError(
+                    path,
+                    number,
+                    None,
+                    f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte offset "
+                    f"{offset + exc.start} of the file); save it as UTF-8",
+                ) from None
             offset += len(raw)
             if not line.strip():
                 continue

@@ -56,18 +56,29 @@ def frozen_threshold(paths: RunPaths, params: EvaluateParams) -> EdThreshold:
     """The p(ED) threshold the run's evaluate stage tuned on the validation split, as it wrote it."""
     if not paths.evaluation.is_file():
         if params.decision == "ed_threshold":
-            raise UnknownRun(f"run '{paths.name}' answers with evaluate.decision: ed_threshold, whose threshold its "
-                             f"evaluate stage tunes on the validation split; {paths.evaluation} does not exist yet: "
-                             "run `dvc repro` first")
-        return EdThreshold(None, params.ed_threshold_target, "evaluate.ed_threshold_target", 0,
-                           f"not evaluated yet ({paths.evaluation} missing)")
+            raise UnknownRun(
+                f"run '{paths.name}' answers with evaluate.decision: ed_threshold, whose threshold its "
+                f"evaluate stage tunes on the validation split; {paths.evaluation} does not exist yet: "
+                "run `dvc repro` first"
+            )
+        return EdThreshold(
+            None,
+            params.ed_threshold_target,
+            "evaluate.ed_threshold_target",
+            0,
+            f"not evaluated yet ({paths.evaluation} missing)",
+        )
     frozen = json.loads(paths.evaluation.read_text(encoding="utf-8"))["ed_threshold"]
-    return EdThreshold(frozen["threshold"], frozen["target_recall"], frozen["target_from"], frozen["n_valid"],
-                       frozen.get("reason"))
+    return EdThreshold(
+        frozen["threshold"], frozen["target_recall"], frozen["target_from"], frozen["n_valid"], frozen.get("reason")
+    )
 
 
 class Triager:
-    """A run loaded once, answering as its evaluate stage does: the same label scores, decision rules and MC-dropout votes."""
+    """A run loaded once, answering as its evaluate stage does.
+
+    The same label scores, decision rules and MC-dropout votes.
+    """
 
     def __init__(self, paths: RunPaths, params: EvaluateParams, streams: int, max_len: int, source: str):
         from mlx_lm import load
@@ -88,10 +99,16 @@ class Triager:
         self._check_lengths([case_id for case_id, _ in messages], prompts)
         probs = label_probabilities(self.model, self.fmt, prompts, self.params.batch_size, self.streams)
         answers = {name: rule(probs) for name, rule in self.rules.items()}
-        rows = [{"id": case_id, "pred": answers[self.params.decision][i], "decision_rule": self.params.decision,
-                 **{name: preds[i] for name, preds in answers.items()},
-                 **{f"p_{label}": round(float(probs[i, j]), 6) for j, label in enumerate(LABELS)}}
-                for i, (case_id, _) in enumerate(messages)]
+        rows = [
+            {
+                "id": case_id,
+                "pred": answers[self.params.decision][i],
+                "decision_rule": self.params.decision,
+                **{name: preds[i] for name, preds in answers.items()},
+                **{f"p_{label}": round(float(probs[i, j]), 6) for j, label in enumerate(LABELS)},
+            }
+            for i, (case_id, _) in enumerate(messages)
+        ]
         return [row | mc for row, mc in zip(rows, self._uncertainty(prompts))]
 
     def _check_lengths(self, ids: list[str], prompts: list[str]) -> None:
@@ -100,18 +117,37 @@ class Triager:
         for case_id, prompt in zip(ids, prompts):
             length = len(self.fmt.prompt_tokens(prompt)) + longest_label
             if length > self.max_len:
-                raise DataError(self.source, None, "text", f"message {case_id!r} is {length} tokens with the prompt "
-                                f"and its answer, above train.max_seq_length={self.max_len}; shorten it")
+                raise DataError(
+                    self.source,
+                    None,
+                    "text",
+                    f"message {case_id!r} is {length} tokens with the prompt "
+                    f"and its answer, above train.max_seq_length={self.max_len}; shorten it",
+                )
 
     def _uncertainty(self, prompts: list[str]) -> list[dict]:
         if self.not_applicable is not None:
             return [{"mc_dropout": f"not applicable: {self.not_applicable}"}] * len(prompts)
-        votes = mc_dropout_votes(self.model, self.fmt, prompts, self.params.mc_samples, self.params.seed,
-                                 self.streams, self.rules[self.params.decision])
+        votes = mc_dropout_votes(
+            self.model,
+            self.fmt,
+            prompts,
+            self.params.mc_samples,
+            self.params.seed,
+            self.streams,
+            self.rules[self.params.decision],
+        )
         summary = vote_summary(votes)
         flags = flag_uncertain(summary["uncertainty"], self.params.uncertainty_threshold)["flags"]
-        return [{"mc_vote": summary["majority"][i], "mc_uncertainty": summary["uncertainty"][i], "flagged": flags[i],
-                 "votes": dict(zip(LABELS, summary["counts"][i]))} for i in range(len(prompts))]
+        return [
+            {
+                "mc_vote": summary["majority"][i],
+                "mc_uncertainty": summary["uncertainty"][i],
+                "flagged": flags[i],
+                "votes": dict(zip(LABELS, summary["counts"][i])),
+            }
+            for i in range(len(prompts))
+        ]
 
 
 @dataclass(frozen=True)
@@ -148,5 +184,8 @@ def export_run(paths: RunPaths, out_dir: Path, prompts: list[str], batch_size: i
     with staged_directory(out_dir) as work:
         save(work, str(paths.model_dir), model, tokenizer, config, donate_model=False)
     adapted, exported = probabilities(paths.model_dir, paths.adapter_dir), probabilities(out_dir, None)
-    return ExportCheck(len(prompts), float(np.mean(adapted.argmax(axis=1) == exported.argmax(axis=1))),
-                       float(np.abs(adapted - exported).max()))
+    return ExportCheck(
+        len(prompts),
+        float(np.mean(adapted.argmax(axis=1) == exported.argmax(axis=1))),
+        float(np.abs(adapted - exported).max()),
+    )

@@ -180,8 +180,13 @@ class _Fields:
         value = self.raw.get(key)
         if value is None:
             return None
-        if (not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, int) for v in value)
-                or value[0] > value[1] or value[0] < 0):
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or not all(isinstance(v, int) for v in value)
+            or value[0] > value[1]
+            or value[0] < 0
+        ):
             self.fail(key, "must be [min, max] with 0 <= min <= max")
         return value[0], value[1]
 
@@ -309,26 +314,36 @@ def _parse_knowledge(directory: Path) -> Knowledge:
     )
     tags = frozenset().union(*(m.tags_any for m in modifiers))
     systems, screening = _read_systems(directory)
-    parsed = [(presentation, row) for system in systems
-              for presentation, row in _read_system_file(directory, system, systems, tags)]
+    parsed = [
+        (presentation, row)
+        for system in systems
+        for presentation, row in _read_system_file(directory, system, systems, tags)
+    ]
     if not parsed:
         raise DataError(directory / "presentations", None, None, "no presentations")
     presentations = tuple(presentation for presentation, _ in parsed)
     _check_unique([(p.id, row, "id") for p, row in parsed])
     # Context lines count as wording too: a line shared by two presentations would leak across splits.
-    _check_unique([(normalise_text(s), row, name) for p, row in parsed
-                   for name in ("say", "context") for s in getattr(p, name)])
+    _check_unique(
+        [(normalise_text(s), row, name) for p, row in parsed for name in ("say", "context") for s in getattr(p, name)]
+    )
     _check_unique([(m.id, {"__path__": mod_path}, "id") for m in modifiers])
     systems_path = directory / "systems.yaml"
-    _check_unique([(normalise_text(row["say"]), {"__path__": systems_path, **row}, "say")
-                   for rows in screening.values() for row in rows])
+    _check_unique(
+        [
+            (normalise_text(row["say"]), {"__path__": systems_path, **row}, "say")
+            for rows in screening.values()
+            for row in rows
+        ]
+    )
     phrasing = _read_yaml(phr_path)
     _check_phrasing(phr_path, phrasing)
     return assemble(presentations, modifiers, {**phrasing, "screening": screening})
 
 
-def assemble(presentations: tuple[Presentation, ...], modifiers: tuple[Modifier, ...],
-             phrasing: dict[str, Any]) -> Knowledge:
+def assemble(
+    presentations: tuple[Presentation, ...], modifiers: tuple[Modifier, ...], phrasing: dict[str, Any]
+) -> Knowledge:
     """A knowledge base from its parts, with the pools derived from them (also after a wording hold-out).
 
     A presentation's denials are its own system's screening negations only, so a
@@ -352,8 +367,12 @@ def _read_systems(directory: Path) -> tuple[tuple[str, ...], dict[str, list[dict
     files = {p.stem for p in (directory / "presentations").glob("*.yaml")}
     stray = sorted(files - set(systems))
     if stray:
-        raise DataError(directory / "presentations" / f"{stray[0]}.yaml", None, None,
-                        f"no system {stray[0]!r} in {path}; add it there or rename the file")
+        raise DataError(
+            directory / "presentations" / f"{stray[0]}.yaml",
+            None,
+            None,
+            f"no system {stray[0]!r} in {path}; add it there or rename the file",
+        )
     return systems, _read_screening(path, raw, systems)
 
 
@@ -374,8 +393,9 @@ def _read_screening(path: Path, raw: _Fields, systems: Sequence[str]) -> dict[st
     return screening
 
 
-def _read_system_file(directory: Path, system: str, systems: Sequence[str],
-                      tags: frozenset[str]) -> list[tuple[Presentation, dict[str, Any]]]:
+def _read_system_file(
+    directory: Path, system: str, systems: Sequence[str], tags: frozenset[str]
+) -> list[tuple[Presentation, dict[str, Any]]]:
     path = directory / "presentations" / f"{system}.yaml"
     rows = _Fields(path, _read_yaml(path), "presentations file").raw.get("presentations")
     if not isinstance(rows, list) or not rows:
@@ -386,8 +406,12 @@ def _read_system_file(directory: Path, system: str, systems: Sequence[str],
             row["__path__"] = path
         presentation = _parse_presentation(path, row, systems, tags)
         if presentation.system != system:
-            raise DataError(path, row.get("__line__"), "system",
-                            f"presentation {presentation.id} is {presentation.system!r} but sits in {system}.yaml")
+            raise DataError(
+                path,
+                row.get("__line__"),
+                "system",
+                f"presentation {presentation.id} is {presentation.system!r} but sits in {system}.yaml",
+            )
         parsed.append((presentation, row))
     return parsed
 
@@ -395,9 +419,12 @@ def _read_system_file(directory: Path, system: str, systems: Sequence[str],
 def _allowed_general(p: Presentation, band: str, rows: list[dict[str, Any]]) -> tuple[str, ...]:
     """General phrasing items fit for a presentation: right band, no word clashing with its own wording."""
     own_words = " ".join((p.name, *p.say, *p.context, *(s for f in p.flags for s in f.say + f.deny))).lower()
-    return tuple(row["say"] for row in rows
-                 if band in row.get("bands", AGE_BANDS)
-                 and not any(str(stem).lower() in own_words for stem in row.get("clash", [])))
+    return tuple(
+        row["say"]
+        for row in rows
+        if band in row.get("bands", AGE_BANDS)
+        and not any(str(stem).lower() in own_words for stem in row.get("clash", []))
+    )
 
 
 def _check_unique(keyed: list[tuple[str, dict[str, Any], str]]) -> None:
@@ -417,8 +444,13 @@ def _check_phrasing(path: Path, phrasing: Any) -> None:
     for key in ("greetings", "connectors"):
         fields.texts(key)
     nurse_tokens = _NURSE_TOKENS | PATIENT_TOKENS
-    for group, allowed in (("closings", nurse_tokens), ("nurse", nurse_tokens), ("answers", nurse_tokens),
-                           ("worries", PATIENT_TOKENS), ("intros", _VALUE_TOKENS)):
+    for group, allowed in (
+        ("closings", nurse_tokens),
+        ("nurse", nurse_tokens),
+        ("answers", nurse_tokens),
+        ("worries", PATIENT_TOKENS),
+        ("intros", _VALUE_TOKENS),
+    ):
         section = _Fields(path, phrasing.get(group), group)
         for key in (k for k in section.raw if k != "__line__"):
             section.templates(key, allowed)
@@ -453,8 +485,6 @@ def _load_cached(directory: str) -> Knowledge:
 def load_knowledge(directory: str | Path = KNOWLEDGE_DIR) -> Knowledge:
     """Parse and validate the knowledge base; errors name the file, line and field."""
     return _load_cached(str(Path(directory).resolve()))
-
-
 
 
 def age_choices(p: Presentation, band: str, low_weeks: int = 0, high_weeks: int | None = None) -> list[int]:

@@ -63,7 +63,7 @@ def partition_lines(lines: Sequence[Any], where: str, share: float, seed: int, m
     n_valid = n_test if len(lines) - 2 * n_test >= 2 else 0
     order = list(range(len(lines)))
     random.Random(f"{seed}:{where}").shuffle(order)
-    test, valid = sorted(order[:n_test]), sorted(order[n_test:n_test + n_valid])
+    test, valid = sorted(order[:n_test]), sorted(order[n_test : n_test + n_valid])
     train = [i for i in range(len(lines)) if i not in test and i not in valid]
     pick = lambda indices: tuple(lines[i] for i in indices)  # noqa: E731
     return HeldOut(where, pick(train), pick(valid) if valid else pick(train), pick(test))
@@ -105,8 +105,10 @@ class WordingSplit:
 
     def _pool(self, node: Any, where: str, part: str) -> Any:
         if isinstance(node, dict):
-            return {key: value if key in _VOCABULARY or key == "__line__" else self._pool(value, f"{where}.{key}", part)
-                    for key, value in node.items()}
+            return {
+                key: value if key in _VOCABULARY or key == "__line__" else self._pool(value, f"{where}.{key}", part)
+                for key, value in node.items()
+            }
         if isinstance(node, list) and node and all(isinstance(v, (str, dict)) for v in node):
             return list(getattr(self._split(node, where, _MIN_POOL_LINES), part))
         return node
@@ -136,8 +138,8 @@ def split_presentations(knowledge: Knowledge, fractions: dict[str, float], seed:
         n_valid = round(len(ids) * fractions.get("valid", 0.0) / total)
         n_test = round(len(ids) * fractions.get("test", 0.0) / total)
         owner["valid"].update(ids[:n_valid])
-        owner["test"].update(ids[n_valid:n_valid + n_test])
-        owner["train"].update(ids[n_valid + n_test:])
+        owner["test"].update(ids[n_valid : n_valid + n_test])
+        owner["train"].update(ids[n_valid + n_test :])
     return owner
 
 
@@ -153,8 +155,14 @@ class Sizes:
     complaint: dict[str, int]
 
 
-def build(knowledge: Knowledge, sizes: Sizes, label_mix: dict[str, float], fractions: dict[str, float],
-          share: float, seed: int) -> tuple[dict[str, list[Example]], dict]:
+def build(
+    knowledge: Knowledge,
+    sizes: Sizes,
+    label_mix: dict[str, float],
+    fractions: dict[str, float],
+    share: float,
+    seed: int,
+) -> tuple[dict[str, list[Example]], dict]:
     """Train, valid and test cases with ``attrs["condition"]``, and a report of what was held out.
 
     A valid or test case whose message nearly duplicates a training message
@@ -180,8 +188,11 @@ def build(knowledge: Knowledge, sizes: Sizes, label_mix: dict[str, float], fract
         "lines_held_out_for_test": sum(len(h.test) for h in held),
         "lines_held_out_for_valid": sum(len(h.valid) for h in held if h.valid != h.train),
         "dropped_near_duplicates": dropped,
-        "cases": {part: {condition: sum(e.attrs.get("condition") == condition for e in examples)
-                         for condition in CONDITIONS} for part, examples in splits.items() if part != "train"},
+        "cases": {
+            part: {condition: sum(e.attrs.get("condition") == condition for e in examples) for condition in CONDITIONS}
+            for part, examples in splits.items()
+            if part != "train"
+        },
     }
     hits = find_held_out_lines({part: splits[part] for part in ("train", "valid")}, wording.lists)
     report["held_out_check"] = hits
@@ -189,14 +200,17 @@ def build(knowledge: Knowledge, sizes: Sizes, label_mix: dict[str, float], fract
     return splits, report
 
 
-def _cases(knowledge: Knowledge, n: int, label_mix: dict[str, float], seed: int, part: str,
-           condition: str) -> list[Example]:
+def _cases(
+    knowledge: Knowledge, n: int, label_mix: dict[str, float], seed: int, part: str, condition: str
+) -> list[Example]:
     if n == 0:
         return []
     examples = generate(n, label_mix, random.Random(f"{seed}:{part}:{condition}").randrange(2**31), knowledge=knowledge)
     prefix = f"{part[0]}{condition[:1]}"
-    return [replace(e, id=f"{prefix}{e.id}", attrs={**e.attrs, **({"condition": condition} if condition else {})})
-            for e in examples]
+    return [
+        replace(e, id=f"{prefix}{e.id}", attrs={**e.attrs, **({"condition": condition} if condition else {})})
+        for e in examples
+    ]
 
 
 def _drop_near_duplicates(splits: dict[str, list[Example]]) -> dict[str, int]:
@@ -215,7 +229,7 @@ def _pattern(template: str) -> re.Pattern[str] | None:
     """A regex over normalised text matching a template in any voice; None when too short to tell."""
     pieces, literal_words, last = [], 0, 0
     for match in TOKEN.finditer(template):
-        literal = normalise_text(template[last:match.start()])
+        literal = normalise_text(template[last : match.start()])
         literal_words += len(literal.split())
         pieces.append(re.escape(literal))
         pieces.append(_placeholder(match.group(1)))
@@ -241,12 +255,15 @@ def _placeholder(token: str) -> str:
 
 def _renderings(template: str) -> list[str]:
     """A template's normalised text in each voice, each value placeholder (an age, a relation) an "x"."""
+
     def value(match: re.Match[str]) -> str:
         return match.group(0) if "|" in match.group(1) or match.group(1) in _PRONOUNS["first"] else " x "
 
     values = TOKEN.sub(value, template)
-    return [normalise_text(fill(values, voice, sex)) for voice, sex in (("first", "female"), ("third", "female"),
-                                                                          ("third", "male"))]
+    return [
+        normalise_text(fill(values, voice, sex))
+        for voice, sex in (("first", "female"), ("third", "female"), ("third", "male"))
+    ]
 
 
 def find_held_out_lines(splits: dict[str, Iterable[Example]], lists: Iterable[HeldOut]) -> dict:
@@ -277,18 +294,30 @@ def find_held_out_lines(splits: dict[str, Iterable[Example]], lists: Iterable[He
     for part, examples in splits.items():
         for example in examples:
             message = normalise_text(message_of(example.prompt))
-            hits += [{"split": part, "id": example.id, "list": where, "line": text}
-                     for anchor, pattern, where, text in patterns if anchor in message and pattern.search(message)]
-    return {"lines_checked": len(patterns), "lines_too_short_to_check": too_short,
-            "lines_also_in_training": shared, "hits": len(hits), "examples": hits[:5]}
+            hits += [
+                {"split": part, "id": example.id, "list": where, "line": text}
+                for anchor, pattern, where, text in patterns
+                if anchor in message and pattern.search(message)
+            ]
+    return {
+        "lines_checked": len(patterns),
+        "lines_too_short_to_check": too_short,
+        "lines_also_in_training": shared,
+        "hits": len(hits),
+        "examples": hits[:5],
+    }
 
 
 def assert_held_out_clean(report: dict) -> None:
     if report["hits"]:
         first = report["examples"][0]
-        raise DataError(f"splits/{first['split']}", None, "prompt",
-                        f"{report['hits']} training or validation message(s) contain a line held out for the "
-                        f"wording test, e.g. {first['id']} has {first['line']!r} ({first['list']})")
+        raise DataError(
+            f"splits/{first['split']}",
+            None,
+            "prompt",
+            f"{report['hits']} training or validation message(s) contain a line held out for the "
+            f"wording test, e.g. {first['id']} has {first['line']!r} ({first['list']})",
+        )
 
 
 def conditions_markdown(report: dict) -> str:

@@ -37,14 +37,16 @@ def _labels_in(splits: dict[str, Sequence[Example]]) -> list[str]:
     return [label for label in LABELS if label in present] + sorted(present - set(LABELS))
 
 
-def _crosstab(splits: dict[str, Sequence[Example]], key: Callable[[Example], str],
-              labels: list[str]) -> dict[str, dict]:
+def _crosstab(
+    splits: dict[str, Sequence[Example]], key: Callable[[Example], str], labels: list[str]
+) -> dict[str, dict]:
     """Per value of ``key``: counts by split, by label and in total."""
     table: dict[str, dict] = {}
     for name, examples in splits.items():
         for example in examples:
-            row = table.setdefault(key(example), {"by_split": dict.fromkeys(splits, 0),
-                                                  "by_label": dict.fromkeys(labels, 0), "total": 0})
+            row = table.setdefault(
+                key(example), {"by_split": dict.fromkeys(splits, 0), "by_label": dict.fromkeys(labels, 0), "total": 0}
+            )
             row["by_split"][name] += 1
             row["by_label"][example.label] += 1
             row["total"] += 1
@@ -55,8 +57,12 @@ def _length_stats(values: list[int]) -> dict[str, float]:
     if not values:
         return {"min": 0, "median": 0.0, "p95": 0.0, "max": 0}
     array = np.asarray(values)
-    return {"min": int(array.min()), "median": float(np.median(array)),
-            "p95": float(np.percentile(array, 95)), "max": int(array.max())}
+    return {
+        "min": int(array.min()),
+        "median": float(np.median(array)),
+        "p95": float(np.percentile(array, 95)),
+        "max": int(array.max()),
+    }
 
 
 def data_card(splits: dict[str, Sequence[Example]], leakage_report: dict, knowledge: Knowledge | None = None) -> dict:
@@ -69,17 +75,27 @@ def data_card(splits: dict[str, Sequence[Example]], leakage_report: dict, knowle
     labels = _labels_in(splits)
     card = {
         "total": sum(len(examples) for examples in splits.values()),
-        "splits": {name: {"examples": len(examples), "groups": len(groups_of(examples)),
-                          "by_label": {label: sum(e.label == label for e in examples) for label in labels}}
-                   for name, examples in splits.items()},
+        "splits": {
+            name: {
+                "examples": len(examples),
+                "groups": len(groups_of(examples)),
+                "by_label": {label: sum(e.label == label for e in examples) for label in labels},
+            }
+            for name, examples in splits.items()
+        },
         "systems": _crosstab(splits, lambda e: e.attrs.get("system", "unknown"), labels),
-        "subgroups": {attr: _crosstab(splits, lambda e, a=attr: e.attrs.get(a, "unknown"), labels)
-                      for attr in SUBGROUP_ATTRS},
+        "subgroups": {
+            attr: _crosstab(splits, lambda e, a=attr: e.attrs.get(a, "unknown"), labels) for attr in SUBGROUP_ATTRS
+        },
         "lengths": {
             "unit": TOKEN_NOTE,
-            "by_split": {name: {"prompt": _length_stats([approx_tokens(e.prompt) for e in examples]),
-                                "completion": _length_stats([approx_tokens(e.completion) for e in examples])}
-                         for name, examples in splits.items()},
+            "by_split": {
+                name: {
+                    "prompt": _length_stats([approx_tokens(e.prompt) for e in examples]),
+                    "completion": _length_stats([approx_tokens(e.completion) for e in examples]),
+                }
+                for name, examples in splits.items()
+            },
         },
         "message_length": _message_lengths(splits, labels),
         "leakage": {**leakage_report, "clean": leakage_is_clean(leakage_report)},
@@ -105,10 +121,13 @@ def _message_lengths(splits: dict[str, Sequence[Example]], labels: list[str]) ->
     examples = [e for part in splits.values() for e in part]
     groups = {"all": examples, **{label: [e for e in examples if e.label == label] for label in labels}}
     return {
-        "sentences": {name: {str(n): count for n, count in sorted(Counter(map(sentence_count, group)).items())}
-                      for name, group in groups.items()},
-        "words": {name: _word_stats([len(message_of(e.prompt).split()) for e in group])
-                  for name, group in groups.items()},
+        "sentences": {
+            name: {str(n): count for n, count in sorted(Counter(map(sentence_count, group)).items())}
+            for name, group in groups.items()
+        },
+        "words": {
+            name: _word_stats([len(message_of(e.prompt).split()) for e in group]) for name, group in groups.items()
+        },
     }
 
 
@@ -116,8 +135,13 @@ def _word_stats(values: list[int]) -> dict[str, float]:
     if not values:
         return {"min": 0, "median": 0.0, "mean": 0.0, "p95": 0.0, "max": 0}
     array = np.asarray(values)
-    return {"min": int(array.min()), "median": float(np.median(array)), "mean": round(float(array.mean()), 1),
-            "p95": float(np.percentile(array, 95)), "max": int(array.max())}
+    return {
+        "min": int(array.min()),
+        "median": float(np.median(array)),
+        "mean": round(float(array.mean()), 1),
+        "p95": float(np.percentile(array, 95)),
+        "max": int(array.max()),
+    }
 
 
 def _rule_kinds(examples: Sequence[Example], knowledge: Knowledge, labels: list[str]) -> dict[str, dict[str, int]]:
@@ -161,65 +185,117 @@ def knowledge_summary(knowledge: Knowledge) -> dict:
 def _crosstab_markdown(table: dict[str, dict], first: str) -> str:
     any_row = next(iter(table.values()), {"by_split": {}, "by_label": {}})
     headers = [first, *any_row["by_split"], *any_row["by_label"], "total"]
-    rows = [[value, *row["by_split"].values(), *row["by_label"].values(), row["total"]]
-            for value, row in table.items()]
+    rows = [[value, *row["by_split"].values(), *row["by_label"].values(), row["total"]] for value, row in table.items()]
     return tabulate(rows, headers=headers, tablefmt="github")
 
 
 def _knowledge_markdown(summary: dict) -> list[str]:
-    system_rows = [[system, row["presentations"], *row["base"].values(), " ".join(row["reachable"])]
-                   for system, row in summary["systems"].items()]
+    system_rows = [
+        [system, row["presentations"], *row["base"].values(), " ".join(row["reachable"])]
+        for system, row in summary["systems"].items()
+    ]
     phrasing_rows = [[item, *spread.values()] for item, spread in summary["phrasings"].items()]
-    return ["## Knowledge base", "", "Presentations per system by base label, and the labels each system can "
-            "reach through its base, red flags and host modifiers.", "",
-            tabulate(system_rows, headers=["system", "presentations", *LABELS, "reachable"], tablefmt="github"), "",
-            "Phrasings per item (a presentation's `say` and `context`, a flag's `say` and `deny`, a system's "
-            "screening negations).", "",
-            tabulate(phrasing_rows, headers=["phrasing", "items", "min", "median"], tablefmt="github"), ""]
+    return [
+        "## Knowledge base",
+        "",
+        "Presentations per system by base label, and the labels each system can "
+        "reach through its base, red flags and host modifiers.",
+        "",
+        tabulate(system_rows, headers=["system", "presentations", *LABELS, "reachable"], tablefmt="github"),
+        "",
+        "Phrasings per item (a presentation's `say` and `context`, a flag's `say` and `deny`, a system's "
+        "screening negations).",
+        "",
+        tabulate(phrasing_rows, headers=["phrasing", "items", "min", "median"], tablefmt="github"),
+        "",
+    ]
 
 
 def _message_length_markdown(lengths: dict) -> list[str]:
     counts = sorted({int(n) for histogram in lengths["sentences"].values() for n in histogram})
-    sentence_rows = [[name, *(histogram.get(str(n), 0) for n in counts)]
-                     for name, histogram in lengths["sentences"].items()]
+    sentence_rows = [
+        [name, *(histogram.get(str(n), 0) for n in counts)] for name, histogram in lengths["sentences"].items()
+    ]
     word_rows = [[name, *stats.values()] for name, stats in lengths["words"].items()]
-    return ["## Message length", "", "Sentences and words of the patient's side of each message, overall and "
-            "per label: a length that only one label used would let a model guess the label from the form.", "",
-            tabulate(sentence_rows, headers=["sentences", *map(str, counts)], tablefmt="github"), "",
-            tabulate(word_rows, headers=["words", "min", "median", "mean", "p95", "max"], tablefmt="github"), ""]
+    return [
+        "## Message length",
+        "",
+        "Sentences and words of the patient's side of each message, overall and "
+        "per label: a length that only one label used would let a model guess the label from the form.",
+        "",
+        tabulate(sentence_rows, headers=["sentences", *map(str, counts)], tablefmt="github"),
+        "",
+        tabulate(word_rows, headers=["words", "min", "median", "mean", "p95", "max"], tablefmt="github"),
+        "",
+    ]
 
 
 def data_card_markdown(card: dict) -> str:
     """The data card as Markdown tables."""
     split_rows = [[name, s["examples"], s["groups"], *s["by_label"].values()] for name, s in card["splits"].items()]
     labels = list(next(iter(card["splits"].values()))["by_label"]) if card["splits"] else []
-    parts = ["# Data card", "", f"{card['total']} examples.", "", "## Splits", "",
-             tabulate(split_rows, headers=["split", "examples", "groups", *labels], tablefmt="github"), ""]
+    parts = [
+        "# Data card",
+        "",
+        f"{card['total']} examples.",
+        "",
+        "## Splits",
+        "",
+        tabulate(split_rows, headers=["split", "examples", "groups", *labels], tablefmt="github"),
+        "",
+    ]
     parts += ["## Body systems", "", _crosstab_markdown(card["systems"], "system"), ""]
     for attr, table in card["subgroups"].items():
         parts += [f"## Subgroup: {attr}", "", _crosstab_markdown(table, attr), ""]
     if "registers" in card:
-        parts += ["## Registers", "", "Who writes and how: the patient, a parent or carer, a partner or relative, "
-                  "a terse text, a worried ramble, or a clinician's summary.", "",
-                  _crosstab_markdown(card["registers"], "register"), ""]
-    length_rows = [[name, part, *stats.values()] for name, by_part in card["lengths"]["by_split"].items()
-                   for part, stats in by_part.items()]
-    parts += ["## Lengths", "", f"Counted in {card['lengths']['unit']}.", "",
-              tabulate(length_rows, headers=["split", "field", "min", "median", "p95", "max"], tablefmt="github"), ""]
+        parts += [
+            "## Registers",
+            "",
+            "Who writes and how: the patient, a parent or carer, a partner or relative, "
+            "a terse text, a worried ramble, or a clinician's summary.",
+            "",
+            _crosstab_markdown(card["registers"], "register"),
+            "",
+        ]
+    length_rows = [
+        [name, part, *stats.values()]
+        for name, by_part in card["lengths"]["by_split"].items()
+        for part, stats in by_part.items()
+    ]
+    parts += [
+        "## Lengths",
+        "",
+        f"Counted in {card['lengths']['unit']}.",
+        "",
+        tabulate(length_rows, headers=["split", "field", "min", "median", "p95", "max"], tablefmt="github"),
+        "",
+    ]
     parts += _message_length_markdown(card["message_length"])
     if "rules" in card:
         rule_rows = [[label, *kinds.values()] for label, kinds in card["rules"].items()]
-        parts += ["## Rules", "", "Which rule set each label: the presentation's base label, a red flag, or a host "
-                  "modifier.", "", tabulate(rule_rows, headers=["label", "base", "flag", "modifier"],
-                                            tablefmt="github"), ""]
+        parts += [
+            "## Rules",
+            "",
+            "Which rule set each label: the presentation's base label, a red flag, or a host modifier.",
+            "",
+            tabulate(rule_rows, headers=["label", "base", "flag", "modifier"], tablefmt="github"),
+            "",
+        ]
     if "knowledge" in card:
         parts += _knowledge_markdown(card["knowledge"])
     leakage = card["leakage"]
-    parts += ["## Leakage", "", f"Status: **{'clean' if leakage['clean'] else 'NOT CLEAN'}** - "
-              f"{leakage['exact']} exact and {leakage['near']} near-duplicate cross-split pairs "
-              f"(threshold {leakage['threshold']}; {leakage.get('method', 'method not recorded')}).", ""]
+    parts += [
+        "## Leakage",
+        "",
+        f"Status: **{'clean' if leakage['clean'] else 'NOT CLEAN'}** - "
+        f"{leakage['exact']} exact and {leakage['near']} near-duplicate cross-split pairs "
+        f"(threshold {leakage['threshold']}; {leakage.get('method', 'method not recorded')}).",
+        "",
+    ]
     if leakage["examples"]:
-        pair_rows = [[p["kind"], p["similarity"], *(f"{p[side]['split']}/{p[side]['id']}" for side in "ab")]
-                     for p in leakage["examples"]]
+        pair_rows = [
+            [p["kind"], p["similarity"], *(f"{p[side]['split']}/{p[side]['id']}" for side in "ab")]
+            for p in leakage["examples"]
+        ]
         parts += [tabulate(pair_rows, headers=["kind", "similarity", "a", "b"], tablefmt="github"), ""]
     return "\n".join(parts)

@@ -208,10 +208,11 @@ def _label_first_examples(source: Source, rows: list[tuple[int, Example]]) -> li
     completions = [example.completion.lstrip() for _, example in rows]
     changed = sum(new != example.completion for new, (_, example) in zip(completions, rows))
     if changed:
-        print(f"[import] {source.path}: {changed} of {len(rows)} completions had whitespace before the label; "
-              "removed it, so training reads the label token that evaluation scores")
-    return [(line, replace(example, completion=completion))
-            for (line, example), completion in zip(rows, completions)]
+        print(
+            f"[import] {source.path}: {changed} of {len(rows)} completions had whitespace before the label; "
+            "removed it, so training reads the label token that evaluation scores"
+        )
+    return [(line, replace(example, completion=completion)) for (line, example), completion in zip(rows, completions)]
 
 
 _PROMPT_COMPLETION_FIELDS = frozenset({"id", "group", "prompt", "completion", "label", "attrs"})
@@ -284,7 +285,9 @@ def _check_disjoint_splits(
         for value, line in first_line.items():
             if value in seen:
                 raise DataError(
-                    directory / f"{name}.jsonl", line, field_name,
+                    directory / f"{name}.jsonl",
+                    line,
+                    field_name,
                     f"{field_name} {value!r} is also in {seen[value]}.jsonl; a case must stay in one split",
                 )
             seen[value] = name
@@ -302,7 +305,9 @@ def check_class_coverage(splits: Mapping[str, Sequence[Example]], source: str) -
         if missing:
             have = ", ".join(f"{label}={counts[label]}" for label in LABELS)
             raise DataError(
-                source, None, "label",
+                source,
+                None,
+                "label",
                 f"split {name!r} has no examples of class {' or '.join(missing)} ({have}); "
                 "every split needs every class",
             )
@@ -397,8 +402,11 @@ def read_table(
         label = _mapped_label(source, line, label_field, _scalar_text(source, line, record, label_field), mapping)
         example_id = _record_id(source, line, record, id_field)
         group = _scalar_text(source, line, record, group_field).strip() if group_field else example_id
-        attrs = {name: value.strip() for name in attr_fields
-                 if (value := _optional_scalar(source, line, record, name)) and value.strip()}
+        attrs = {
+            name: value.strip()
+            for name in attr_fields
+            if (value := _optional_scalar(source, line, record, name)) and value.strip()
+        }
         rows.append((line, Example(example_id, render_prompt(text), label, label, group, attrs)))
     _check_unique_ids(source, rows)
     return [example for _, example in rows]

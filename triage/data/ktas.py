@@ -16,13 +16,31 @@ from triage.schema import Example, render_prompt
 T = TypeVar("T")
 
 KTAS_TEXT_COLUMNS: tuple[str, ...] = (
-    "Sex", "Age", "Arrival mode", "Injury", "Chief_complain", "Mental", "Pain", "NRS_pain",
-    "SBP", "DBP", "HR", "RR", "BT", "Saturation",
+    "Sex",
+    "Age",
+    "Arrival mode",
+    "Injury",
+    "Chief_complain",
+    "Mental",
+    "Pain",
+    "NRS_pain",
+    "SBP",
+    "DBP",
+    "HR",
+    "RR",
+    "BT",
+    "Saturation",
 )
 """The only columns the rendered note is built from: what a triage nurse knows at the door."""
 
 KTAS_OUTCOME_COLUMNS: tuple[str, ...] = (
-    "KTAS_RN", "Diagnosis in ED", "Disposition", "Error_group", "Length of stay_min", "KTAS duration_min", "mistriage",
+    "KTAS_RN",
+    "Diagnosis in ED",
+    "Disposition",
+    "Error_group",
+    "Length of stay_min",
+    "KTAS duration_min",
+    "mistriage",
 )
 """Known only after triage (or derived from the label); never shown to the model."""
 
@@ -32,8 +50,12 @@ NURSE_COLUMN = "KTAS_RN"
 # Codebook of the public release (Moon et al. 2019, PLOS ONE; the Kaggle description).
 _KTAS_SEX = {1: "female", 2: "male"}
 _KTAS_ARRIVAL = {
-    1: "walked in", 2: "arrived by public ambulance", 3: "arrived by private vehicle",
-    4: "arrived by private ambulance", 5: "arrived by other transport", 6: "arrived by other transport",
+    1: "walked in",
+    2: "arrived by public ambulance",
+    3: "arrived by private vehicle",
+    4: "arrived by private ambulance",
+    5: "arrived by other transport",
+    6: "arrived by other transport",
     7: "arrived by other transport",
 }
 _KTAS_MENTAL = {1: "Alert.", 2: "Responds to voice only.", 3: "Responds to pain only.", 4: "Unresponsive."}
@@ -153,7 +175,11 @@ def _ktas_visit(source: Source, line: int, record: Mapping[str, str]) -> KtasVis
         mental=code("Mental", _KTAS_MENTAL),
         pain=code("Pain", _KTAS_PAIN),
         nrs_pain=nrs,
-        sbp=number("SBP"), dbp=number("DBP"), hr=number("HR"), rr=number("RR"), bt=number("BT"),
+        sbp=number("SBP"),
+        dbp=number("DBP"),
+        hr=number("HR"),
+        rr=number("RR"),
+        bt=number("BT"),
         spo2=number("Saturation"),
     )
 

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from triage.config import DataParams
-from triage.data.importers import (
-    check_class_coverage, read_chat_jsonl, read_prompt_completion_jsonl, read_prompt_completion_splits, read_table,
-)
-from triage.data.ktas import read_ktas_csv
-from triage.schema import SPLITS, DataError, Example
-from triage.data.splits import split_by_group
 from triage.data.catalogue import load_knowledge
 from triage.data.conditions import Sizes, build
+from triage.data.importers import (
+    check_class_coverage,
+    read_chat_jsonl,
+    read_prompt_completion_jsonl,
+    read_prompt_completion_splits,
+    read_table,
+)
+from triage.data.ktas import read_ktas_csv
+from triage.data.splits import split_by_group
+from triage.schema import SPLITS, DataError, Example
 
 
 def _reader(data: DataParams) -> Callable[[Path], list[Example]]:
@@ -22,8 +26,9 @@ def _reader(data: DataParams) -> Callable[[Path], list[Example]]:
         "prompt_completion": read_prompt_completion_jsonl,
         "chat": read_chat_jsonl,
         "ktas": read_ktas_csv,
-        "table": lambda path: read_table(path, table.format, table.text_field, table.label_field,
-                                         table.label_map, encoding=table.encoding),
+        "table": lambda path: read_table(
+            path, table.format, table.text_field, table.label_field, table.label_map, encoding=table.encoding
+        ),
     }[data.source]
 
 
@@ -32,8 +37,12 @@ def _split_files(directory: Path) -> dict[str, Path]:
     for name in SPLITS:
         matches = sorted(p for p in directory.glob(f"{name}.*") if p.is_file())
         if len(matches) != 1:
-            raise DataError(directory, None, None,
-                            f"expected exactly one file named {name}.<ext>, found {[p.name for p in matches]}")
+            raise DataError(
+                directory,
+                None,
+                None,
+                f"expected exactly one file named {name}.<ext>, found {[p.name for p in matches]}",
+            )
         found[name] = matches[0]
     return found
 

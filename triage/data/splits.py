@@ -45,11 +45,17 @@ class LeakageError(DataError):
 
     def __init__(self, report: dict):
         self.report = report
-        pairs = "; ".join(f"{p['a']['split']}/{p['a']['id']} ~ {p['b']['split']}/{p['b']['id']} ({p['similarity']})"
-                          for p in report["examples"])
-        super().__init__("splits", None, "prompt",
-                         f"{report['exact']} exact and {report['near']} near-duplicate (Jaccard >= "
-                         f"{report['threshold']}) cross-split message pairs, e.g. {pairs}")
+        pairs = "; ".join(
+            f"{p['a']['split']}/{p['a']['id']} ~ {p['b']['split']}/{p['b']['id']} ({p['similarity']})"
+            for p in report["examples"]
+        )
+        super().__init__(
+            "splits",
+            None,
+            "prompt",
+            f"{report['exact']} exact and {report['near']} near-duplicate (Jaccard >= "
+            f"{report['threshold']}) cross-split message pairs, e.g. {pairs}",
+        )
 
 
 # --------------------------------------------------------------------------- splitting
@@ -93,11 +99,16 @@ def split_by_group(examples: Sequence[Example], fractions: dict[str, float], see
         for c, label in enumerate(labels):
             if targets[s, c] > 0 and filled[s, c] == 0:
                 holders = int((counts[:, c] > 0).sum())
-                raise SplitError(name, label, f"no examples of class '{label}': its {int(counts[:, c].sum())} "
-                                              f"examples sit in {holders} group(s), too few to reach every split")
-    return {name: [examples[i] for i in sorted(i for row, key in enumerate(keys) if owner[row] == s
-                                               for i in members[key])]
-            for s, name in enumerate(names)}
+                raise SplitError(
+                    name,
+                    label,
+                    f"no examples of class '{label}': its {int(counts[:, c].sum())} "
+                    f"examples sit in {holders} group(s), too few to reach every split",
+                )
+    return {
+        name: [examples[i] for i in sorted(i for row, key in enumerate(keys) if owner[row] == s for i in members[key])]
+        for s, name in enumerate(names)
+    }
 
 
 def _split_totals(counts: np.ndarray, owner: np.ndarray, n_splits: int) -> np.ndarray:
@@ -131,9 +142,13 @@ def _repair_missing(counts: np.ndarray, owner: np.ndarray, targets: np.ndarray) 
             totals = _split_totals(counts, owner, n_splits)
             if targets[s, c] == 0 or totals[s, c] > 0:
                 continue
-            spare = [row for row in range(len(counts)) if counts[row, c] > 0 and owner[row] != s
-                     and np.all((totals[owner[row]] - counts[row] > 0) | (totals[owner[row]] == 0)
-                                | (counts[row] == 0))]
+            spare = [
+                row
+                for row in range(len(counts))
+                if counts[row, c] > 0
+                and owner[row] != s
+                and np.all((totals[owner[row]] - counts[row] > 0) | (totals[owner[row]] == 0) | (counts[row] == 0))
+            ]
             if spare:
                 owner[min(spare, key=lambda row: (counts[row].sum(), row))] = s
 
@@ -146,13 +161,13 @@ def normalise_text(text: str) -> str:
 
 def message_of(prompt: str) -> str:
     """The patient's message inside a prompt; the shared instruction would mask differences."""
-    return prompt[len(_PROMPT_PREFIX):] if prompt.startswith(_PROMPT_PREFIX) else prompt
+    return prompt[len(_PROMPT_PREFIX) :] if prompt.startswith(_PROMPT_PREFIX) else prompt
 
 
 def shingles(text: str) -> np.ndarray:
     """Sorted unique 32-bit hashes of the character 5-grams of normalised text."""
     text = normalise_text(text)
-    grams = [text[i:i + SHINGLE_CHARS] for i in range(max(1, len(text) - SHINGLE_CHARS + 1))]
+    grams = [text[i : i + SHINGLE_CHARS] for i in range(max(1, len(text) - SHINGLE_CHARS + 1))]
     return np.unique(np.fromiter((zlib.crc32(g.encode()) for g in grams), dtype=np.uint64, count=len(grams)))
 
 
@@ -180,7 +195,7 @@ def _candidate_pairs(signatures: np.ndarray, split_of: Sequence[int], threshold:
     pairs: set[tuple[int, int]] = set()
     for band in range(bands):
         buckets: dict[bytes, list[int]] = defaultdict(list)
-        for doc, signature in enumerate(signatures[:, band * rows:(band + 1) * rows]):
+        for doc, signature in enumerate(signatures[:, band * rows : (band + 1) * rows]):
             buckets[signature.tobytes()].append(doc)
         for docs in buckets.values():
             pairs.update((a, b) for a, b in combinations(docs, 2) if split_of[a] != split_of[b])
@@ -188,13 +203,19 @@ def _candidate_pairs(signatures: np.ndarray, split_of: Sequence[int], threshold:
 
 
 def _pair(kind: str, similarity: float, docs: Sequence[tuple[str, Example, str]], a: int, b: int) -> dict:
-    return {"kind": kind, "similarity": round(similarity, 3),
-            "a": {"split": docs[a][0], "id": docs[a][1].id, "text": docs[a][2][:100]},
-            "b": {"split": docs[b][0], "id": docs[b][1].id, "text": docs[b][2][:100]}}
+    return {
+        "kind": kind,
+        "similarity": round(similarity, 3),
+        "a": {"split": docs[a][0], "id": docs[a][1].id, "text": docs[a][2][:100]},
+        "b": {"split": docs[b][0], "id": docs[b][1].id, "text": docs[b][2][:100]},
+    }
 
 
-def check_leakage(splits: dict[str, Sequence[Example]], near_duplicate_threshold: float = 0.9,
-                  max_examples: int | None = _REPORT_EXAMPLES) -> dict:
+def check_leakage(
+    splits: dict[str, Sequence[Example]],
+    near_duplicate_threshold: float = 0.9,
+    max_examples: int | None = _REPORT_EXAMPLES,
+) -> dict:
     """Count exact and near-duplicate patient messages shared between different splits.
 
     ``examples`` lists up to ``max_examples`` pairs (all with None), exact ones
@@ -233,7 +254,7 @@ def check_leakage(splits: dict[str, Sequence[Example]], near_duplicate_threshold
         "near": len(near),
         "threshold": near_duplicate_threshold,
         "method": f"normalised exact match + character {SHINGLE_CHARS}-gram Jaccard (MinHash LSH, "
-                  f"{_NUM_HASHES} hashes), patient message only",
+        f"{_NUM_HASHES} hashes), patient message only",
         "examples": examples,
     }
 

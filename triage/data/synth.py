@@ -45,8 +45,10 @@ REGISTERS: tuple[str, ...] = ("patient", "parent", "relative", "text", "worried"
 # How often patients write about themselves rather than a parent, partner or carer writing for them.
 _FIRST_PERSON_SHARE = {"child": 0.3, "adult": 0.85, "pregnant": 0.9, "elderly": 0.55}
 # Register shares per voice; "plain" is the patient, or a parent or relative, writing ordinarily.
-_REGISTER_SHARE = {"first": {"plain": 0.6, "text": 0.2, "worried": 0.2},
-                   "third": {"plain": 0.55, "clinician": 0.15, "text": 0.15, "worried": 0.15}}
+_REGISTER_SHARE = {
+    "first": {"plain": 0.6, "text": 0.2, "worried": 0.2},
+    "third": {"plain": 0.55, "clinician": 0.15, "text": 0.15, "worried": 0.15},
+}
 _MAX_TRIES = 40
 # Characters in a typical clause of the knowledge base (ten words): the unit of a message's length budget.
 _CLAUSE_CHARS = 55
@@ -64,7 +66,9 @@ class _Style:
 
 _PLAIN = _Style((12, 22, 26, 20, 12, 8), greeting=0.4, closing=0.55, distractor=0.3)
 _STYLES: dict[str, _Style] = {
-    "patient": _PLAIN, "parent": _PLAIN, "relative": _PLAIN,
+    "patient": _PLAIN,
+    "parent": _PLAIN,
+    "relative": _PLAIN,
     "text": _Style((50, 35, 15, 0, 0, 0), greeting=0.15, closing=0.3, distractor=0.1),
     "worried": _Style((0, 0, 0, 30, 40, 30), greeting=0.6, closing=0.85, distractor=0.5),
     "clinician": _Style((30, 45, 25, 0, 0, 0), greeting=0.2, closing=0.6, distractor=0.0),
@@ -74,35 +78,97 @@ _STYLES: dict[str, _Style] = {
 # Checked in order: "paracetamol helps" is about severity before it is about medicines.
 _CONTEXT_SLOTS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("severity", re.compile(r"painkiller|paracetamol|ibuprofen|calpol|out of (ten|10)\b")),
-    ("history", re.compile(r"\b(tablets?|medicines?|medication|inhalers?|prescribed|diagnosed|history|operation|"
-                           r"take|takes|taking|on the pill|allergic)\b")),
-    ("duration", re.compile(r"\b(since|ago|started|began|came on|yesterday|last (night|week|month)|"
-                            r"this (morning|afternoon|evening|week)|for (the )?(past|last)|hours?|days?|weeks?|"
-                            r"months?)\b")),
+    (
+        "history",
+        re.compile(
+            r"\b(tablets?|medicines?|medication|inhalers?|prescribed|diagnosed|history|operation|"
+            r"take|takes|taking|on the pill|allergic)\b"
+        ),
+    ),
+    (
+        "duration",
+        re.compile(
+            r"\b(since|ago|started|began|came on|yesterday|last (night|week|month)|"
+            r"this (morning|afternoon|evening|week)|for (the )?(past|last)|hours?|days?|weeks?|"
+            r"months?)\b"
+        ),
+    ),
 )
 # The order a nurse asks in; "other" (distractors, worries) answers "anything else?".
 _SLOT_ORDER: tuple[str, ...] = ("symptoms", "duration", "history", "severity", "other")
 
 _PRONOUNS: dict[str, dict[str, str]] = {
-    "first": {"I": "I", "me": "me", "my": "my", "myself": "myself", "I'm": "I'm", "I've": "I've",
-              "I'd": "I'd", "you": "you", "your": "your", "you're": "you're"},
-    "female": {"I": "she", "me": "her", "my": "her", "myself": "herself", "I'm": "she's",
-               "I've": "she's", "I'd": "she'd", "you": "she", "your": "her", "you're": "she's"},
-    "male": {"I": "he", "me": "him", "my": "his", "myself": "himself", "I'm": "he's",
-             "I've": "he's", "I'd": "he'd", "you": "he", "your": "his", "you're": "he's"},
+    "first": {
+        "I": "I",
+        "me": "me",
+        "my": "my",
+        "myself": "myself",
+        "I'm": "I'm",
+        "I've": "I've",
+        "I'd": "I'd",
+        "you": "you",
+        "your": "your",
+        "you're": "you're",
+    },
+    "female": {
+        "I": "she",
+        "me": "her",
+        "my": "her",
+        "myself": "herself",
+        "I'm": "she's",
+        "I've": "she's",
+        "I'd": "she'd",
+        "you": "she",
+        "your": "her",
+        "you're": "she's",
+    },
+    "male": {
+        "I": "he",
+        "me": "him",
+        "my": "his",
+        "myself": "himself",
+        "I'm": "he's",
+        "I've": "he's",
+        "I'd": "he'd",
+        "you": "he",
+        "your": "his",
+        "you're": "he's",
+    },
 }
 
 # Typos never touch negations: a misspelt "not" could flip a message's meaning.
 _PROTECTED_WORDS = frozenset({"no", "not", "never", "nothing", "none", "nor", "without"})
 _MISSPELLINGS = {
-    "definitely": "definately", "really": "realy", "because": "becuase", "stomach": "stomache",
-    "temperature": "temprature", "breathe": "breath", "diarrhoea": "diarhoea", "tonight": "tonite",
-    "painful": "painfull", "swollen": "swolen", "feeling": "feelin", "headache": "headach",
-    "tired": "tierd", "probably": "prob", "tomorrow": "tomorow", "which": "wich",
-    "breathing": "breathin", "vomiting": "vomitting", "bleeding": "bleding",
+    "definitely": "definately",
+    "really": "realy",
+    "because": "becuase",
+    "stomach": "stomache",
+    "temperature": "temprature",
+    "breathe": "breath",
+    "diarrhoea": "diarhoea",
+    "tonight": "tonite",
+    "painful": "painfull",
+    "swollen": "swolen",
+    "feeling": "feelin",
+    "headache": "headach",
+    "tired": "tierd",
+    "probably": "prob",
+    "tomorrow": "tomorow",
+    "which": "wich",
+    "breathing": "breathin",
+    "vomiting": "vomitting",
+    "bleeding": "bleding",
 }
-_TEXTING = {"you": "u", "please": "pls", "because": "cos", "tonight": "tonite", "tomorrow": "tmrw",
-            "about": "abt", "really": "rly", "thanks": "thx"}
+_TEXTING = {
+    "you": "u",
+    "please": "pls",
+    "because": "cos",
+    "tonight": "tonite",
+    "tomorrow": "tmrw",
+    "about": "abt",
+    "really": "rly",
+    "thanks": "thx",
+}
 
 
 @dataclass(frozen=True)
@@ -194,8 +260,9 @@ def decide(case: Case, knowledge: Knowledge) -> Decision:
         options.append((_urgency(flag.label), 0, flag.id, flag.reason))
     for modifier in knowledge.modifiers:
         if (not modifier.stated or modifier.id in case.stated) and modifier_applies(modifier, case):
-            options.append((_urgency(modifier.label), 2 if modifier.stated else 3, modifier.id,
-                            _expand(modifier.reason, p)))
+            options.append(
+                (_urgency(modifier.label), 2 if modifier.stated else 3, modifier.id, _expand(modifier.reason, p))
+            )
     urgency, _, rule, reason = min(options, key=lambda option: option[:2])
     return Decision(LABELS[urgency], rule, reason)
 
@@ -205,9 +272,14 @@ def _routes(p: Presentation, label: str, band: str, knowledge: Knowledge) -> lis
     routes = [("base", "")] if p.base == label else []
     if _urgency(label) < _urgency(p.base):
         routes += [("flag", f.id) for f in p.flags if f.label == label]
-        routes += [("modifier", m.id) for m in knowledge.modifiers
-                   if m.label == label and m.tags_any & p.tags and (not m.bands or band in m.bands)
-                   and (m.stated or age_choices(p, band, m.min_weeks or 0, m.max_weeks))]
+        routes += [
+            ("modifier", m.id)
+            for m in knowledge.modifiers
+            if m.label == label
+            and m.tags_any & p.tags
+            and (not m.bands or band in m.bands)
+            and (m.stated or age_choices(p, band, m.min_weeks or 0, m.max_weeks))
+        ]
     return routes
 
 
@@ -226,8 +298,9 @@ def reachable(p: Presentation, label: str, band: str, knowledge: Knowledge) -> b
     return _urgency(label) <= _urgency(least_urgent(p, band, knowledge)) and bool(_routes(p, label, band, knowledge))
 
 
-def _sample_case(p: Presentation, label: str, band: str, route: tuple[str, str], knowledge: Knowledge,
-                 rng: random.Random) -> Case | None:
+def _sample_case(
+    p: Presentation, label: str, band: str, route: tuple[str, str], knowledge: Knowledge, rng: random.Random
+) -> Case | None:
     """Draw patient facts that realise ``route`` in ``band``; None when the route proves infeasible."""
     kind, ref = route
     modifier = knowledge.modifier(ref) if kind == "modifier" else None
@@ -288,18 +361,25 @@ def _pick_register(voice: str, band: str, rng: random.Random) -> str:
 
 def _pick_flags(p: Presentation, label: str, required: str | None, rng: random.Random) -> tuple[str, ...]:
     """The required flag plus, sometimes, up to two others that do not raise the label."""
-    extras = [f.id for f in p.flags if f.id != required and _urgency(f.label) >= _urgency(label)
-              and rng.random() < 0.2]
+    extras = [f.id for f in p.flags if f.id != required and _urgency(f.label) >= _urgency(label) and rng.random() < 0.2]
     return tuple(([required] if required else []) + extras[:2])
 
 
-def _pick_stated(p: Presentation, band: str, label: str, required: Modifier | None, knowledge: Knowledge,
-                 rng: random.Random) -> tuple[str, ...]:
+def _pick_stated(
+    p: Presentation, band: str, label: str, required: Modifier | None, knowledge: Knowledge, rng: random.Random
+) -> tuple[str, ...]:
     """The required stated modifier plus, rarely, optional ones that do not raise the label."""
-    extras = [m.id for m in knowledge.modifiers
-              if m.stated and m.optional and m is not required and m.tags_any & p.tags
-              and (not m.bands or band in m.bands) and _urgency(m.label) >= _urgency(label)
-              and rng.random() < 0.12]
+    extras = [
+        m.id
+        for m in knowledge.modifiers
+        if m.stated
+        and m.optional
+        and m is not required
+        and m.tags_any & p.tags
+        and (not m.bands or band in m.bands)
+        and _urgency(m.label) >= _urgency(label)
+        and rng.random() < 0.12
+    ]
     return tuple(([required.id] if required else []) + extras)
 
 
@@ -315,8 +395,9 @@ def _mean_length(templates: tuple[str, ...]) -> float:
     return sum(len(t) for t in templates) / len(templates)
 
 
-def _negations(p: Presentation, band: str, present: tuple[str, ...], knowledge: Knowledge,
-               rng: random.Random) -> list[tuple[str, str, float]]:
+def _negations(
+    p: Presentation, band: str, present: tuple[str, ...], knowledge: Knowledge, rng: random.Random
+) -> list[tuple[str, str, float]]:
     """Up to two denied flags and two screening negations of the system, shuffled, with their lengths."""
     flags = [("denied", f.id, _mean_length(f.deny)) for f in p.flags if f.deny and f.id not in present]
     screening = knowledge.general[(p.id, band, "denials")]
@@ -326,8 +407,16 @@ def _negations(p: Presentation, band: str, present: tuple[str, ...], knowledge: 
     return negations
 
 
-def _pick_neutral(p: Presentation, band: str, register: str, present: tuple[str, ...], stated: tuple[str, ...],
-                  budget: float, knowledge: Knowledge, rng: random.Random) -> dict[str, tuple[str, ...]]:
+def _pick_neutral(
+    p: Presentation,
+    band: str,
+    register: str,
+    present: tuple[str, ...],
+    stated: tuple[str, ...],
+    budget: float,
+    knowledge: Knowledge,
+    rng: random.Random,
+) -> dict[str, tuple[str, ...]]:
     """Facts that never change the label, by ``Case`` field: denied flags, screening negations, context
     lines and distractors.
 
@@ -360,8 +449,10 @@ def _pick_neutral(p: Presentation, band: str, register: str, present: tuple[str,
             break
         chosen.append(option)
         length += option[2]
-    return {field: tuple(value for kind, value, _ in chosen if kind == field)
-            for field in ("denied", "screened", "context", "distractors")}
+    return {
+        field: tuple(value for kind, value, _ in chosen if kind == field)
+        for field in ("denied", "screened", "context", "distractors")
+    }
 
 
 def fill(template: str, voice: str, sex: str, extra: dict[str, str] | None = None) -> str:
@@ -409,9 +500,9 @@ def _add_typos(text: str, rng: random.Random, rate: float) -> str:
         i = rng.randrange(1, len(word) - 2)
         operation = rng.choice(("swap", "drop", "double"))
         if operation == "swap":
-            return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+            return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
         if operation == "drop":
-            return word[:i] + word[i + 1:]
+            return word[:i] + word[i + 1 :]
         return word[:i] + word[i] + word[i:]
 
     return re.sub(r"[A-Za-z]+", slip, text)
@@ -461,8 +552,9 @@ _Piece = tuple[str, str]
 def _pieces(case: Case, knowledge: Knowledge, rng: random.Random) -> list[_Piece]:
     """Every clause of the message in writing order: intro, complaint, the rest, closing."""
     p, phrasing, style = case.presentation, knowledge.phrasing, _STYLES[case.register]
-    say: Callable[[str], str] = functools.partial(fill, voice=case.voice, sex=case.sex,
-                                                  extra={"persists": p.persists or ""})
+    say: Callable[[str], str] = functools.partial(
+        fill, voice=case.voice, sex=case.sex, extra={"persists": p.persists or ""}
+    )
     middle = [("symptoms", say(rng.choice(p.flag(flag_id).say))) for flag_id in case.present]
     for modifier in map(knowledge.modifier, case.stated):
         middle.append((modifier.slot or "history", say(rng.choice(modifier.say))))
@@ -524,8 +616,9 @@ def _write(group_texts: list[str], greeting: str | None, register: str, rng: ran
     return _as_text_message(text) if register == "text" else text
 
 
-def _as_note(case: Case, pieces: list[_Piece], greeting: str | None, phrasing: dict[str, Any],
-             rng: random.Random) -> Message:
+def _as_note(
+    case: Case, pieces: list[_Piece], greeting: str | None, phrasing: dict[str, Any], rng: random.Random
+) -> Message:
     """The clauses in ``case.sentences`` sentences, some opened with a connector ("Also ...")."""
     sentences = []
     for index, group in enumerate(_group(pieces, case.sentences, rng)):
@@ -545,8 +638,9 @@ def _turn_sentences(sizes: list[int], target: int, rng: random.Random) -> list[i
     return counts
 
 
-def _as_dialogue(case: Case, pieces: list[_Piece], greeting: str | None, phrasing: dict[str, Any],
-                 rng: random.Random) -> Message:
+def _as_dialogue(
+    case: Case, pieces: list[_Piece], greeting: str | None, phrasing: dict[str, Any], rng: random.Random
+) -> Message:
     """A nurse's questions draw the clauses out by slot; the writer's side has ``case.sentences`` sentences."""
     speaker = "Patient" if case.voice == "first" else "Caller"
 
@@ -577,8 +671,10 @@ def render_message(case: Case, knowledge: Knowledge, rng: random.Random, dialogu
     greeting = rng.choice(knowledge.phrasing["greetings"]) if rng.random() < _STYLES[case.register].greeting else None
     typo_rate = 0.05 if rng.random() < (0.5 if case.register == "text" else 0.3) else 0.0
     # Intros and closings stay clean: the age in an intro decides infant labels.
-    pieces = [(slot, text if slot in ("intro", "closing") else _add_typos(text, rng, typo_rate))
-              for slot, text in _pieces(case, knowledge, rng)]
+    pieces = [
+        (slot, text if slot in ("intro", "closing") else _add_typos(text, rng, typo_rate))
+        for slot, text in _pieces(case, knowledge, rng)
+    ]
     write = _as_dialogue if dialogue else _as_note
     return write(case, pieces, greeting, knowledge.phrasing, rng)
 
@@ -634,8 +730,15 @@ def _plan(knowledge: Knowledge, counts: dict[str, int], rng: random.Random) -> l
     return plan
 
 
-def _realise(label: str, p: Presentation, band: str, knowledge: Knowledge, rng: random.Random,
-             dialogue_share: float, seen: set[str]) -> Generated:
+def _realise(
+    label: str,
+    p: Presentation,
+    band: str,
+    knowledge: Knowledge,
+    rng: random.Random,
+    dialogue_share: float,
+    seen: set[str],
+) -> Generated:
     """A case of ``p`` in ``band`` with the wanted label whose message text is new."""
     routes = _routes(p, label, band, knowledge)
     for _ in range(_MAX_TRIES):
@@ -647,24 +750,38 @@ def _realise(label: str, p: Presentation, band: str, knowledge: Knowledge, rng: 
         if key not in seen:
             seen.add(key)
             return Generated(case, decide(case, knowledge), message)
-    raise ValueError(f"presentation {p.id!r} could not produce a new {label} example for the {band} band; "
-                     "check its rules or ask for fewer examples")
+    raise ValueError(
+        f"presentation {p.id!r} could not produce a new {label} example for the {band} band; "
+        "check its rules or ask for fewer examples"
+    )
 
 
-def generate_cases(n_examples: int, label_mix: dict[str, float], seed: int, dialogue_share: float = 0.3,
-                   knowledge: Knowledge | None = None) -> list[Generated]:
+def generate_cases(
+    n_examples: int,
+    label_mix: dict[str, float],
+    seed: int,
+    dialogue_share: float = 0.3,
+    knowledge: Knowledge | None = None,
+) -> list[Generated]:
     """The cases behind ``generate``, with their facts, decisions and messages."""
     if not 0.0 <= dialogue_share <= 1.0:
         raise ValueError("dialogue_share must be between 0 and 1")
     knowledge = knowledge or load_knowledge()
     rng = random.Random(seed)
     seen: set[str] = set()
-    return [_realise(label, p, band, knowledge, rng, dialogue_share, seen)
-            for label, p, band in _plan(knowledge, label_counts(n_examples, label_mix), rng)]
+    return [
+        _realise(label, p, band, knowledge, rng, dialogue_share, seen)
+        for label, p, band in _plan(knowledge, label_counts(n_examples, label_mix), rng)
+    ]
 
 
-def generate(n_examples: int, label_mix: dict[str, float], seed: int, dialogue_share: float = 0.3,
-             knowledge: Knowledge | None = None) -> list[Example]:
+def generate(
+    n_examples: int,
+    label_mix: dict[str, float],
+    seed: int,
+    dialogue_share: float = 0.3,
+    knowledge: Knowledge | None = None,
+) -> list[Example]:
     """Build ``n_examples`` synthetic triage examples, deterministically for ``seed``.
 
     Labels follow ``label_mix`` exactly up to rounding; ``dialogue_share`` of

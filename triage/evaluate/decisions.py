@@ -1,4 +1,7 @@
-"""How label probabilities become one answer per case: argmax, expected cost, or a p(ED) threshold tuned on the validation split."""
+"""How label probabilities become one answer per case.
+
+Argmax, expected cost, or a p(ED) threshold tuned on the validation split.
+"""
 
 from __future__ import annotations
 
@@ -69,8 +72,13 @@ class EdThreshold:
     reason: str | None = None
 
     def describe(self) -> dict:
-        return {"threshold": self.value, "target_recall": self.target_recall, "target_from": self.target_from,
-                "tuned_on": "valid", "n_valid": self.n_valid}
+        return {
+            "threshold": self.value,
+            "target_recall": self.target_recall,
+            "target_from": self.target_from,
+            "tuned_on": "valid",
+            "n_valid": self.n_valid,
+        }
 
 
 def ed_recall_target(params: Params, config_name: str | None) -> tuple[float, str]:
@@ -86,8 +94,9 @@ def freeze_ed_threshold(valid: list[Example], probs: np.ndarray, target: float, 
     """Tune the threshold on the validation cases; without an ED case there it stays undefined."""
     labels = [example.label for example in valid]
     if "ED" not in labels:
-        return EdThreshold(None, target, target_from, len(valid),
-                           "the validation split has no ED case to tune the threshold on")
+        return EdThreshold(
+            None, target, target_from, len(valid), "the validation split has no ED case to tune the threshold on"
+        )
     return EdThreshold(tune_ed_threshold(probs, labels, target), target, target_from, len(valid))
 
 
@@ -97,8 +106,10 @@ Rule = Callable[[np.ndarray], list[str]]
 
 def decision_rules(params: EvaluateParams, threshold: EdThreshold) -> dict[str, Rule]:
     """Every applicable decision rule by name; ``ed_threshold`` only once a threshold is tuned."""
-    rules: dict[str, Rule] = {"argmax": argmax_decision,
-                              "cost_aware": partial(cost_aware_decision, cost=params.cost_matrix)}
+    rules: dict[str, Rule] = {
+        "argmax": argmax_decision,
+        "cost_aware": partial(cost_aware_decision, cost=params.cost_matrix),
+    }
     if threshold.value is not None:
         rules["ed_threshold"] = partial(threshold_decision, threshold=threshold.value)
     return rules

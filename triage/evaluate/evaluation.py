@@ -20,7 +20,8 @@ import numpy as np
 from triage.config import EvaluateParams, ExtraSet
 from triage.data.importers import read_chat_jsonl, read_prompt_completion_jsonl, read_table
 from triage.data.ktas import read_ktas_csv
-from triage.evaluate import intervals, metrics as m
+from triage.evaluate import intervals
+from triage.evaluate import metrics as m
 from triage.evaluate.decisions import EdThreshold, decide, freeze_ed_threshold
 from triage.evaluate.metrics import HEADLINE
 from triage.schema import LABELS, DataError, Example, read_examples
@@ -52,7 +53,7 @@ class ScoredSet:
     def groups(self) -> list[str]:
         return [example.group for example in self.examples]
 
-    def subset(self, indices: list[int]) -> "ScoredSet":
+    def subset(self, indices: list[int]) -> ScoredSet:
         """Some of the cases; the loss is the whole set's mean, so a subset has none."""
         mass = None if self.label_mass is None else self.label_mass[indices]
         return ScoredSet([self.examples[i] for i in indices], self.probs[indices], None, mass)
@@ -63,18 +64,28 @@ def read_extra_set(spec: ExtraSet) -> list[Example]:
     encoding = spec.encoding or ("cp1254" if spec.format == "ktas" else "utf-8")
     if spec.format in ("csv", "jsonl"):
         examples = read_table(
-            spec.path, spec.format, spec.text_field, spec.label_field, spec.label_map, spec.id_field,
-            spec.attr_fields or (), encoding, spec.delimiter or ",",
+            spec.path,
+            spec.format,
+            spec.text_field,
+            spec.label_field,
+            spec.label_map,
+            spec.id_field,
+            spec.attr_fields or (),
+            encoding,
+            spec.delimiter or ",",
         )
     else:
-        reader = {"prompt_completion": read_prompt_completion_jsonl, "chat": read_chat_jsonl,
-                  "ktas": read_ktas_csv}[spec.format]
+        reader = {"prompt_completion": read_prompt_completion_jsonl, "chat": read_chat_jsonl, "ktas": read_ktas_csv}[
+            spec.format
+        ]
         examples = reader(spec.path, encoding)
     return examples[: spec.limit]
 
 
-CI_METHOD = ("ed_recall, ed_fnr: exact Clopper-Pearson; accuracy, macro_f1, ed_f2, ed_auroc: percentile "
-             f"bootstrap, {intervals.BOOTSTRAP_RESAMPLES} seeded resamples of presentation groups (of cases without one)")
+CI_METHOD = (
+    "ed_recall, ed_fnr: exact Clopper-Pearson; accuracy, macro_f1, ed_f2, ed_auroc: percentile "
+    f"bootstrap, {intervals.BOOTSTRAP_RESAMPLES} seeded resamples of presentation groups (of cases without one)"
+)
 
 
 def rule_metrics(scored: ScoredSet, preds: list[str], params: EvaluateParams, weights: np.ndarray) -> dict:
@@ -88,10 +99,12 @@ def rule_metrics(scored: ScoredSet, preds: list[str], params: EvaluateParams, we
     boot = intervals.bootstrap_intervals(weights, labels, preds, scored.probs[:, m.ED])
     bounds = {**intervals.ed_recall_intervals(labels, preds), **{k: boot[k] for k in ("accuracy", "macro_f1", "ed_f2")}}
     return {
-        **{key: scores[key] for key in HEADLINE if key in scores}, "safe": gates["safe"],
+        **{key: scores[key] for key in HEADLINE if key in scores},
+        "safe": gates["safe"],
         **m.triage_rates(labels, preds),
-        "gates": {name: {k: g[k] for k in ("state", "value", "threshold", "margin")}
-                  for name, g in gates["gates"].items()},
+        "gates": {
+            name: {k: g[k] for k in ("state", "value", "threshold", "margin")} for name, g in gates["gates"].items()
+        },
         "ci95": {"method": CI_METHOD, **bounds},
         "gates_hold_at_pessimistic_end": {
             "ed_recall": m.gate_holds_at_bound(bounds["ed_recall"], gates_params.ed_recall_min, at_least=True),
@@ -119,9 +132,14 @@ def answer_counts(preds: list[str | None]) -> dict[str, int]:
 def by_condition(scored: ScoredSet, params: EvaluateParams, threshold: EdThreshold) -> dict[str, dict]:
     """``set_metrics`` of each test condition the cases name (none for data without conditions)."""
     names = sorted({e.attrs[CONDITION_ATTR] for e in scored.examples if CONDITION_ATTR in e.attrs})
-    return {name: set_metrics(scored.subset([i for i, e in enumerate(scored.examples)
-                                             if e.attrs.get(CONDITION_ATTR) == name]), params, threshold)
-            for name in names}
+    return {
+        name: set_metrics(
+            scored.subset([i for i, e in enumerate(scored.examples) if e.attrs.get(CONDITION_ATTR) == name]),
+            params,
+            threshold,
+        )
+        for name in names
+    }
 
 
 def set_metrics(scored: ScoredSet, params: EvaluateParams, threshold: EdThreshold) -> dict:
@@ -151,8 +169,10 @@ def set_metrics(scored: ScoredSet, params: EvaluateParams, threshold: EdThreshol
         "perplexity": None if scored.loss is None else math.exp(scored.loss),
         "n_cases": len(labels),
         "label_mass": label_mass_summary(scored.label_mass),
-        "calibration": {"ece": m.expected_calibration_error(scored.probs, labels),
-                        "brier": m.brier_score(scored.probs, labels)},
+        "calibration": {
+            "ece": m.expected_calibration_error(scored.probs, labels),
+            "brier": m.brier_score(scored.probs, labels),
+        },
         **by_rule,
         "subgroups": {
             attr: m.subgroup_rates(labels, decisions[params.decision], [e.attrs.get(attr) for e in scored.examples])
@@ -165,10 +185,15 @@ def prediction_rows(scored: ScoredSet, params: EvaluateParams, threshold: EdThre
     """One row per case for the confusion plot and for audit."""
     decisions = decide(scored.probs, params, threshold)
     return [
-        {"id": e.id, "group": e.group, "label": e.label, "pred": decisions[params.decision][i],
-         **{rule: preds[i] for rule, preds in decisions.items()},
-         **{f"p_{label}": round(float(scored.probs[i, j]), 6) for j, label in enumerate(LABELS)},
-         **e.attrs}
+        {
+            "id": e.id,
+            "group": e.group,
+            "label": e.label,
+            "pred": decisions[params.decision][i],
+            **{rule: preds[i] for rule, preds in decisions.items()},
+            **{f"p_{label}": round(float(scored.probs[i, j]), 6) for j, label in enumerate(LABELS)},
+            **e.attrs,
+        }
         for i, e in enumerate(scored.examples)
     ]
 
@@ -186,8 +211,12 @@ Scorer = Callable[[list[Example], str], ScoredSet]
 """Scores one labelled set: (its cases, the file they came from, for errors) to label probabilities."""
 
 
-def evaluate_sets(score: Scorer, data_dir: Path, params: EvaluateParams, target: tuple[float, str],
-                  ) -> tuple[dict, list[dict], ScoredSet, EdThreshold]:
+def evaluate_sets(
+    score: Scorer,
+    data_dir: Path,
+    params: EvaluateParams,
+    target: tuple[float, str],
+) -> tuple[dict, list[dict], ScoredSet, EdThreshold]:
     """Score ``valid.jsonl`` (freezing the ED threshold there), then ``test.jsonl`` and the extra sets.
 
     Any model goes through here, a language model or the classical baseline,
@@ -208,15 +237,27 @@ def evaluate_sets(score: Scorer, data_dir: Path, params: EvaluateParams, target:
     metrics = set_metrics(test, params, threshold) | {"conditions": by_condition(test, params, threshold)}
     metrics["valid"] = set_metrics(valid, params, threshold) | {"conditions": by_condition(valid, params, threshold)}
     metrics["extra_sets"] = {
-        spec.name: {"path": spec.path, "format": spec.format,
-                    **set_metrics(score(read_extra_set(spec), spec.path), params, threshold)}
+        spec.name: {
+            "path": spec.path,
+            "format": spec.format,
+            **set_metrics(score(read_extra_set(spec), spec.path), params, threshold),
+        }
         for spec in params.extra_sets
     }
     return metrics, prediction_rows(test, params, threshold), test, threshold
 
 
-HEADLINE_FILE = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_auroc", "under_triage_rate",
-                 "over_triage_rate", "test_loss")
+HEADLINE_FILE = (
+    "accuracy",
+    "macro_f1",
+    "ed_recall",
+    "ed_f2",
+    "ed_fnr",
+    "ed_auroc",
+    "under_triage_rate",
+    "over_triage_rate",
+    "test_loss",
+)
 """The numbers of an evaluation's compact ``eval.json``, the file ``dvc metrics`` and ``dvc exp show`` read."""
 
 
@@ -229,9 +270,14 @@ def headline_file(evaluation: dict, peak_memory_mb: float | None = None) -> dict
     lower bound, ``safe`` as 0/1, each test condition's accuracy, ED recall and ED AUROC, and the
     training's peak memory. The whole evaluation (every rule, interval, gate and subgroup) is the
     ``evaluation.json`` beside it."""
-    compact = {"decision": evaluation["decision"], **{key: evaluation[key] for key in HEADLINE_FILE},
-               "ci95": {"ed_recall": {"low": evaluation["ci95"]["ed_recall"]["low"]}},
-               "safe": int(evaluation["safe"])}
-    compact |= {name: {key: condition[key] for key in CONDITION_HEADLINE}
-                for name, condition in evaluation.get("conditions", {}).items()}
+    compact = {
+        "decision": evaluation["decision"],
+        **{key: evaluation[key] for key in HEADLINE_FILE},
+        "ci95": {"ed_recall": {"low": evaluation["ci95"]["ed_recall"]["low"]}},
+        "safe": int(evaluation["safe"]),
+    }
+    compact |= {
+        name: {key: condition[key] for key in CONDITION_HEADLINE}
+        for name, condition in evaluation.get("conditions", {}).items()
+    }
     return compact | ({"peak_memory_mb": peak_memory_mb} if peak_memory_mb is not None else {})

@@ -1,4 +1,8 @@
-"""Intervals and paired tests for the metrics: exact binomial bounds, the cluster bootstrap over presentation groups, and paired comparisons of two runs on the same cases."""
+"""Intervals and paired tests for the metrics.
+
+Exact binomial bounds, the cluster bootstrap over presentation groups, and
+paired comparisons of two runs on the same cases.
+"""
 
 from __future__ import annotations
 
@@ -46,8 +50,9 @@ def cluster_ids(groups: Sequence[str]) -> np.ndarray:
     return ids.astype(np.int64)
 
 
-def bootstrap_weights(clusters: np.ndarray, n_resamples: int = BOOTSTRAP_RESAMPLES,
-                      seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+def bootstrap_weights(
+    clusters: np.ndarray, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> np.ndarray:
     """(n_resamples, n_cases) case weights of a seeded cluster bootstrap.
 
     Each resample draws as many clusters as there are, with replacement; a
@@ -78,8 +83,9 @@ def _weighted_auroc(weights: np.ndarray, positive: np.ndarray, scores: np.ndarra
         return (pos * (below + neg / 2)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
 
 
-def weighted_scores(weights: np.ndarray, labels: Sequence[str], preds: Sequence[str | None],
-                    p_ed: Sequence[float]) -> dict[str, np.ndarray]:
+def weighted_scores(
+    weights: np.ndarray, labels: Sequence[str], preds: Sequence[str | None], p_ed: Sequence[float]
+) -> dict[str, np.ndarray]:
     """Accuracy, macro-F1, ED F2, ED recall and ED AUROC for every row of case weights at once; NaN where undefined.
 
     The same definitions as ``classification_metrics`` and scikit-learn with
@@ -116,8 +122,9 @@ def percentile_interval(values: np.ndarray, level: float = 0.95) -> dict:
     return {"low": float(low), "high": float(high)}
 
 
-def bootstrap_intervals(weights: np.ndarray, labels: Sequence[str], preds: Sequence[str | None],
-                        p_ed: Sequence[float], level: float = 0.95) -> dict[str, dict]:
+def bootstrap_intervals(
+    weights: np.ndarray, labels: Sequence[str], preds: Sequence[str | None], p_ed: Sequence[float], level: float = 0.95
+) -> dict[str, dict]:
     """Percentile intervals of every ``weighted_scores`` statistic over the resamples in ``weights``."""
     scores = weighted_scores(weights, labels, preds, p_ed)
     return {name: percentile_interval(values, level) for name, values in scores.items()}
@@ -154,8 +161,8 @@ SIGNIFICANCE = 0.05
 
 def _sign_flips(n_groups: int, rng: np.random.Generator) -> np.ndarray:
     """(m, n_groups) of +-1: every flip when there are at most PERMUTATIONS of them, else random ones."""
-    if 2 ** n_groups <= PERMUTATIONS:
-        codes = np.arange(2 ** n_groups)[:, None] >> np.arange(n_groups)[None, :] & 1
+    if 2**n_groups <= PERMUTATIONS:
+        codes = np.arange(2**n_groups)[:, None] >> np.arange(n_groups)[None, :] & 1
         return 1 - 2 * codes
     return rng.choice(np.array([-1, 1]), size=(PERMUTATIONS, n_groups))
 
@@ -180,12 +187,13 @@ def group_permutation_p(clusters: np.ndarray, labels: Sequence[str], a: tuple, b
     y = encode_labels(labels)
     n_groups = int(clusters.max()) + 1
     flips = _sign_flips(n_groups, np.random.default_rng(PERMUTATION_SEED))
-    exact = len(flips) == 2 ** n_groups
+    exact = len(flips) == 2**n_groups
     correct = [encode_pair(labels, run[0])[1] == y for run in (a, b)]
     out: dict[str, float | None] = {}
     for name, cases in (("accuracy", np.ones_like(y, dtype=bool)), ("ed_recall", y == ED)):
-        per_group = np.bincount(clusters[cases], (correct[0] ^ correct[1])[cases] * np.where(correct[0], 1, -1)[cases],
-                                minlength=n_groups)
+        per_group = np.bincount(
+            clusters[cases], (correct[0] ^ correct[1])[cases] * np.where(correct[0], 1, -1)[cases], minlength=n_groups
+        )
         out[name] = None if not cases.any() else _flip_p_value(per_group.sum(), flips @ per_group, exact)
     positive = y == ED
     if positive.all() or not positive.any():
@@ -193,18 +201,28 @@ def group_permutation_p(clusters: np.ndarray, labels: Sequence[str], a: tuple, b
         return out
     score_a, score_b = (np.asarray(run[1], dtype=np.float64) for run in (a, b))
     swapped = flips[:, clusters] < 0
-    permuted = np.array([_auroc(positive, np.where(s, score_b, score_a)) - _auroc(positive, np.where(s, score_a, score_b))
-                         for s in swapped])
+    permuted = np.array(
+        [
+            _auroc(positive, np.where(s, score_b, score_a)) - _auroc(positive, np.where(s, score_a, score_b))
+            for s in swapped
+        ]
+    )
     out["ed_auroc"] = _flip_p_value(_auroc(positive, score_a) - _auroc(positive, score_b), permuted, exact)
     return out
 
 
-def _decide(diff: float | None, interval: dict, p_groups: float | None, p_mcnemar: float | None,
-            few_groups: bool) -> tuple[str, str | None]:
+def _decide(
+    diff: float | None, interval: dict, p_groups: float | None, p_mcnemar: float | None, few_groups: bool
+) -> tuple[str, str | None]:
     """The verdict and, when the tests disagree, why it stays "no detectable difference"."""
     if few_groups:
-        primary = VERDICTS[2] if p_groups is None or p_groups >= SIGNIFICANCE or not diff else \
-            VERDICTS[0] if diff > 0 else VERDICTS[1]
+        primary = (
+            VERDICTS[2]
+            if p_groups is None or p_groups >= SIGNIFICANCE or not diff
+            else VERDICTS[0]
+            if diff > 0
+            else VERDICTS[1]
+        )
         primary_text = f"group permutation p = {p_groups:.3g}" if p_groups is not None else "no group test"
     else:
         primary = verdict(interval["low"], interval["high"])
@@ -217,8 +235,13 @@ def _decide(diff: float | None, interval: dict, p_groups: float | None, p_mcnema
     return VERDICTS[2], f"tests disagree: {primary_text}, McNemar p = {p_mcnemar:.3g}; both must find it"
 
 
-def paired_comparison(labels: Sequence[str], groups: Sequence[str], a: tuple[Sequence[str], Sequence[float]],
-                      b: tuple[Sequence[str], Sequence[float]], level: float = 0.95) -> list[dict]:
+def paired_comparison(
+    labels: Sequence[str],
+    groups: Sequence[str],
+    a: tuple[Sequence[str], Sequence[float]],
+    b: tuple[Sequence[str], Sequence[float]],
+    level: float = 0.95,
+) -> list[dict]:
     """a minus b on the same cases, for each of ``PAIRED_STATISTICS``.
 
     ``a`` and ``b`` are (decisions, p(ED)) per case, in the order of
@@ -250,7 +273,18 @@ def paired_comparison(labels: Sequence[str], groups: Sequence[str], a: tuple[Seq
         interval = percentile_interval(boot_a[name] - boot_b[name], level)
         p_value = mcnemar_exact(correct_a[cases[name]], correct_b[cases[name]]) if name in cases else None
         decided, note = _decide(diff, interval, p_groups.get(name), p_value, few)
-        out.append({"metric": name, "diff": diff, **interval, "p_value": p_value, "groups": n_groups,
-                    "test": "group permutation" if few else "cluster bootstrap",
-                    "p_groups": p_groups.get(name), "interval_approximate": few, "verdict": decided, "note": note})
+        out.append(
+            {
+                "metric": name,
+                "diff": diff,
+                **interval,
+                "p_value": p_value,
+                "groups": n_groups,
+                "test": "group permutation" if few else "cluster bootstrap",
+                "p_groups": p_groups.get(name),
+                "interval_approximate": few,
+                "verdict": decided,
+                "note": note,
+            }
+        )
     return out

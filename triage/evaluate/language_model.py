@@ -1,4 +1,8 @@
-"""Evaluate a language model (with or without its adapter): label scores from the model, then the shared evaluation, then MC-dropout votes on the test split."""
+"""Evaluate a language model, with or without its adapter.
+
+Label scores from the model, then the shared evaluation, then MC-dropout
+votes on the test split.
+"""
 
 from __future__ import annotations
 
@@ -20,19 +24,34 @@ from triage.schema import Example
 
 
 def score_set(
-    model: nn.Module, fmt: ChatFormat, examples: list[Example], source: str, max_len: int, batch_size: int,
+    model: nn.Module,
+    fmt: ChatFormat,
+    examples: list[Example],
+    source: str,
+    max_len: int,
+    batch_size: int,
     streams: Sequence = (),
 ) -> ScoredSet:
     """Label probabilities and completion loss of ``examples``; an over-long case is an error naming ``source``."""
     cases = tokenize_split(fmt, examples, source, max_len)
     log_likelihoods = label_log_likelihoods(model, fmt, [example.prompt for example in examples], batch_size, streams)
-    return ScoredSet(examples, softmax(log_likelihoods, axis=1), completion_loss(model, cases, batch_size, streams),
-                     np.exp(logsumexp(log_likelihoods, axis=1)))
+    return ScoredSet(
+        examples,
+        softmax(log_likelihoods, axis=1),
+        completion_loss(model, cases, batch_size, streams),
+        np.exp(logsumexp(log_likelihoods, axis=1)),
+    )
 
 
 def evaluate_model(
-    model: nn.Module, fmt: ChatFormat, data_dir: Path, params: EvaluateParams, max_len: int,
-    target: tuple[float, str], dropout: float | None, streams: Sequence = (),
+    model: nn.Module,
+    fmt: ChatFormat,
+    data_dir: Path,
+    params: EvaluateParams,
+    max_len: int,
+    target: tuple[float, str],
+    dropout: float | None,
+    streams: Sequence = (),
 ) -> Evaluation:
     """:func:`evaluate_sets` for a language model, plus MC-dropout votes on the test split.
 
@@ -40,6 +59,7 @@ def evaluate_model(
     (see ``ed_recall_target``); ``dropout`` is the adapter's (``adapter_dropout``);
     ``streams`` (``triage.model.device.cpu_streams``) score independent cases in parallel.
     """
+
     def score(examples: list[Example], source: str) -> ScoredSet:
         return score_set(model, fmt, examples, source, max_len, params.batch_size, streams)
 
@@ -51,8 +71,7 @@ def evaluate_model(
         mc = mc_dropout(model, fmt, test.examples, [row["pred"] for row in predictions], rule, params, dropout, streams)
         metrics["mc_dropout"] = mc.metrics
         for row, case in zip(predictions, mc.cases):
-            row |= {"mc_vote": case["vote"], "mc_confidence": case["confidence"],
-                    "mc_uncertainty": case["uncertainty"]}
+            row |= {"mc_vote": case["vote"], "mc_confidence": case["confidence"], "mc_uncertainty": case["uncertainty"]}
         review = [{k: v for k, v in case.items() if k != "flagged"} for case in mc.cases if case["flagged"]]
     else:
         metrics["mc_dropout"] = {"applicable": False, "reason": reason}

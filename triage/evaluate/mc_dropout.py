@@ -1,4 +1,7 @@
-"""MC dropout: repeated stochastic passes of a LoRA-dropout adapter, votes cast with the headline rule, and the cases to review."""
+"""MC dropout: repeated stochastic passes of a LoRA-dropout adapter.
+
+Votes are cast with the headline rule; the uncertain cases go to review.
+"""
 
 from __future__ import annotations
 
@@ -38,8 +41,15 @@ def mc_not_applicable(dropout: float | None) -> str | None:
     return None
 
 
-def mc_dropout_votes(model: nn.Module, fmt: ChatFormat, prompts: Sequence[str], samples: int, seed: int,
-                     streams: Sequence = (), rule: Rule = argmax_decision) -> np.ndarray:
+def mc_dropout_votes(
+    model: nn.Module,
+    fmt: ChatFormat,
+    prompts: Sequence[str],
+    samples: int,
+    seed: int,
+    streams: Sequence = (),
+    rule: Rule = argmax_decision,
+) -> np.ndarray:
     """(n_cases, samples) label indices with the LoRA dropout on; each sample votes with ``rule``.
 
     ``rule`` is the headline decision rule, so the votes disagree where the
@@ -76,18 +86,34 @@ class McDropout:
 
 
 def mc_dropout(
-    model: nn.Module, fmt: ChatFormat, examples: list[Example], headline_preds: list[str], rule: Rule,
-    params: EvaluateParams, dropout: float, streams: Sequence = (),
+    model: nn.Module,
+    fmt: ChatFormat,
+    examples: list[Example],
+    headline_preds: list[str],
+    rule: Rule,
+    params: EvaluateParams,
+    dropout: float,
+    streams: Sequence = (),
 ) -> McDropout:
-    """Votes (cast with ``rule``, the headline rule), majority, confidence and uncertainty per case, and the share flagged."""
+    """Votes (cast with ``rule``, the headline rule), majority, confidence and uncertainty per case.
+
+    Also the share flagged for review.
+    """
     votes = mc_dropout_votes(model, fmt, [e.prompt for e in examples], params.mc_samples, params.seed, streams, rule)
     summary = m.vote_summary(votes)
     flags = m.flag_uncertain(summary["uncertainty"], params.uncertainty_threshold)
     majority = m.classification_metrics([e.label for e in examples], summary["majority"])
     cases = [
-        {"id": e.id, "label": e.label, "pred": headline_preds[i], "vote": summary["majority"][i],
-         "votes": dict(zip(LABELS, summary["counts"][i])), "confidence": summary["confidence"][i],
-         "uncertainty": summary["uncertainty"][i], "flagged": flags["flags"][i]}
+        {
+            "id": e.id,
+            "label": e.label,
+            "pred": headline_preds[i],
+            "vote": summary["majority"][i],
+            "votes": dict(zip(LABELS, summary["counts"][i])),
+            "confidence": summary["confidence"][i],
+            "uncertainty": summary["uncertainty"][i],
+            "flagged": flags["flags"][i],
+        }
         for i, e in enumerate(examples)
     ]
     # The misses that matter most: true ED answered otherwise by the headline rule.

@@ -20,22 +20,36 @@ from triage.scores import ED, N_CLASSES, UNCLASSIFIED, ProbMatrix, check_probs, 
 from triage.scores import classification_metrics as classification_metrics
 from triage.scores import ed_discrimination as ed_discrimination
 
-HEADLINE = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_fn", "safe",
-            "under_triage_rate", "over_triage_rate", "unsafe_rate")
+HEADLINE = (
+    "accuracy",
+    "macro_f1",
+    "ed_recall",
+    "ed_f2",
+    "ed_fnr",
+    "ed_fn",
+    "safe",
+    "under_triage_rate",
+    "over_triage_rate",
+    "unsafe_rate",
+)
 """What every decision rule reports for a set of cases."""
 DISCRIMINATION = ("ed_auroc", "ed_ap", "ed_recall_at_budget")
 """Threshold-free: how well p(ED) ranks the ED cases above the rest."""
 RUN_HEADLINE = (*HEADLINE, "test_loss", "ed_auroc", "ed_ap")
 """The top-level numbers of a run's eval.json that reports and summaries carry."""
 
+
 def _gate(value: float | None, threshold: float, at_least: bool) -> dict:
     gate: dict = {"value": value, "threshold": threshold, "direction": ">=" if at_least else "<="}
     if value is None:
-        return gate | {"state": "n/a", "passed": False, "margin": None,
-                       "reason": "metric undefined (no ED cases in the labels)"}
+        return gate | {
+            "state": "n/a",
+            "passed": False,
+            "margin": None,
+            "reason": "metric undefined (no ED cases in the labels)",
+        }
     margin = value - threshold if at_least else threshold - value
-    return gate | {"state": "pass" if margin >= 0 else "fail", "passed": margin >= 0,
-                   "margin": margin, "reason": None}
+    return gate | {"state": "pass" if margin >= 0 else "fail", "passed": margin >= 0, "margin": margin, "reason": None}
 
 
 def safety_gates(
@@ -156,13 +170,10 @@ def flag_uncertain(uncertainty: Sequence[float], threshold: float = 0.3) -> dict
     if values.size == 0:
         raise ValueError("no cases to flag")
     flags = values > threshold
-    return {"flags": flags.tolist(), "n_flagged": int(flags.sum()), "rate": float(flags.mean()),
-            "threshold": threshold}
+    return {"flags": flags.tolist(), "n_flagged": int(flags.sum()), "rate": float(flags.mean()), "threshold": threshold}
 
 
-def subgroup_rates(
-    labels: Sequence[str], preds: Sequence[str | None], groups: Sequence[str | None]
-) -> dict[str, dict]:
+def subgroup_rates(labels: Sequence[str], preds: Sequence[str | None], groups: Sequence[str | None]) -> dict[str, dict]:
     """ED recall and over-triage rate per subgroup, groups in sorted order.
 
     Per group: ``n``, ``n_ed``, ``n_non_ed``, ``ed_recall`` (unclassified

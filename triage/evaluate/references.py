@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from triage.evaluate.evaluation import Scorer, ScoredSet
+from triage.evaluate.evaluation import ScoredSet, Scorer
 from triage.schema import LABELS, DataError, Example
 
 ALWAYS_ED, MAJORITY, NURSES = "always-ED", "majority", "nurses"

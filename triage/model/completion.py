@@ -66,8 +66,14 @@ def collate(cases: Sequence[TokenizedCase], mask_prompt: bool, shared: int = 0) 
         label_mask[i, first_label : first_label + case.label_length] = 1.0
     labels = np.array([c.label for c in cases], np.int32)
     prefix = np.array([cases[0].tokens[:shared]], np.int32).reshape(1, shared)
-    return (mx.array(tokens), mx.array(labels), mx.array(positions), mx.array(mask), mx.array(label_mask),
-            mx.array(prefix))
+    return (
+        mx.array(tokens),
+        mx.array(labels),
+        mx.array(positions),
+        mx.array(mask),
+        mx.array(label_mask),
+        mx.array(prefix),
+    )
 
 
 def completion_logits(model: nn.Module, tokens: mx.array, positions: mx.array, prefix: Prefix = None) -> mx.array:
@@ -84,8 +90,9 @@ def token_cross_entropy(logits: mx.array, tokens: mx.array, positions: mx.array,
     return (nn.losses.cross_entropy(logits, targets) * weights).sum(axis=1)
 
 
-def plain_loss(model: nn.Module, tokens, labels, positions, mask, label_mask, prefix: Prefix = None
-               ) -> tuple[mx.array, mx.array]:
+def plain_loss(
+    model: nn.Module, tokens, labels, positions, mask, label_mask, prefix: Prefix = None
+) -> tuple[mx.array, mx.array]:
     """Masked cross-entropy on the completion, mean over its tokens (the study's objective and test loss)."""
     logits = completion_logits(model, tokens, positions, prefix)
     ntoks = mask.sum()
@@ -107,6 +114,11 @@ def completion_loss(model: nn.Module, cases: list[TokenizedCase], batch_size: in
         return mx.stack([loss * ntoks, ntoks.astype(loss.dtype)])
 
     batches = [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
-    total, tokens = np.sum([np.array(pair, dtype=np.float64) for pair in on_streams(
-        [partial(summed, batch) for batch in batches], streams)], axis=0)
+    total, tokens = np.sum(
+        [
+            np.array(pair, dtype=np.float64)
+            for pair in on_streams([partial(summed, batch) for batch in batches], streams)
+        ],
+        axis=0,
+    )
     return float(total / tokens)

@@ -88,7 +88,11 @@ def measure_blas_in_subprocess(
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     out = subprocess.run(
         [sys.executable, "-c", _MEASURE_SNIPPET, str(n), str(repeats)],
-        env=env, capture_output=True, text=True, timeout=timeout, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -111,7 +115,7 @@ def cpu_streams(count: int) -> list:
     return [mx.new_stream(mx.cpu) for _ in range(count)]
 
 
-def optimize_for_device(model: "nn.Module", inference: bool = False) -> str:
+def optimize_for_device(model: nn.Module, inference: bool = False) -> str:
     """On a CPU: mlx-lm's attention and SwiGLU without MLX's slow exp, and fast quantized layers.
 
     Call it after the LoRA layers exist (``add_lora`` or loading an adapter), so

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -59,7 +59,7 @@ def custom_function(forward: Callable[..., mx.array], backward: Callable[..., tu
     its VJP runs on the stream the forward was called on.
     """
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def on(stream: mx.Stream) -> Callable[..., mx.array]:
         function = mx.custom_function(forward)
 
@@ -113,7 +113,10 @@ def _bool_mask(mask, queries: int, keys: int):
 
 
 def attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask=None) -> mx.array:
-    """``mx.fast.scaled_dot_product_attention`` (grouped-query heads, bool or additive masks) with :func:`fast_softmax`."""
+    """``mx.fast.scaled_dot_product_attention`` with :func:`fast_softmax`.
+
+    Grouped-query heads, bool or additive masks.
+    """
     batch, heads, length, dim = queries.shape
     kv_heads, span = keys.shape[1], keys.shape[2]
     groups = heads // kv_heads
@@ -122,8 +125,11 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
     mask = _bool_mask(mask, length, span)
     if mask is not None:
         if mask.ndim == 4:  # (batch, heads or 1, length, span): split the heads like the queries
-            mask = mask.reshape(mask.shape[0], -1, 1, length, span) if mask.shape[1] == 1 else \
-                mask.reshape(mask.shape[0], kv_heads, groups, length, span)
+            mask = (
+                mask.reshape(mask.shape[0], -1, 1, length, span)
+                if mask.shape[1] == 1
+                else mask.reshape(mask.shape[0], kv_heads, groups, length, span)
+            )
         if mask.dtype == mx.bool_:
             scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
         else:

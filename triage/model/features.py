@@ -18,15 +18,16 @@ from triage.model.lm import ChatFormat, hidden_after_prefix, shared_prefix
 from triage.model.scoring import on_streams
 
 
-def prompt_features(model: nn.Module, fmt: ChatFormat, prompts: Sequence[str], batch_size: int,
-                    streams: Sequence = ()) -> np.ndarray:
+def prompt_features(
+    model: nn.Module, fmt: ChatFormat, prompts: Sequence[str], batch_size: int, streams: Sequence = ()
+) -> np.ndarray:
     """(n, hidden size) mean hidden state of each prompt's own tokens, dropout off."""
     model.eval()
     tokens = [fmt.prompt_tokens(prompt) for prompt in prompts]
     order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
     chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     prefix = shared_prefix(model, tokens)
-    own = [row[len(prefix.tokens):] for row in tokens]
+    own = [row[len(prefix.tokens) :] for row in tokens]
 
     def mean_hidden(chunk: list[int]) -> mx.array:
         width = max(len(own[i]) for i in chunk)

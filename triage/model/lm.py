@@ -66,10 +66,11 @@ class ChatFormat:
         with its label (the importers strip whitespace before it).
         """
         if not example.completion.startswith(example.label):
-            raise ValueError(f"the completion must start with its label {example.label!r}, "
-                             f"starts with {example.completion[:12]!r}")
+            raise ValueError(
+                f"the completion must start with its label {example.label!r}, starts with {example.completion[:12]!r}"
+            )
         prompt = self.prompt_tokens(example.prompt)
-        rest = example.completion[len(example.label):]
+        rest = example.completion[len(example.label) :]
         completion = self.label_tokens[LABELS.index(example.label)] + (self._encode(rest) if rest else [])
         if self.tokenizer.eos_token_id is not None:
             completion.append(self.tokenizer.eos_token_id)
@@ -87,7 +88,9 @@ def tokenize_split(fmt: ChatFormat, examples: list[Example], path: str, max_len:
             raise DataError(path, line, "completion", str(bad)) from None
         if len(case.tokens) > max_len:
             raise DataError(
-                path, line, "prompt",
+                path,
+                line,
+                "prompt",
                 f"{len(case.tokens)} tokens with the completion, above train.max_seq_length="
                 f"{max_len}; shorten the case or raise the limit (nothing is truncated)",
             )
@@ -125,8 +128,10 @@ def prefix_cache(model: nn.Module, tokens: mx.array, frozen: FrozenPrefix | None
     if not tokens.size:
         return None
     if frozen and tokens.shape[1] != len(frozen.tokens):
-        raise ValueError(f"the batch shares {tokens.shape[1]} prefix tokens, the recorded prefix "
-                         f"{len(frozen.tokens)}; record it from the same cases")
+        raise ValueError(
+            f"the batch shares {tokens.shape[1]} prefix tokens, the recorded prefix "
+            f"{len(frozen.tokens)}; record it from the same cases"
+        )
     cache = make_prompt_cache(model)
     with frozen.replayed(model) if frozen else nullcontext():
         hidden_states(model, tokens, cache)

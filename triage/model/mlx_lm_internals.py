@@ -64,8 +64,10 @@ class Name:
 
     def missing(self) -> str:
         """What to say when the installed mlx-lm lacks the name."""
-        return (f"mlx-lm {version('mlx-lm')} has no {self.path}, which triage uses ({self.reason}); "
-                f"triage.model.mlx_lm_internals was written against mlx-lm {WRITTEN_AGAINST}")
+        return (
+            f"mlx-lm {version('mlx-lm')} has no {self.path}, which triage uses ({self.reason}); "
+            f"triage.model.mlx_lm_internals was written against mlx-lm {WRITTEN_AGAINST}"
+        )
 
     def get(self) -> Any:
         """The named object; :class:`MlxLmChanged` saying which name when the installed mlx-lm has none."""
@@ -80,18 +82,33 @@ class Name:
         setattr(importlib.import_module(self.module), self.name, value)
 
 
-LLAMA_ATTENTION = Name("mlx_lm.models.llama", "scaled_dot_product_attention",
-                       "llama's attention looks it up at call time: swapped for attention without MLX's slow CPU exp")
-GEMMA3_ATTENTION = Name("mlx_lm.models.gemma3_text", "scaled_dot_product_attention",
-                        "Gemma 3's attention looks it up at call time: swapped likewise")
-LLAMA_SWIGLU = Name("mlx_lm.models.llama", "swiglu",
-                    "llama's MLP looks it up at call time: swapped for SwiGLU without MLX's slow CPU exp")
-MAKE_CONSOLE = Name("mlx_lm.cli_ui", "make_console",
-                    "the trainer's display calls it: replaced by a console that is quiet off a terminal")
+LLAMA_ATTENTION = Name(
+    "mlx_lm.models.llama",
+    "scaled_dot_product_attention",
+    "llama's attention looks it up at call time: swapped for attention without MLX's slow CPU exp",
+)
+GEMMA3_ATTENTION = Name(
+    "mlx_lm.models.gemma3_text",
+    "scaled_dot_product_attention",
+    "Gemma 3's attention looks it up at call time: swapped likewise",
+)
+LLAMA_SWIGLU = Name(
+    "mlx_lm.models.llama",
+    "swiglu",
+    "llama's MLP looks it up at call time: swapped for SwiGLU without MLX's slow CPU exp",
+)
+MAKE_CONSOLE = Name(
+    "mlx_lm.cli_ui",
+    "make_console",
+    "the trainer's display calls it: replaced by a console that is quiet off a terminal",
+)
 MAKE_THEME = Name("mlx_lm.cli_ui", "_make_theme", "private: mlx-lm's console theme, which its progress markup needs")
 TERMINAL_WIDTH = Name("mlx_lm.cli_ui", "_terminal_width", "private: the width mlx-lm's own console takes")
-KV_CACHE = Name("mlx_lm.models.cache", "KVCache",
-                "subclassed to continue a prefix's keys and values without copying its preallocated buffer")
+KV_CACHE = Name(
+    "mlx_lm.models.cache",
+    "KVCache",
+    "subclassed to continue a prefix's keys and values without copying its preallocated buffer",
+)
 NAMES = (LLAMA_ATTENTION, GEMMA3_ATTENTION, LLAMA_SWIGLU, MAKE_CONSOLE, MAKE_THEME, TERMINAL_WIDTH, KV_CACHE)
 
 
@@ -220,6 +237,7 @@ def fork_cache(cache: list, rows: int) -> list:
     makes them. A sliding-window layer's rotating cache is copied with its
     settings; a full-attention layer's continues as a :class:`ContinuedCache`.
     """
+
     def tiled(array: mx.array) -> mx.array:
         return mx.tile(array, (rows,) + (1,) * (array.ndim - 1))
 

@@ -12,8 +12,9 @@ chosen in :mod:`triage.runtime.blas`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # mlx must not be imported before triage.runtime.blas has chosen a BLAS
     import mlx.core as mx
@@ -34,8 +35,8 @@ def cpu_needs_dequantized_matmul() -> bool:
     return not gpu
 
 
-@functools.lru_cache(maxsize=None)
-def _unpack_affine(bits: int, group_size: int) -> Callable[..., "mx.array"]:
+@functools.cache
+def _unpack_affine(bits: int, group_size: int) -> Callable[..., mx.array]:
     """``mx.dequantize`` to fp32 for affine ``bits`` that divide 32, as one compiled elementwise kernel.
 
     The same numbers (tested bit for bit), but MLX's CPU dequantize runs a
@@ -59,8 +60,9 @@ def _unpack_affine(bits: int, group_size: int) -> Callable[..., "mx.array"]:
     return unpack
 
 
-def _fp32_weight(w: "mx.array", scales: "mx.array", biases: "mx.array | None", group_size: int, bits: int,
-                 mode: str) -> "mx.array":
+def _fp32_weight(
+    w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int, mode: str
+) -> mx.array:
     """The quantized weight as fp32: the compiled unpack where it applies, else ``mx.dequantize``."""
     import mlx.core as mx
 
@@ -69,8 +71,8 @@ def _fp32_weight(w: "mx.array", scales: "mx.array", biases: "mx.array | None", g
     return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode, dtype=mx.float32)
 
 
-@functools.lru_cache(maxsize=None)
-def _dequantized_matmul_fn(group_size: int, bits: int, mode: str, has_biases: bool) -> Callable[..., "mx.array"]:
+@functools.cache
+def _dequantized_matmul_fn(group_size: int, bits: int, mode: str, has_biases: bool) -> Callable[..., mx.array]:
     """x @ dequantize(w).T in fp32, with a VJP that re-dequantizes.
 
     A custom VJP so that backward does not keep every layer's fp32 weight
@@ -109,7 +111,7 @@ Both agree to fp32 rounding.
 """
 
 
-def dequantized_matmul(x: "mx.array", layer: "nn.Module") -> "mx.array":
+def dequantized_matmul(x: mx.array, layer: nn.Module) -> mx.array:
     """``x @ W.T`` for a quantized layer's weight W, via fp32 dequantization."""
     biases = layer.get("biases")
     mode = getattr(layer, "mode", "affine")  # older layers predate modes
@@ -119,7 +121,7 @@ def dequantized_matmul(x: "mx.array", layer: "nn.Module") -> "mx.array":
 
 
 @contextmanager
-def tied_head_dequantized_once(model: "nn.Module") -> Iterator[None]:
+def tied_head_dequantized_once(model: nn.Module) -> Iterator[None]:
     """Inside, a fast 4/8-bit tied output head multiplies by one fp32 copy of itself, made when first used.
 
     A training step projects each shard's completion positions and
@@ -137,8 +139,14 @@ def tied_head_dequantized_once(model: "nn.Module") -> Iterator[None]:
     if type(embedding) is not _fast_classes()[1]:
         yield
         return
-    weight = _fp32_weight(embedding["weight"], embedding["scales"], embedding.get("biases"), embedding.group_size,
-                          embedding.bits, getattr(embedding, "mode", "affine"))  # lazy: computed once, when used
+    weight = _fp32_weight(
+        embedding["weight"],
+        embedding["scales"],
+        embedding.get("biases"),
+        embedding.group_size,
+        embedding.bits,
+        getattr(embedding, "mode", "affine"),
+    )  # lazy: computed once, when used
     embedding.as_linear = lambda x: (x.astype(mx.float32) @ weight.T).astype(x.dtype)
     try:
         yield
@@ -146,20 +154,25 @@ def tied_head_dequantized_once(model: "nn.Module") -> Iterator[None]:
         del embedding.as_linear
 
 
-def _quantized_matmul(x: "mx.array", layer: "nn.Module") -> "mx.array":
+def _quantized_matmul(x: mx.array, layer: nn.Module) -> mx.array:
     """Pick the faster CPU path for ``x @ W.T`` by the number of input rows."""
     import mlx.core as mx
 
     if x.size // max(x.shape[-1], 1) > NATIVE_MAX_ROWS:
         return dequantized_matmul(x, layer)
     return mx.quantized_matmul(
-        x, layer["weight"], scales=layer["scales"], biases=layer.get("biases"),
-        transpose=True, group_size=layer.group_size, bits=layer.bits,
+        x,
+        layer["weight"],
+        scales=layer["scales"],
+        biases=layer.get("biases"),
+        transpose=True,
+        group_size=layer.group_size,
+        bits=layer.bits,
         mode=getattr(layer, "mode", "affine"),
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fast_classes() -> tuple[type, type]:
     """Build the fast subclasses lazily (mlx must not load at module import)."""
     import mlx.nn as nn
@@ -191,7 +204,7 @@ def _fast_classes() -> tuple[type, type]:
     return CPUQuantizedLinear, CPUQuantizedEmbedding
 
 
-def _swap(model: "nn.Module", mapping: dict[type, type]) -> int:
+def _swap(model: nn.Module, mapping: dict[type, type]) -> int:
     """Re-class every module whose exact type is a key of ``mapping``."""
     count = 0
     for _, module in model.named_modules():
@@ -204,7 +217,7 @@ def _swap(model: "nn.Module", mapping: dict[type, type]) -> int:
     return count
 
 
-def use_cpu_dequantized_matmul(model: "nn.Module") -> int:
+def use_cpu_dequantized_matmul(model: nn.Module) -> int:
     """Switch a model's quantized layers to dequantize-then-fp32-matmul.
 
     Affects every ``nn.QuantizedLinear`` and ``nn.QuantizedEmbedding``
@@ -219,7 +232,7 @@ def use_cpu_dequantized_matmul(model: "nn.Module") -> int:
     return _swap(model, {nn.QuantizedLinear: linear, nn.QuantizedEmbedding: embedding})
 
 
-def use_native_quantized_matmul(model: "nn.Module") -> int:
+def use_native_quantized_matmul(model: nn.Module) -> int:
     """Undo :func:`use_cpu_dequantized_matmul`; returns layers switched back."""
     import mlx.nn as nn
 

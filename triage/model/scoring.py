@@ -15,7 +15,7 @@ from triage.schema import LABELS
 
 
 def on_streams(tasks: list[Callable[[], mx.array]], streams: Sequence = ()) -> list[mx.array]:
-    """The tasks' results, in order; each round of tasks (one per stream) is built on the streams and evaluated together.
+    """The tasks' results, in order; each round of tasks (one per stream) is built on the streams, then evaluated.
 
     On a CPU every MLX stream is a thread, so a round of independent cases runs
     in parallel; without streams the tasks run one at a time on the default stream.
@@ -32,8 +32,9 @@ def on_streams(tasks: list[Callable[[], mx.array]], streams: Sequence = ()) -> l
     return results
 
 
-def label_log_likelihoods(model: nn.Module, fmt: ChatFormat, prompts: Sequence[str], batch_size: int,
-                          streams: Sequence = ()) -> np.ndarray:
+def label_log_likelihoods(
+    model: nn.Module, fmt: ChatFormat, prompts: Sequence[str], batch_size: int, streams: Sequence = ()
+) -> np.ndarray:
     """(n, 3) log-probabilities of the label options as the answer, not renormalised, dropout off.
 
     Cases go through in batches of similar prompt length, so little compute goes
@@ -54,7 +55,8 @@ def label_log_likelihoods(model: nn.Module, fmt: ChatFormat, prompts: Sequence[s
     return scores
 
 
-def label_probabilities(model: nn.Module, fmt: ChatFormat, prompts: Sequence[str], batch_size: int,
-                        streams: Sequence = ()) -> np.ndarray:
+def label_probabilities(
+    model: nn.Module, fmt: ChatFormat, prompts: Sequence[str], batch_size: int, streams: Sequence = ()
+) -> np.ndarray:
     """(n, 3) probabilities of the label options, normalised over the three, dropout off."""
     return softmax(label_log_likelihoods(model, fmt, prompts, batch_size, streams), axis=1)

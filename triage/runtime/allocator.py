@@ -23,6 +23,7 @@ def keep_freed_buffers() -> str:
     if not hasattr(libc, "mallopt"):
         return "system allocator (no glibc mallopt)"
     m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # from glibc's malloc.h
-    done = (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)
-            and libc.mallopt(m_top_pad, 64 << 20))
+    done = (
+        libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1) and libc.mallopt(m_top_pad, 64 << 20)
+    )
     return "glibc malloc keeping freed buffers for reuse" if done else "system allocator (mallopt refused)"

@@ -42,8 +42,10 @@ on a busy 2-core machine: 1x576 @ 576x1536 took 12-19 ms in some runs with 2
 threads, 0.3-0.6 ms with 1; 1024^3 matmul 10-134 GFLOP/s vs 31-88).
 """
 
-INSTALL_HINT = ("install a DYNAMIC_ARCH OpenBLAS (Debian/Ubuntu: sudo apt-get install libopenblas0-pthread; "
-                "or run scripts/system-deps.sh)")
+INSTALL_HINT = (
+    "install a DYNAMIC_ARCH OpenBLAS (Debian/Ubuntu: sudo apt-get install libopenblas0-pthread; "
+    "or run scripts/system-deps.sh)"
+)
 _OPT_OUT = frozenset({"reference", "off", "none", "0", "false", "no"})
 _BLAS_DESCRIPTION: str | None = None  # cached: the preload can only happen once per process
 _BLAS_HANDLES: list[ctypes.CDLL] = []  # keep loaded libraries referenced
@@ -130,8 +132,11 @@ def choose_and_load(choice: str, threads: int | None, cpu: Cpu, cache: Path) -> 
             verdicts[index] = replace(verdict, problem=f"loaded, but cblas_sgemm resolves to {provider}")
     if choice != "auto":
         raise RuntimeError(f"{BLAS_ENV}={choice}: no BLAS passed its proof on this CPU{_skipped(verdicts)}")
-    print(f"[triage] WARNING: no optimised BLAS passed its proof on this CPU, so MLX uses its reference BLAS "
-          f"and matmuls will be about 30x slower: {INSTALL_HINT}{_skipped(verdicts)}", file=sys.stderr)
+    print(
+        f"[triage] WARNING: no optimised BLAS passed its proof on this CPU, so MLX uses its reference BLAS "
+        f"and matmuls will be about 30x slower: {INSTALL_HINT}{_skipped(verdicts)}",
+        file=sys.stderr,
+    )
     return f"reference BLAS bundled with mlx (slow: {INSTALL_HINT}){_skipped(verdicts)}"
 
 
@@ -175,8 +180,10 @@ def _describe_already_global(path: Path, threads: int | None) -> str:
     """A BLAS made global before us (LD_PRELOAD): prove it too, so a bad one fails clearly instead of with SIGILL."""
     verdict = prove(Candidate("already global", path), this_cpu(), verdict_cache_path())
     if not verdict.ok:
-        raise RuntimeError(f"{path} provides cblas_sgemm in this process (LD_PRELOAD?) but cannot run on this "
-                           f"CPU: {verdict.problem}. Unset LD_PRELOAD, or {INSTALL_HINT}.")
+        raise RuntimeError(
+            f"{path} provides cblas_sgemm in this process (LD_PRELOAD?) but cannot run on this "
+            f"CPU: {verdict.problem}. Unset LD_PRELOAD, or {INSTALL_HINT}."
+        )
     config = _openblas_config(ctypes.CDLL(str(path)), threads) or path.name
     return f"{config} (already global, e.g. LD_PRELOAD: {path}; proven on this CPU)"
 

@@ -108,8 +108,11 @@ def debian_openblas(multiarch: str | None = None) -> list[Candidate]:
     """Debian/Ubuntu's DYNAMIC_ARCH OpenBLAS packages that are installed (``libopenblas0-pthread`` first)."""
     multiarch = multiarch or sysconfig.get_config_var("MULTIARCH") or f"{platform.machine()}-linux-gnu"
     flavours = ("openblas-pthread", "openblas-openmp")
-    return [Candidate(f"debian lib{flavour.replace('-', '0-', 1)}", path) for flavour in flavours
-            if (path := Path("/usr/lib") / multiarch / flavour / "libopenblas.so.0").exists()]
+    return [
+        Candidate(f"debian lib{flavour.replace('-', '0-', 1)}", path)
+        for flavour in flavours
+        if (path := Path("/usr/lib") / multiarch / flavour / "libopenblas.so.0").exists()
+    ]
 
 
 def ldconfig_openblas() -> Candidate:
@@ -119,8 +122,11 @@ def ldconfig_openblas() -> Candidate:
     except (OSError, subprocess.TimeoutExpired):
         listing = ""
     found = re.search(r"^\s*libopenblas\.so\.0 \(([^)]*)\) => (\S+)$", listing, re.MULTILINE)
-    return Candidate("system libopenblas", Path(found.group(2)) if found else None,
-                     "" if found else "no libopenblas.so.0 in the linker cache")
+    return Candidate(
+        "system libopenblas",
+        Path(found.group(2)) if found else None,
+        "" if found else "no libopenblas.so.0 in the linker cache",
+    )
 
 
 def cmeel_openblas() -> Candidate:
@@ -171,8 +177,7 @@ def static_problem(config: str, cpu: Cpu) -> str:
 def run_probe(path: Path, timeout: float = PROBE_TIMEOUT_S, probe: Path = PROBE) -> ProbeResult:
     """Run :mod:`triage.runtime.sgemm_probe` on ``path`` in a child process and collect what it said."""
     try:
-        done = subprocess.run([sys.executable, str(probe), str(path)], capture_output=True, text=True,
-                              timeout=timeout)
+        done = subprocess.run([sys.executable, str(probe), str(path)], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return ProbeResult(failure=f"probe timed out after {timeout:.0f} s")
     said: dict = {}

@@ -40,9 +40,20 @@ def sgemm(lib: ctypes.CDLL, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     c = np.zeros((m, n), dtype=np.float32)
     pointer = ctypes.POINTER(ctypes.c_float)
     lib.cblas_sgemm(
-        ROW_MAJOR, NO_TRANS, NO_TRANS, m, n, k, ctypes.c_float(1.0),
-        a.ctypes.data_as(pointer), k, b.ctypes.data_as(pointer), n,
-        ctypes.c_float(0.0), c.ctypes.data_as(pointer), n,
+        ROW_MAJOR,
+        NO_TRANS,
+        NO_TRANS,
+        m,
+        n,
+        k,
+        ctypes.c_float(1.0),
+        a.ctypes.data_as(pointer),
+        k,
+        b.ctypes.data_as(pointer),
+        n,
+        ctypes.c_float(0.0),
+        c.ctypes.data_as(pointer),
+        n,
     )
     return c
 

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TRAIN_KEYS = {"train_loss": "train/loss", "learning_rate": "train/learning_rate",
-              "tokens_per_s": "train/tokens_per_s", "peak_memory_mb": "train/peak_memory_mb"}
+TRAIN_KEYS = {
+    "train_loss": "train/loss",
+    "learning_rate": "train/learning_rate",
+    "tokens_per_s": "train/tokens_per_s",
+    "peak_memory_mb": "train/peak_memory_mb",
+}
 
 
 SUMMARY = {"train/loss", "train/accuracy", "val/loss", "val/accuracy", "val/ed_auroc"}
@@ -49,8 +53,11 @@ class TrainingLog:
 
     def validation(self, row: dict) -> None:
         """The validation metrics, and the argmax accuracy on the fixed sample of training cases."""
-        values = {f"val/{key[len('val_'):]}": value for key, value in row.items()
-                  if key.startswith("val_") and value is not None}
+        values = {
+            f"val/{key[len('val_') :]}": value
+            for key, value in row.items()
+            if key.startswith("val_") and value is not None
+        }
         if row.get("train_accuracy") is not None:
             values["train/accuracy"] = row["train_accuracy"]
         self._log(row["step"], values)

@@ -150,10 +150,11 @@ def load_checkpoint(directory: Path, expected: str, model: nn.Module, optimizer:
         print(f"[train] ignoring checkpoint in {directory}: it belongs to different params or data")
         return Checkpoint(fingerprint=expected)
     arrays = mx.load(str(directory / "state.safetensors"))
-    model.load_weights([(k[len("adapter."):], v) for k, v in arrays.items() if k.startswith("adapter.")], strict=False)
+    model.load_weights([(k[len("adapter.") :], v) for k, v in arrays.items() if k.startswith("adapter.")], strict=False)
     optimizer.init(model.trainable_parameters())
-    optimizer.state = tree_unflatten([(k[len("optimizer."):], v) for k, v in arrays.items()
-                                      if k.startswith("optimizer.")])
+    optimizer.state = tree_unflatten(
+        [(k[len("optimizer.") :], v) for k, v in arrays.items() if k.startswith("optimizer.")]
+    )
     print(f"[train] resuming from step {state.step} (checkpoint in {directory})")
     return state
 
@@ -161,8 +162,17 @@ def load_checkpoint(directory: Path, expected: str, model: nn.Module, optimizer:
 class Monitor(TrainingCallback):
     """Logs progress, validates every ``steps_per_eval``, checkpoints, stops on NaN or early."""
 
-    def __init__(self, model, optimizer, validate: Callable[[], dict], params: TrainParams, iters: int,
-                 checkpoint_dir: Path, state: Checkpoint, log: TrainingLog | None = None):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        validate: Callable[[], dict],
+        params: TrainParams,
+        iters: int,
+        checkpoint_dir: Path,
+        state: Checkpoint,
+        log: TrainingLog | None = None,
+    ):
         self.model, self.optimizer, self.validate = model, optimizer, validate
         self.params, self.iters, self.checkpoint_dir, self.state = params, iters, checkpoint_dir, state
         self.log = log
@@ -177,8 +187,13 @@ class Monitor(TrainingCallback):
                 f"training loss became {loss} at step {step}; lower the learning rate, rank or scale. "
                 "No adapter was written."
             )
-        row = {"step": step, "train_loss": loss, "learning_rate": info["learning_rate"],
-               "tokens_per_s": info["tokens_per_second"], "peak_memory_mb": info["peak_memory"] * 1e9 / 2**20}
+        row = {
+            "step": step,
+            "train_loss": loss,
+            "learning_rate": info["learning_rate"],
+            "tokens_per_s": info["tokens_per_second"],
+            "peak_memory_mb": info["peak_memory"] * 1e9 / 2**20,
+        }
         self.state.train_rows.append(row)
         if self.log:
             self.log.train(row)
@@ -190,8 +205,12 @@ class Monitor(TrainingCallback):
             self.state.step = step
             save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.state)
             reseed_at(self.params.seed, step)
-        if validated and should_stop(self.state.val_rows, self.params.early_stopping_patience,
-                                     self.params.early_stopping_min_delta, self.params.select_on):
+        if validated and should_stop(
+            self.state.val_rows,
+            self.params.early_stopping_patience,
+            self.params.early_stopping_min_delta,
+            self.params.select_on,
+        ):
             raise EarlyStop(step)
 
     def _validate(self, step: int) -> None:
@@ -207,9 +226,11 @@ class Monitor(TrainingCallback):
         eta = elapsed / max(done, 1) * (self.iters - row["step"])
         val = self.state.val_rows[-1] if self.state.val_rows else None
         val_text = f" val {val['val_loss']:.4f}@{val['step']}{task_text(val)}" if val else ""
-        print(f"[train] step {row['step']}/{self.iters} loss {row['train_loss']:.4f}{val_text} "
-              f"lr {row['learning_rate']:.2e} {row['tokens_per_s']:.0f} tok/s ETA {eta / 60:.1f} min",
-              flush=True)
+        print(
+            f"[train] step {row['step']}/{self.iters} loss {row['train_loss']:.4f}{val_text} "
+            f"lr {row['learning_rate']:.2e} {row['tokens_per_s']:.0f} tok/s ETA {eta / 60:.1f} min",
+            flush=True,
+        )
 
 
 def keep_best(model: nn.Module, params: TrainParams, val_rows: list[dict], checkpoint_dir: Path) -> None:
@@ -220,8 +241,11 @@ def keep_best(model: nn.Module, params: TrainParams, val_rows: list[dict], check
 
 def task_text(row: dict) -> str:
     """' acc 0.550 auroc 0.712' for a validation row that has task metrics."""
-    parts = [f" {short} {row[key]:.3f}" for key, short in (("val_accuracy", "acc"), ("val_ed_auroc", "auroc"))
-             if row.get(key) is not None]
+    parts = [
+        f" {short} {row[key]:.3f}"
+        for key, short in (("val_accuracy", "acc"), ("val_ed_auroc", "auroc"))
+        if row.get(key) is not None
+    ]
     return "".join(parts)
 
 
@@ -233,9 +257,16 @@ class TrainResult:
 
 
 def run_training(
-    model: nn.Module, train_cases: list[TokenizedCase], val_cases: list[TokenizedCase],
-    config: LoraConfig, params: TrainParams, loss: Loss, checkpoint_dir: Path, run_fingerprint: str,
-    task_metrics: Callable[[list], dict] | None = None, log_dir: Path | None = None,
+    model: nn.Module,
+    train_cases: list[TokenizedCase],
+    val_cases: list[TokenizedCase],
+    config: LoraConfig,
+    params: TrainParams,
+    loss: Loss,
+    checkpoint_dir: Path,
+    run_fingerprint: str,
+    task_metrics: Callable[[list], dict] | None = None,
+    log_dir: Path | None = None,
 ) -> TrainResult:
     """Train ``model`` (already wrapped with LoRA) for ``config.iters`` steps, resuming if possible.
 
@@ -256,23 +287,38 @@ def run_training(
     if state.step:
         reseed_at(params.seed, state.step)
     args = TrainingArgs(
-        batch_size=config.batch_size, iters=config.iters - state.step, val_batches=params.val_batches,
-        steps_per_report=params.steps_per_report, steps_per_eval=NEVER, steps_per_save=NEVER,
-        max_seq_length=params.max_seq_length, grad_checkpoint=params.grad_checkpoint,
+        batch_size=config.batch_size,
+        iters=config.iters - state.step,
+        val_batches=params.val_batches,
+        steps_per_report=params.steps_per_report,
+        steps_per_eval=NEVER,
+        steps_per_save=NEVER,
+        max_seq_length=params.max_seq_length,
+        grad_checkpoint=params.grad_checkpoint,
         adapter_file=str(checkpoint_dir / "last_adapters.safetensors"),
     )
     validation_batches = make_iterate_batches(params.mask_prompt, params.seed, share_prefix=params.share_prompt_prefix)
     val_prefix = frozen_prefix(model, val_cases, params)
 
     def validation_loss(loss_fn: Loss = loss) -> float:
-        return evaluate(model, val_cases, config.batch_size, params.val_batches,
-                        loss=sharded(loss_fn, streams, val_prefix), iterate_batches=validation_batches)
+        return evaluate(
+            model,
+            val_cases,
+            config.batch_size,
+            params.val_batches,
+            loss=sharded(loss_fn, streams, val_prefix),
+            iterate_batches=validation_batches,
+        )
 
     def validate() -> dict:
         label_sum, label_count, reason_sum, reason_count = split_validation_loss(
-            model, val_cases, config.batch_size, params, validation_batches)
-        row = {"val_loss": validation_loss(), "val_label_loss": label_sum / label_count,
-               "val_reason_loss": reason_sum / reason_count if reason_count else None}
+            model, val_cases, config.batch_size, params, validation_batches
+        )
+        row = {
+            "val_loss": validation_loss(),
+            "val_label_loss": label_sum / label_count,
+            "val_reason_loss": reason_sum / reason_count if reason_count else None,
+        }
         return row | (task_metrics(streams) if task_metrics else {})
 
     if not state.val_rows:
@@ -287,23 +333,34 @@ def run_training(
     try:
         if args.iters > 0:
             trainer_display_only_on_a_terminal()
-            train(model, optimizer, train_cases, None, args, loss=training_loss(model, loss, train_cases, params),
-                  iterate_batches=make_iterate_batches(params.mask_prompt, params.seed, skip=state.step,
-                                                       share_prefix=params.share_prompt_prefix),
-                  training_callback=monitor)
+            train(
+                model,
+                optimizer,
+                train_cases,
+                None,
+                args,
+                loss=training_loss(model, loss, train_cases, params),
+                iterate_batches=make_iterate_batches(
+                    params.mask_prompt, params.seed, skip=state.step, share_prefix=params.share_prompt_prefix
+                ),
+                training_callback=monitor,
+            )
     except EarlyStop as stop:
         stopped_at = stop.args[0]
         model.load_weights(str(checkpoint_dir / BEST_ADAPTER), strict=False)
-        print(f"[train] early stop at step {stopped_at}: no improvement in "
-              f"{params.early_stopping_patience} validations; keeping the best adapter")
+        print(
+            f"[train] early stop at step {stopped_at}: no improvement in "
+            f"{params.early_stopping_patience} validations; keeping the best adapter"
+        )
     seconds = time.perf_counter() - started
     if log:
         log.close()
     rows, vals = state.train_rows, state.val_rows
     # The best validation is the last one that counted as an improvement: with early stopping
     # that is the adapter kept; with min_delta 0 it is the best value of train.select_on.
-    improvements = [row for i, row in enumerate(vals)
-                    if improved(vals[: i + 1], params.early_stopping_min_delta, params.select_on)]
+    improvements = [
+        row for i, row in enumerate(vals) if improved(vals[: i + 1], params.early_stopping_min_delta, params.select_on)
+    ]
     best = improvements[-1] if improvements else None
     final = vals[-1] if vals else {}
     metrics = {
@@ -333,8 +390,9 @@ def frozen_prefix(model: nn.Module, cases: list[TokenizedCase], params: TrainPar
     return record_frozen_prefix(model, cases[0].tokens[:shared]) if shared else None
 
 
-def split_validation_loss(model: nn.Module, cases: list[TokenizedCase], batch_size: int, params: TrainParams,
-                          batches) -> list[float]:
+def split_validation_loss(
+    model: nn.Module, cases: list[TokenizedCase], batch_size: int, params: TrainParams, batches
+) -> list[float]:
     """Summed cross-entropy and count of the label tokens, then of the reason text, over the validation batches."""
     model.eval()
     totals = mx.zeros(4)

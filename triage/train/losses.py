@@ -53,8 +53,9 @@ def make_completion_loss(label_weight: float) -> Loss:
     if label_weight == 1.0:
         return plain_loss
 
-    def loss(model: nn.Module, tokens, labels, positions, mask, label_mask, prefix: Prefix = None
-             ) -> tuple[mx.array, mx.array]:
+    def loss(
+        model: nn.Module, tokens, labels, positions, mask, label_mask, prefix: Prefix = None
+    ) -> tuple[mx.array, mx.array]:
         logits = completion_logits(model, tokens, positions, prefix)
         ntoks = mask.sum()
         weights = token_weights(mask, label_mask, label_weight)
@@ -63,13 +64,20 @@ def make_completion_loss(label_weight: float) -> Loss:
     return loss
 
 
-def split_cross_entropy(model: nn.Module, tokens, labels, positions, mask, label_mask, prefix: Prefix = None
-                        ) -> mx.array:
+def split_cross_entropy(
+    model: nn.Module, tokens, labels, positions, mask, label_mask, prefix: Prefix = None
+) -> mx.array:
     """[summed CE of the label tokens, their count, summed CE of the reason text, its count], for curves."""
     logits = completion_logits(model, tokens, positions, prefix)
     reason_mask = mask - label_mask
-    return mx.stack([token_cross_entropy(logits, tokens, positions, label_mask).sum(), label_mask.sum(),
-                     token_cross_entropy(logits, tokens, positions, reason_mask).sum(), reason_mask.sum()])
+    return mx.stack(
+        [
+            token_cross_entropy(logits, tokens, positions, label_mask).sum(),
+            label_mask.sum(),
+            token_cross_entropy(logits, tokens, positions, reason_mask).sum(),
+            reason_mask.sum(),
+        ]
+    )
 
 
 def sharded(loss: Loss, streams: list, frozen: FrozenPrefix | None = None) -> Loss:
@@ -84,6 +92,7 @@ def sharded(loss: Loss, streams: list, frozen: FrozenPrefix | None = None) -> Lo
     ops. A 4/8-bit tied output head is dequantized once for all shards
     (``triage.model.quantized.tied_head_dequantized_once``).
     """
+
     def sharded_loss(model: nn.Module, *batch) -> tuple[mx.array, mx.array]:
         *rows_of, prefix = batch
         with tied_head_dequantized_once(model):
@@ -111,8 +120,14 @@ def complement_log_probs(option_logits: mx.array) -> mx.array:
 
 
 def safety_objective(
-    logits: mx.array, tokens, labels, positions, token_weight,
-    label_first_tokens: mx.array, class_weights: mx.array, cost: mx.array,
+    logits: mx.array,
+    tokens,
+    labels,
+    positions,
+    token_weight,
+    label_first_tokens: mx.array,
+    class_weights: mx.array,
+    cost: mx.array,
 ) -> mx.array:
     """Sum over the batch of w[y] * CE + sum_j C[y, j] * -log(1 - p_j) (see module doc)."""
     ce = token_cross_entropy(logits, tokens, positions, token_weight)
@@ -122,7 +137,9 @@ def safety_objective(
 
 
 def make_safety_loss(
-    label_first_tokens: list[int], class_weights: dict[str, float], cost_matrix: dict[str, dict[str, float]],
+    label_first_tokens: list[int],
+    class_weights: dict[str, float],
+    cost_matrix: dict[str, dict[str, float]],
     label_weight: float = 1.0,
 ) -> Loss:
     """The cost-sensitive loss of a safety config, in mlx-lm's ``loss(model, *batch)`` form.
@@ -133,8 +150,9 @@ def make_safety_loss(
     weights = mx.array([class_weights[label] for label in LABELS])
     cost = mx.array([[cost_matrix[true][pred] for pred in LABELS] for true in LABELS])
 
-    def loss(model: nn.Module, tokens, labels, positions, mask, label_mask, prefix: Prefix = None
-             ) -> tuple[mx.array, mx.array]:
+    def loss(
+        model: nn.Module, tokens, labels, positions, mask, label_mask, prefix: Prefix = None
+    ) -> tuple[mx.array, mx.array]:
         logits = completion_logits(model, tokens, positions, prefix)
         ntoks = mask.sum()
         token_weight = token_weights(mask, label_mask, label_weight)

@@ -13,8 +13,9 @@ from triage.schema import Example
 from triage.scores import ED, argmax_decision, classification_metrics, ed_discrimination
 
 
-def task_metrics(model: nn.Module, fmt: ChatFormat, examples: list[Example], batch_size: int,
-                 streams: Sequence = ()) -> dict[str, float | None]:
+def task_metrics(
+    model: nn.Module, fmt: ChatFormat, examples: list[Example], batch_size: int, streams: Sequence = ()
+) -> dict[str, float | None]:
     """``val_accuracy`` (argmax) and ``val_ed_auroc`` of the label scores, for curves and checkpoint selection.
 
     The AUROC is None when the cases are all ED or all not.
@@ -22,8 +23,10 @@ def task_metrics(model: nn.Module, fmt: ChatFormat, examples: list[Example], bat
     probs = label_probabilities(model, fmt, [example.prompt for example in examples], batch_size, streams)
     labels = [example.label for example in examples]
     discrimination = ed_discrimination(labels, probs[:, ED], ())
-    return {"val_accuracy": classification_metrics(labels, argmax_decision(probs))["accuracy"],
-            "val_ed_auroc": discrimination["ed_auroc"]}
+    return {
+        "val_accuracy": classification_metrics(labels, argmax_decision(probs))["accuracy"],
+        "val_ed_auroc": discrimination["ed_auroc"],
+    }
 
 
 TRAIN_SAMPLE = 64
@@ -36,8 +39,9 @@ def train_sample(examples: Sequence[Example], seed: int, size: int = TRAIN_SAMPL
     return [examples[i] for i in picked]
 
 
-def sample_accuracy(model: nn.Module, fmt: ChatFormat, examples: Sequence[Example], batch_size: int,
-                    streams: Sequence = ()) -> float:
+def sample_accuracy(
+    model: nn.Module, fmt: ChatFormat, examples: Sequence[Example], batch_size: int, streams: Sequence = ()
+) -> float:
     """Argmax accuracy of the label scores on ``examples``."""
     probs = label_probabilities(model, fmt, [example.prompt for example in examples], batch_size, streams)
     return classification_metrics([example.label for example in examples], argmax_decision(probs))["accuracy"]

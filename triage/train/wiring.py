@@ -71,27 +71,36 @@ class Cases:
 def read_cases(fmt: ChatFormat, data: Path, max_len: int) -> Cases:
     train_path, valid_path = (data / f"{name}.jsonl" for name in ("train", "valid"))
     train_examples, valid_examples = read_examples(train_path), read_examples(valid_path)
-    return Cases(tokenize_split(fmt, train_examples, str(train_path), max_len),
-                 tokenize_split(fmt, valid_examples, str(valid_path), max_len), train_examples, valid_examples)
+    return Cases(
+        tokenize_split(fmt, train_examples, str(train_path), max_len),
+        tokenize_split(fmt, valid_examples, str(valid_path), max_len),
+        train_examples,
+        valid_examples,
+    )
 
 
 def describe(config_name: str, config: LoraConfig, trainee: LoraModel) -> None:
     """Log how this process runs and what it trains."""
     lora = trainee.lora
     print(f"[train] {triage.RUNTIME}; {trainee.device}")
-    print(f"[train] {config_name} ({config.kind}): rank {config.rank}, scale {config.scale}, "
-          f"dropout {config.dropout}, lr {config.learning_rate}, batch {config.batch_size}, "
-          f"{config.iters} iters; {lora['trainable_params']:,} trainable parameters "
-          f"({lora['trainable_share']:.3%})")
+    print(
+        f"[train] {config_name} ({config.kind}): rank {config.rank}, scale {config.scale}, "
+        f"dropout {config.dropout}, lr {config.learning_rate}, batch {config.batch_size}, "
+        f"{config.iters} iters; {lora['trainable_params']:,} trainable parameters "
+        f"({lora['trainable_share']:.3%})"
+    )
 
 
 def summary(config_name: str, config: LoraConfig, label_weight: float, lora: dict, result: TrainResult) -> dict:
     """train.json: the config, the adapter's size and the run's metrics."""
     return {
-        "config": config_name, "kind": config.kind,
-        "loss": "cost_sensitive" if config.kind == "safety" else "cross_entropy", "label_weight": label_weight,
+        "config": config_name,
+        "kind": config.kind,
+        "loss": "cost_sensitive" if config.kind == "safety" else "cross_entropy",
+        "label_weight": label_weight,
         **{k: getattr(config, k) for k in ("rank", "scale", "dropout", "learning_rate", "batch_size", "iters")},
-        "trainable_params": lora["trainable_params"], "trainable_share": round(lora["trainable_share"], 6),
+        "trainable_params": lora["trainable_params"],
+        "trainable_share": round(lora["trainable_share"], 6),
         **result.metrics,
     }
 
@@ -117,10 +126,12 @@ def train_adapter(params: Params, config_name: str, paths: TrainPaths) -> None:
 
     def metrics(streams) -> dict:
         return task_metrics(model, fmt, val_examples, config.batch_size, streams) | {
-            "train_accuracy": sample_accuracy(model, fmt, fitted, config.batch_size, streams)}
+            "train_accuracy": sample_accuracy(model, fmt, fitted, config.batch_size, streams)
+        }
 
-    result = run_training(model, cases.train, cases.valid, config, train, loss, paths.checkpoints, run_id, metrics,
-                          log_dir=paths.log)
+    result = run_training(
+        model, cases.train, cases.valid, config, train, loss, paths.checkpoints, run_id, metrics, log_dir=paths.log
+    )
     save_adapter(paths.adapter, model, trainee.lora["adapter_config"])
     write_json(paths.metrics, summary(config_name, config, train.label_weight, trainee.lora, result))
     shutil.rmtree(paths.checkpoints, ignore_errors=True)

@@ -148,7 +148,9 @@ def _common_config(f: _Fields, tensors: dict[str, tuple[int, ...]]) -> dict[str,
         "num_hidden_layers": int(f.require("{arch}.block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(f.get("{arch}.attention.head_count_kv", heads)),
-        "head_dim": int(f.get("{arch}.attention.key_length") or f.get("{arch}.rope.dimension_count") or hidden // heads),
+        "head_dim": int(
+            f.get("{arch}.attention.key_length") or f.get("{arch}.rope.dimension_count") or hidden // heads
+        ),
         "max_position_embeddings": int(f.get("{arch}.context_length", 2048)),
         "rms_norm_eps": _f32(f.require("{arch}.attention.layer_norm_rms_epsilon")),
         "vocab_size": int(tensors["token_embd.weight"][-1]),
@@ -216,9 +218,7 @@ def _gemma3_config(f: _Fields, tensors: dict[str, tuple[int, ...]]) -> dict[str,
         query_pre_attn_scalar=scalar,
         sliding_window=int(f.get("{arch}.attention.sliding_window", 512)),
         sliding_window_pattern=pattern,
-        layer_types=[
-            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)
-        ],
+        layer_types=["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)],
         attn_logit_softcapping=None,
         final_logit_softcapping=None,
     )
@@ -320,9 +320,7 @@ def _byte_level_bpe(f: _Fields, vocab: _Vocab) -> Any:
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     if pre == "smollm":
         # llama.cpp's "smollm" pre-tokenizer isolates every digit before the GPT-2 split.
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif pre in ("gpt-2", "default"):
         tokenizer.pre_tokenizer = byte_level
     else:
@@ -341,7 +339,7 @@ def sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int
     """
     pieces = {tok: i for i, (tok, kind) in enumerate(zip(tokens, types)) if kind == _NORMAL}
     merges: list[tuple[str, str]] = []
-    for joined, index in sorted(pieces.items(), key=lambda item: (-scores[item[1]], item[1])):
+    for joined, _ in sorted(pieces.items(), key=lambda item: (-scores[item[1]], item[1])):
         splits = []
         for cut in range(1, len(joined)):
             left, right = joined[:cut], joined[cut:]
@@ -359,9 +357,7 @@ def _sentencepiece_bpe(f: _Fields, vocab: _Vocab) -> Any:
     for i, tok in enumerate(vocab.tokens):
         ids.setdefault(tok, i)
     merges = sentencepiece_merges(vocab.tokens, scores, vocab.types)
-    tokenizer = Tokenizer(
-        models.BPE(vocab=ids, merges=merges, unk_token=vocab.unk, fuse_unk=True, byte_fallback=True)
-    )
+    tokenizer = Tokenizer(models.BPE(vocab=ids, merges=merges, unk_token=vocab.unk, fuse_unk=True, byte_fallback=True))
     space_prefix = bool(f.get("tokenizer.ggml.add_space_prefix", True))
     steps = [normalizers.Prepend("▁")] if space_prefix else []
     steps.append(normalizers.Replace(Regex(" "), "▁"))
@@ -442,7 +438,9 @@ def _source_precision(reader: Any, counts: Counter[str]) -> str:
     return f"{label} ({listing})"
 
 
-def _dequantize_tensors(reader: Any, arch: _Architecture, arch_name: str, config: dict[str, Any]) -> dict[str, np.ndarray]:
+def _dequantize_tensors(
+    reader: Any, arch: _Architecture, arch_name: str, config: dict[str, Any]
+) -> dict[str, np.ndarray]:
     from gguf.quants import dequantize
 
     weights: dict[str, np.ndarray] = {}
@@ -526,7 +524,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
         # treated as a base model.
         "is_base_model": not native_template,
         "has_native_chat_template": bool(native_template),
-        "chat_template_origin": "gguf" if native_template else ("added by triage.weights.gguf" if chat_template else None),
+        "chat_template_origin": "gguf"
+        if native_template
+        else ("added by triage.weights.gguf" if chat_template else None),
         "precision_note": (
             PRECISION_NOTE.format(precision=precision)
             if quantized

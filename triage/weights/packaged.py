@@ -1,4 +1,8 @@
-"""GGUF models shipped inside PyPI packages: find the file (joining split chunks, checking the recorded sha256) so that it converts offline."""
+"""GGUF models shipped inside PyPI packages.
+
+Find the file (joining split chunks, checking the recorded sha256) so that
+it converts offline.
+"""
 
 from __future__ import annotations
 

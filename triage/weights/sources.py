@@ -25,18 +25,34 @@ TINY_ARCHITECTURES = {"tiny": "llama", "tiny-gemma3": "gemma3"}
 """The built-in random-weight models (``builtin:<name>``) and the architecture each one has."""
 TINY_CONFIGS: dict[str, dict] = {
     "llama": {
-        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
-        "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-5, "vocab_size": TINY_VOCAB, "tie_word_embeddings": True,
-        "max_position_embeddings": 4096, "torch_dtype": "float32",
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": TINY_VOCAB,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 4096,
+        "torch_dtype": "float32",
     },
     # Gemma 3's layout in miniature: five sliding-window blocks, then one global block,
     # with a window (8 tokens) far shorter than any triage prompt.
     "gemma3": {
-        "model_type": "gemma3_text", "hidden_size": 64, "num_hidden_layers": 6,
-        "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16,
-        "query_pre_attn_scalar": 16, "rms_norm_eps": 1e-6, "vocab_size": TINY_VOCAB,
-        "sliding_window": 8, "sliding_window_pattern": 6, "max_position_embeddings": 4096,
+        "model_type": "gemma3_text",
+        "hidden_size": 64,
+        "num_hidden_layers": 6,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": TINY_VOCAB,
+        "sliding_window": 8,
+        "sliding_window_pattern": 6,
+        "max_position_embeddings": 4096,
         "torch_dtype": "float32",
     },
 }
@@ -69,16 +85,18 @@ def _tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from triage.schema import INSTRUCTION, LABELS
     from triage.data.catalogue import KNOWLEDGE_DIR
+    from triage.schema import INSTRUCTION, LABELS
 
     corpus = [INSTRUCTION, *LABELS] + [p.read_text() for p in sorted(Path(KNOWLEDGE_DIR).rglob("*.yaml"))]
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB, special_tokens=list(TINY_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=TINY_VOCAB,
+        special_tokens=list(TINY_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     backend.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(
@@ -141,7 +159,8 @@ def _convert_from_hub(name: str, repo: str, out: Path, other_models: tuple[str, 
             f"model '{name}': cannot download '{repo}' from the Hugging Face hub "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}).\n"
             f"The hub is unreachable from this machine. Either\n"
-            f"  - point the model at a local copy: dvc exp run -S 'models.{name}.source=dir:/path/to/{repo.split('/')[-1]}'\n"
+            "  - point the model at a local copy: "
+            f"dvc exp run -S 'models.{name}.source=dir:/path/to/{repo.split('/')[-1]}'\n"
             f"  - or leave it out of the study: dvc exp run -S 'run.models=[{','.join(other_models)}]'"
         ) from exc
     _mlx_convert(local, out)
@@ -184,8 +203,7 @@ def quantize_model(float_dir: Path, out_dir: Path, bits: int, group_size: int) -
     from mlx_lm import convert
 
     with staged_directory(out_dir) as work:
-        convert(hf_path=str(float_dir), mlx_path=str(work), quantize=True,
-                q_bits=bits, q_group_size=group_size)
+        convert(hf_path=str(float_dir), mlx_path=str(work), quantize=True, q_bits=bits, q_group_size=group_size)
         shutil.copy(float_dir / "source.json", work / "source.json")
         facts = variant_facts(work)
     return facts
