@@ -245,16 +245,20 @@ def test_dvc_metrics_are_a_dozen_numbers_per_run_and_a_compact_summary(reproduce
     files = next(iter(shown.values()))["data"]
     logs = {f"metrics/runs/{name}/dvclive/metrics.json" for name in RUNS}
     assert set(files) == {f"metrics/runs/{name}/eval.json" for name in RUNS} | logs | {"metrics/summary.json"}
-    for log in logs:  # DVCLive's last values: the step, train and val loss, val accuracy and ED AUROC
-        assert leaves(files[log]["data"]) <= 5 and files[log]["data"]["step"] > 0
+    for log in logs:  # DVCLive's last values: the step, train loss and accuracy, val loss, accuracy and ED AUROC
+        assert leaves(files[log]["data"]) <= 6 and files[log]["data"]["step"] > 0
     study = json.loads((reproduced / "reports/study.json").read_text())
     for name in RUNS:
         compact = files[f"metrics/runs/{name}/eval.json"]["data"]
-        assert leaves(compact) <= 14 and compact["accuracy"] == study["runs"][name]["accuracy"]
-    assert leaves(files["metrics/summary.json"]["data"]) <= 21  # counts, the best run, 2 x 2 paired rows
+        # a dozen headline numbers, the ED recall bound, and each condition's accuracy, ED recall and ED AUROC
+        assert leaves(compact) <= 14 + 2 * 3 and compact["accuracy"] == study["runs"][name]["accuracy"]
+        assert compact["wording"]["accuracy"] == study["runs"][name]["conditions"]["wording"]["accuracy"]
+    # counts and the best run (5), its test headline (4) and per condition (2 x 3), and its paired rows against
+    # the zero-shot baseline, tfidf-logreg and its probe: 3 x 2 conditions x 2 metrics x (diff, low, high)
+    assert leaves(files["metrics/summary.json"]["data"]) <= 5 + 4 + 6 + 36
     diff = run(["dvc", "metrics", "diff", "--md", "--all", "HEAD"], reproduced).stdout
     rows = [line for line in diff.splitlines() if line.startswith("| metrics/")]
-    assert 0 < len(rows) <= sum(leaves(f["data"]) for f in files.values()) <= 19 * len(RUNS) + 21
+    assert 0 < len(rows) <= sum(leaves(f["data"]) for f in files.values()) <= 26 * len(RUNS) + 51
 
 
 def test_the_reviewers_exp_show_has_five_numbers_per_run_and_the_best_run(reproduced):
