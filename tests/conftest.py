@@ -16,6 +16,7 @@ import triage.runtime
 
 triage.runtime.setup()  # before any import that may load mlx (triage/runtime/__init__.py)
 
+from triage.config import TrainParams
 from triage.offline_plots import TEMPLATE_PATH, write_html_template
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,3 +128,30 @@ def mlx_lm_originals(monkeypatch):
     monkeypatch.setattr(llama, "scaled_dot_product_attention", base.scaled_dot_product_attention)
     monkeypatch.setattr(gemma3_text, "scaled_dot_product_attention", base.scaled_dot_product_attention)
     monkeypatch.setattr(llama, "swiglu", activations.swiglu)
+
+
+def train_params(**changes) -> TrainParams:
+    """Training settings for the tests: params.yaml's shape, small numbers, ``changes`` on top."""
+    from triage.config import TrainParams
+
+    base = dict(
+        weight_decay=0.01,
+        warmup_ratio=0.1,
+        schedule="cosine",
+        num_layers=16,
+        max_seq_length=512,
+        seed=42,
+        steps_per_report=10,
+        steps_per_eval=20,
+        steps_per_save=10,
+        val_batches=2,
+        grad_checkpoint=False,
+        mask_prompt=True,
+        early_stopping_patience=0,
+        early_stopping_min_delta=0.0,
+        select_on="val_loss",
+        label_weight=1.0,
+        cpu_streams=2,
+        share_prompt_prefix=True,
+    )
+    return TrainParams(**{**base, **changes})

@@ -18,8 +18,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm import load
 from scipy.special import softmax
 
-from conftest import ROOT, SHARED_DATA
-from triage.config import ExtraSet, LoraConfig, ParamsError, TrainParams, load_params
+from conftest import ROOT, SHARED_DATA, train_params
+from triage.config import ExtraSet, LoraConfig, ParamsError, load_params
 from triage.data.ktas import KTAS_TEXT_COLUMNS
 from triage.data.synth import generate
 from triage.evaluate.decisions import EdThreshold, freeze_ed_threshold
@@ -211,25 +211,14 @@ def test_a_trained_dropout_adapter_gives_mc_samples_that_differ(model_dir, tmp_p
     add_lora(model, config, 2)
     examples = generate(24, MIX, seed=9)
     cases = tokenize_split(fmt, examples, "train.jsonl", 2048)
-    params = TrainParams(
-        weight_decay=0.01,
-        warmup_ratio=0.1,
-        schedule="cosine",
+    params = train_params(
         num_layers=2,
         max_seq_length=2048,
-        seed=42,
         steps_per_report=5,
         steps_per_eval=10,
         steps_per_save=100,
         val_batches=1,
-        grad_checkpoint=False,
-        mask_prompt=True,
-        early_stopping_patience=0,
-        early_stopping_min_delta=0.0,
-        select_on="val_loss",
-        label_weight=1.0,
         cpu_streams=1,
-        share_prompt_prefix=True,
     )
     run_training(model, cases, cases[:4], config, params, plain_loss, tmp_path / "checkpoints", "spread")
     model.train()  # LoRA dropout on, as MC sampling runs it

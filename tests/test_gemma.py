@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from mlx_lm import load
 
-from conftest import ROOT
-from triage.config import LoraConfig, TrainParams, load_params
+from conftest import ROOT, train_params
+from triage.config import LoraConfig, load_params
 from triage.data.synth import generate
 from triage.evaluate.language_model import evaluate_model
 from triage.evaluate.mc_dropout import adapter_dropout
@@ -70,7 +70,7 @@ def test_gemma3_trains_and_evaluates_like_the_llama(gemma_dir, data_dir, tmp_pat
     config = LoraConfig(kind="standard", learning_rate=2.0e-3, batch_size=4, rank=4, scale=20.0, dropout=0.1, iters=6)
     lora = add_lora(model, config, num_layers=-1)
     optimize_for_device(model)
-    params = TrainParams(
+    params = train_params(
         weight_decay=0.0,
         warmup_ratio=0.0,
         schedule="constant",
@@ -81,14 +81,7 @@ def test_gemma3_trains_and_evaluates_like_the_llama(gemma_dir, data_dir, tmp_pat
         steps_per_eval=3,
         steps_per_save=100,
         val_batches=-1,
-        grad_checkpoint=False,
-        mask_prompt=True,
-        early_stopping_patience=0,
-        early_stopping_min_delta=0.0,
-        select_on="val_loss",
         label_weight=5.0,
-        cpu_streams=2,
-        share_prompt_prefix=True,
     )
     train = tokenize_split(fmt, read_examples(data_dir / "train.jsonl"), "train", 2048)
     valid = tokenize_split(fmt, read_examples(data_dir / "valid.jsonl"), "valid", 2048)

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from mlx_lm import load
 
-from triage.config import LoraConfig, TrainParams
+from conftest import train_params
+from triage.config import LoraConfig
 from triage.data.synth import DEFAULT_LABEL_MIX, generate
 from triage.model.lm import ChatFormat
 from triage.model.scoring import label_probabilities
@@ -73,25 +74,14 @@ def fitted(smollm2_4bit, tmp_path_factory):
         class_weights=WEIGHTS,
         cost_matrix=COST,
     )
-    params = TrainParams(
-        weight_decay=0.01,
-        warmup_ratio=0.1,
-        schedule="cosine",
-        num_layers=16,
+    params = train_params(
         max_seq_length=2048,
         seed=0,
         steps_per_report=50,
         steps_per_eval=50,
         steps_per_save=50,
         val_batches=-1,
-        grad_checkpoint=False,
-        mask_prompt=True,
-        early_stopping_patience=0,
-        early_stopping_min_delta=0.0,
-        select_on="val_loss",
         label_weight=5.0,
-        cpu_streams=2,
-        share_prompt_prefix=True,
     )
     add_lora(model, config, params.num_layers)
     loss = make_safety_loss(fmt.label_first_tokens, WEIGHTS, COST, params.label_weight)

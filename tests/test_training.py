@@ -14,7 +14,8 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load
 
-from triage.config import LoraConfig, TrainParams
+from conftest import train_params
+from triage.config import LoraConfig
 from triage.model.completion import collate, plain_loss
 from triage.model.lm import ChatFormat, TokenizedCase
 from triage.schema import LABELS, Example
@@ -115,30 +116,6 @@ def short_cases(fmt: ChatFormat, n: int, ed_share: float, seed: int) -> list[Tok
         prompt = f"{rng.choice(words[label])} {rng.choice(['today', 'now', 'again'])}"
         cases.append(fmt.case(Example(str(i), prompt, label, label)))
     return cases
-
-
-def train_params(**changes) -> TrainParams:
-    base = dict(
-        weight_decay=0.01,
-        warmup_ratio=0.1,
-        schedule="cosine",
-        num_layers=16,
-        max_seq_length=512,
-        seed=42,
-        steps_per_report=10,
-        steps_per_eval=20,
-        steps_per_save=10,
-        val_batches=2,
-        grad_checkpoint=False,
-        mask_prompt=True,
-        early_stopping_patience=0,
-        early_stopping_min_delta=0.0,
-        select_on="val_loss",
-        label_weight=1.0,
-        cpu_streams=2,
-        share_prompt_prefix=True,
-    )
-    return TrainParams(**{**base, **changes})
 
 
 def lora_config(**changes) -> LoraConfig:
