@@ -15,20 +15,20 @@ bare mlx-lm loop, its 64-wide tied head cannot make a confident answer).
 from __future__ import annotations
 
 from importlib import metadata
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm import load
 
 from conftest import train_params
 from triage.config import LoraConfig
 from triage.data.synth import DEFAULT_LABEL_MIX, generate
-from triage.model.lm import ChatFormat
 from triage.model.scoring import label_probabilities
 from triage.schema import LABELS
-from triage.train.loop import add_lora, run_training
+from triage.train.loop import run_training
 from triage.train.losses import make_safety_loss
+from triage.train.wiring import lora_model
 from triage.weights.sources import fetch_base_model, quantize_model
 
 pytestmark = pytest.mark.real_model
@@ -58,10 +58,6 @@ def smollm2_4bit(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fitted(smollm2_4bit, tmp_path_factory):
     mx.random.seed(0)
-    model, tokenizer = load(smollm2_4bit)
-    fmt = ChatFormat(tokenizer)
-    examples = generate(CASES, DEFAULT_LABEL_MIX, seed=3)
-    cases = [fmt.case(example) for example in examples]
     config = LoraConfig(
         kind="safety",
         learning_rate=5.0e-4,
@@ -83,7 +79,11 @@ def fitted(smollm2_4bit, tmp_path_factory):
         val_batches=-1,
         label_weight=5.0,
     )
-    add_lora(model, config, params.num_layers)
+    # The model as the train stage builds it: LoRA on the top 16 blocks and this device's kernels switched in.
+    trainee = lora_model(Path(smollm2_4bit), config, params.num_layers)
+    model, fmt = trainee.model, trainee.fmt
+    examples = generate(CASES, DEFAULT_LABEL_MIX, seed=3)
+    cases = [fmt.case(example) for example in examples]
     loss = make_safety_loss(fmt.label_first_tokens, WEIGHTS, COST, params.label_weight)
     result = run_training(model, cases, cases, config, params, loss, tmp_path_factory.mktemp("ckpt"), "overfit")
     return model, fmt, examples, result

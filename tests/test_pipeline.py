@@ -261,14 +261,18 @@ def test_dvc_metrics_are_a_dozen_numbers_per_run_and_a_compact_summary(reproduce
     assert 0 < len(rows) <= sum(leaves(f["data"]) for f in files.values()) <= 26 * len(RUNS) + 51
 
 
-def test_the_reviewers_exp_show_has_five_numbers_per_run_and_the_best_run(reproduced):
+def test_the_reviewers_exp_show_has_the_headline_and_both_conditions_per_run(reproduced):
     """scripts/exp-headline.sh, the README's compact `dvc exp show`.
 
     Its patterns must keep matching DVC's column names.
     """
     table = run(["bash", str(ROOT / "scripts/exp-headline.sh"), "--csv"], reproduced).stdout
-    per_run = ("accuracy", "ed_recall", "ci95.ed_recall.low", "ed_auroc", "safe")
-    best = ("n_safe", "best", "best_test.accuracy", "best_test.ed_recall", "best_test.ed_auroc", "best_test.safe")
+    conditions = [f"{c}.{key}" for c in ("wording", "complaint") for key in ("accuracy", "ed_recall", "ed_auroc")]
+    per_run = ("accuracy", "ed_recall", "ci95.ed_recall.low", "ed_auroc", "safe", *conditions)
+    best = ["n_safe", "best"]
+    if json.loads((reproduced / "reports/study.json").read_text())["best"]:  # none is chosen when all are constant
+        best += ["best_test.accuracy", "best_test.ed_recall", "best_test.ed_auroc", "best_test.safe"]
+        best += [f"best_test.{key}" for key in conditions]
     expected = {f"metrics/runs/{name}/eval.json:{key}" for name in RUNS for key in per_run} | set(best)
     assert set(table.splitlines()[0].split(",")) == {"Experiment"} | expected
 
@@ -321,7 +325,8 @@ def test_queued_experiments_run_two_at_a_time(own_copy):
         data = experiments[name]
         assert data["params"]["params.yaml"]["data"]["configs"]["medical_fast"]["rank"] == rank
         summary = data["metrics"]["metrics/summary.json"]["data"]
-        assert summary["n_runs"] == len(RUNS) and summary["best"] in RUNS
+        # the tiny model's runs may all answer one label, and then none is chosen
+        assert summary["n_runs"] == len(RUNS) and summary["best"] in (*RUNS, None)
         logs = run(["dvc", "queue", "logs", name], own_copy).stdout
         assert "Stage 'train@tiny-4bit-balanced_safe' is cached" in logs, logs
         assert "Running stage 'train@tiny-4bit-medical_fast'" in logs, logs

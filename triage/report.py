@@ -25,9 +25,9 @@ SELECTION = ("accuracy", "macro_f1", "ed_recall", "ed_f2", "ed_fnr", "ed_auroc",
 """The validation-split metrics each row carries for ranking and choosing."""
 SELECTION_CONDITION = "wording"
 SELECTION_REASON = (
-    "runs are chosen on validation's wording part (training's complaints in phrasings it never saw): "
-    "the condition where what a run learned from its own training can show; validation's complaint "
-    "part holds about 20 presentation groups, too few to rank runs on"
+    "training's complaints in phrasings it never saw, the condition where what a run learned from its own "
+    "training can show; validation's complaint part holds about 20-30 presentation groups, too few to rank "
+    "runs on"
 )
 CONDITION_KEYS = (
     "accuracy",
