@@ -21,7 +21,14 @@ pytestmark = pytest.mark.e2e
 RUNS = [f"tiny-4bit-{config}" for config in QUICK["run"]["configs"]]
 SHARES = {  # worker: the stages it reproduces
     "worker-a": [f"train@{RUNS[0]}", f"evaluate@{RUNS[0]}"],
-    "worker-b": [f"train@{RUNS[1]}", f"evaluate@{RUNS[1]}", "baseline@tiny-4bit", "classical"],
+    "worker-b": [
+        f"train@{RUNS[1]}",
+        f"evaluate@{RUNS[1]}",
+        "baseline@tiny-4bit",
+        "classical",
+        "probe@tiny-4bit",
+        "references",
+    ],
 }
 
 
