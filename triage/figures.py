@@ -13,6 +13,7 @@ from pathlib import Path
 from sklearn.metrics import roc_curve
 
 from triage.evaluate.intervals import VERDICTS
+from triage.report import by_condition
 from triage.schema import LABELS
 
 SCHEMA = "https://vega.github.io/schema/vega-lite/v5.json"
@@ -71,14 +72,6 @@ def roc_points(run: str, rows: Sequence[dict]) -> list[dict]:
         return []
     fpr, tpr, _ = roc_curve(truth, [row["p_ED"] for row in rows])
     return [{"run": run, "over_triage": float(x), "ed_recall": float(y)} for x, y in zip(fpr, tpr)]
-
-
-def by_condition(rows: Sequence[dict]) -> dict[str, list[dict]]:
-    """A learner's prediction rows per test condition ("all" for data without conditions)."""
-    out: dict[str, list[dict]] = {}
-    for row in rows:
-        out.setdefault(row.get("condition", "all"), []).append(row)
-    return dict(sorted(out.items()))
 
 
 def roc_spec(predictions: dict[str, Sequence[dict]]) -> dict:

@@ -238,7 +238,8 @@ def paired_rows(pairs: list[tuple[str, str]], contenders: dict[str, Path]) -> li
                 f"{contenders[a]} and {contenders[b]} hold different cases: "
                 "re-run both evaluations on the same test split"
             )
-        for condition, ids in by_condition(left).items():
+        for condition, part in by_condition(list(left.values())).items():
+            ids = [row["id"] for row in part]
             labels = [left[i]["label"] for i in ids]
             groups = [left[i].get("group", "") for i in ids]
             runs = [([side[i]["pred"] for i in ids], [side[i]["p_ED"] for i in ids]) for side in (left, right)]
@@ -249,12 +250,12 @@ def paired_rows(pairs: list[tuple[str, str]], contenders: dict[str, Path]) -> li
     return out
 
 
-def by_condition(predictions: dict[str, dict]) -> dict[str, list[str]]:
-    """Case ids per test condition, or all of them under "all" for data without conditions."""
-    names = sorted({row["condition"] for row in predictions.values() if "condition" in row})
-    if not names:
-        return {"all": list(predictions)}
-    return {name: [i for i, row in predictions.items() if row.get("condition") == name] for name in names}
+def by_condition(rows: Sequence[dict]) -> dict[str, list[dict]]:
+    """Prediction rows per test condition ("all" for data without conditions), for the paired rows and figures."""
+    out: dict[str, list[dict]] = {}
+    for row in rows:
+        out.setdefault(row.get("condition", "all"), []).append(row)
+    return dict(sorted(out.items()))
 
 
 def summary(
