@@ -16,8 +16,9 @@ started=$(date +%s)
 # Bounds (all overridable by editing this list): 500 training cases; a wording test of 200
 # cases (a paired accuracy difference near 0.1 is resolvable there) and a complaint test of 40;
 # validation of 40 + 30 cases; 60 steps per run instead of 800/1200 at a 5.0e-4 peak learning
-# rate and label weight 5 (the recipe docs/results.md measured), validation on 2 batches,
-# 4 MC-dropout samples per case instead of 50.
+# rate and label weight 5 (the recipe docs/results.md measured); validation at steps 0 and 60
+# on 2 batches, train accuracy on 32 of the run's cases instead of 64; 2 MC-dropout samples
+# per case instead of 50 (enough to show the machinery, not to estimate uncertainty).
 dvc exp run \
   -S 'run.models=[smollm2-135m]' \
   -S 'run.bits=[4bit,8bit]' \
@@ -26,9 +27,9 @@ dvc exp run \
   -S 'data.conditions.wording.valid=40' -S 'data.conditions.wording.test=200' \
   -S 'data.conditions.complaint.valid=30' -S 'data.conditions.complaint.test=40' \
   -S 'lora.iters=60' -S 'lora.learning_rate=5.0e-4' -S 'train.label_weight=5.0' \
-  -S 'train.steps_per_report=10' -S 'train.steps_per_eval=30' -S 'train.steps_per_save=30' \
-  -S 'train.val_batches=2' \
-  -S 'evaluate.mc_samples=4'
+  -S 'train.steps_per_report=10' -S 'train.steps_per_eval=60' -S 'train.steps_per_save=30' \
+  -S 'train.val_batches=2' -S 'train.fit_sample=32' \
+  -S 'evaluate.mc_samples=2'
 elapsed=$(( $(date +%s) - started ))
 
 echo
@@ -37,3 +38,15 @@ echo "Metrics: dvc metrics show   Plots: dvc plots show   Experiments: dvc exp s
 echo "params.yaml now holds the demo selection (as every 'dvc exp run -S' does); 'git checkout params.yaml' restores the full study."
 echo
 sed -n '1,40p' reports/report.md
+echo
+python - <<'PY'
+import json
+
+study = json.load(open("reports/study.json"))
+if study["best"] is None:
+    print(
+        "Issue 29's demo target, a chosen run better than tfidf-logreg on wording accuracy, is not met: "
+        "no run is eligible (see above). The recipe learns after ~250 steps, the demo trains 60; "
+        "the full-length runs are in docs/results.md."
+    )
+PY

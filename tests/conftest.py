@@ -145,6 +145,7 @@ def train_params(**changes) -> TrainParams:
         steps_per_eval=20,
         steps_per_save=10,
         val_batches=2,
+        fit_sample=16,
         grad_checkpoint=False,
         mask_prompt=True,
         early_stopping_patience=0,

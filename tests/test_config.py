@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -70,6 +72,24 @@ def test_lora_override_replaces_only_set_values(tmp_path):
     assert config.rank == 16 and config.scale == 2.0 and config.iters == 1500
 
 
+def test_the_demo_overrides_make_valid_params(tmp_path):
+    """Every `-S key=value` of scripts/demo.sh names a real key with a valid value."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    overrides = re.findall(r"-S '([^=']+)=([^']*)'", (ROOT / "scripts" / "demo.sh").read_text())
+    assert len(overrides) >= 10, overrides
+    for key, value in overrides:
+        *parents, leaf = key.split(".")
+        node = raw
+        for parent in parents:
+            node = node[parent]
+        assert leaf in node, key
+        node[leaf] = yaml.safe_load(value)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    demo = load_params(path)
+    assert demo.train.fit_sample == 32 and demo.lora.iters == 60
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
@@ -90,6 +110,7 @@ def test_lora_override_replaces_only_set_values(tmp_path):
         (lambda p: p["evaluate"].update(decision="vote"), "expected one of: argmax, cost_aware"),
         (lambda p: p["models"]["tiny"].update(source="s3://bucket"), "'models.tiny.source'"),
         (lambda p: p["train"].update(steps_per_eval=75), "multiple of 'train.steps_per_report'"),
+        (lambda p: p["train"].update(fit_sample=0), "'train.fit_sample' must be at least 1"),
         (
             lambda p: p["data"]["conditions"]["wording"].update(test=5),
             "'data.conditions.wording.test' must be at least",

@@ -21,6 +21,7 @@ from triage.model.lm import ChatFormat, TokenizedCase
 from triage.schema import LABELS, Example
 from triage.train.loop import TrainingDiverged, add_lora, learning_rate_schedule, run_training, should_stop
 from triage.train.losses import complement_log_probs, make_safety_loss, safety_objective, sharded
+from triage.train.validation import train_sample
 
 WEIGHTS = {"ED": 5.0, "GP": 2.0, "HOME": 1.0}
 COST = {
@@ -534,3 +535,11 @@ def test_the_train_stage_wiring_is_the_model_and_objective_the_loop_tests_use(ti
     expected, _ = make_safety_loss(fmt.label_first_tokens, WEIGHTS, COST, 2.0)(model, *batch)
     got, _ = objective(safety, fmt.label_first_tokens, 2.0)(model, *batch)
     assert got.item() == pytest.approx(expected.item())
+
+
+def test_the_fit_sample_is_the_same_cases_every_time_and_as_many_as_asked():
+    examples = [Example(id=f"c{i}", prompt=f"p{i}", completion="GP", label="GP") for i in range(100)]
+    first = train_sample(examples, seed=7, size=16)
+    assert [e.id for e in first] == [e.id for e in train_sample(examples, seed=7, size=16)]
+    assert len(first) == len({e.id for e in first}) == 16
+    assert len(train_sample(examples, seed=7, size=500)) == 100

@@ -79,6 +79,7 @@ class TrainParams:
     steps_per_eval: int
     steps_per_save: int
     val_batches: int
+    fit_sample: int
     grad_checkpoint: bool
     mask_prompt: bool
     early_stopping_patience: int
@@ -319,7 +320,7 @@ def _check_semantics(params: Params) -> None:
         raise ParamsError("'train.label_weight' must be positive (1 = every completion token counts once)")
     if not 0.0 <= params.train.warmup_ratio < 1.0:
         raise ParamsError("'train.warmup_ratio' must be in [0, 1)")
-    for key in ("steps_per_report", "steps_per_eval", "steps_per_save", "max_seq_length", "cpu_streams"):
+    for key in ("steps_per_report", "steps_per_eval", "steps_per_save", "max_seq_length", "cpu_streams", "fit_sample"):
         if getattr(params.train, key) < 1:
             raise ParamsError(f"'train.{key}' must be at least 1")
     # Validation and checkpoints happen at report steps, where mlx-lm hands us control.

@@ -29,11 +29,7 @@ def task_metrics(
     }
 
 
-TRAIN_SAMPLE = 64
-"""Training cases whose argmax accuracy is logged at every validation: can the run fit its own data?"""
-
-
-def train_sample(examples: Sequence[Example], seed: int, size: int = TRAIN_SAMPLE) -> list[Example]:
+def train_sample(examples: Sequence[Example], seed: int, size: int) -> list[Example]:
     """A fixed sample of the training cases, the same at every validation and on resume."""
     picked = sorted(random.Random(seed).sample(range(len(examples)), min(size, len(examples))))
     return [examples[i] for i in picked]

@@ -120,7 +120,7 @@ def train_adapter(params: Params, config_name: str, paths: TrainPaths) -> None:
     # and the accuracy on a fixed sample of the training cases.
     picked = validation_indices(cases.valid, config.batch_size, train.val_batches, train.seed)
     val_examples = [cases.valid_examples[i] for i in picked]
-    fitted = train_sample(cases.train_examples, train.seed)
+    fitted = train_sample(cases.train_examples, train.seed, train.fit_sample)
     run_id = fingerprint(asdict(config), asdict(train), tree_digest(paths.model_dir), tree_digest(paths.data))
     loss = objective(config, fmt.label_first_tokens, train.label_weight)
 
