@@ -516,10 +516,14 @@ def test_subgroup_rates() -> None:
     groups = ["a", "a", "a", "a", "b", None, "b", "c"]
     rates = subgroup_rates(labels, preds, groups)
     assert list(rates) == ["a", "b", "c"]
-    assert rates["a"] == {"n": 4, "n_ed": 2, "n_non_ed": 2, "ed_recall": 0.5, "over_triage_rate": 1.0}
-    # b: HOME left unclassified is not over-triage.
-    assert rates["b"] == {"n": 2, "n_ed": 1, "n_non_ed": 1, "ed_recall": 1.0, "over_triage_rate": 0.0}
-    assert rates["c"] == {"n": 1, "n_ed": 0, "n_non_ed": 1, "ed_recall": None, "over_triage_rate": 0.0}
+    assert rates["a"] == {"n": 4, "n_ed": 2, "n_non_ed": 2, "accuracy": 0.25, "ed_recall": 0.5, "over_triage_rate": 1.0}
+    # b: HOME left unclassified is not over-triage, and not correct.
+    assert rates["b"] == {"n": 2, "n_ed": 1, "n_non_ed": 1, "accuracy": 0.5, "ed_recall": 1.0, "over_triage_rate": 0.0}
+    assert rates["c"] == {"n": 1, "n_ed": 0, "n_non_ed": 1, "accuracy": 1.0, "ed_recall": None, "over_triage_rate": 0.0}
+    for name in rates:
+        member = [i for i, g in enumerate(groups) if g == name]
+        expected = accuracy_score([labels[i] for i in member], [str(preds[i]) for i in member])
+        assert rates[name]["accuracy"] == pytest.approx(expected)
     only_ed = subgroup_rates(["ED"], ["GP"], ["x"])["x"]
     assert only_ed["over_triage_rate"] is None and only_ed["ed_recall"] == 0.0
     with pytest.raises(ValueError):

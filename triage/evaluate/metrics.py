@@ -174,9 +174,9 @@ def flag_uncertain(uncertainty: Sequence[float], threshold: float = 0.3) -> dict
 
 
 def subgroup_rates(labels: Sequence[str], preds: Sequence[str | None], groups: Sequence[str | None]) -> dict[str, dict]:
-    """ED recall and over-triage rate per subgroup, groups in sorted order.
+    """Accuracy, ED recall and over-triage rate per subgroup, groups in sorted order.
 
-    Per group: ``n``, ``n_ed``, ``n_non_ed``, ``ed_recall`` (unclassified
+    Per group: ``n``, ``n_ed``, ``n_non_ed``, ``accuracy`` (unclassified counts as wrong), ``ed_recall`` (unclassified
     counts as a miss; ``None`` without ED cases) and ``over_triage_rate``: the
     share of non-ED cases predicted as a more urgent class than their label
     (unclassified ones stay in the denominator but are not over-triage;
@@ -197,6 +197,7 @@ def subgroup_rates(labels: Sequence[str], preds: Sequence[str | None], groups: S
             "n": int(member.sum()),
             "n_ed": int(is_ed.sum()),
             "n_non_ed": int(non_ed.sum()),
+            "accuracy": float(np.mean(p[member] == y[member])),
             "ed_recall": ratio(np.sum(is_ed & (p == ED)), is_ed.sum()),
             "over_triage_rate": ratio(np.sum(non_ed & over), non_ed.sum()),
         }
