@@ -74,7 +74,6 @@ def test_the_script_copies_the_file_and_runs_the_study_selection(repo: Path, tmp
         "run.configs=\\[medical_baseline\\,balanced_safe\\]",
         "lora.learning_rate=5.0e-4",  # the recipe that learns (docs/results.md)
         "train.label_weight=5.0",
-        "train.select_on=val_accuracy",
     ):
         assert override in command, command
     assert "lora.iters" not in command  # the configs' own lengths
