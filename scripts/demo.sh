@@ -46,7 +46,7 @@ study = json.load(open("reports/study.json"))
 if study["best"] is None:
     print(
         "Issue 29's demo target, a chosen run better than tfidf-logreg on wording accuracy, is not met: "
-        "no run is eligible (see above). The recipe learns after ~250 steps, the demo trains 60; "
+        "no run is eligible (see above). The recipe learns only after 200-400 steps, the demo trains 60; "
         "the full-length runs are in docs/results.md."
     )
 PY
