@@ -543,3 +543,43 @@ def test_the_fit_sample_is_the_same_cases_every_time_and_as_many_as_asked():
     assert [e.id for e in first] == [e.id for e in train_sample(examples, seed=7, size=16)]
     assert len(first) == len({e.id for e in first}) == 16
     assert len(train_sample(examples, seed=7, size=500)) == 100
+
+
+def test_the_train_stage_checks_the_fit_on_train_fit_sample_of_its_own_cases(tiny, tmp_path, monkeypatch):
+    """``train.fit_sample`` reaches the fit check: the stage scores that many cases, all from train.jsonl."""
+    from dataclasses import asdict, replace
+
+    from conftest import ROOT
+    from triage.config import load_params
+    from triage.io import write_jsonl
+    from triage.train import wiring
+
+    splits = {
+        name: [Example(f"{name}{i}", f"cough {i}", "GP", "GP") for i in range(n)]
+        for name, n in [("train", 40), ("valid", 8)]
+    }
+    for name, examples in splits.items():
+        write_jsonl(tmp_path / f"{name}.jsonl", (asdict(example) for example in examples))
+    scored: list[list[str]] = []
+    monkeypatch.setattr(
+        wiring, "sample_accuracy", lambda model, fmt, examples, *rest: scored.append([e.id for e in examples]) or 1.0
+    )
+
+    class Stop(Exception):
+        pass
+
+    def first_validation_only(*args, **kwargs):
+        metrics = args[8]
+        metrics(())
+        raise Stop
+
+    monkeypatch.setattr(wiring, "run_training", first_validation_only)
+    params = load_params(ROOT / "params.yaml")
+    params = replace(params, train=train_params(fit_sample=7))
+    paths = wiring.TrainPaths(
+        Path(tiny), tmp_path, tmp_path / "adapter", tmp_path / "train.json", tmp_path / "log", tmp_path / "ckpt"
+    )
+    with pytest.raises(Stop):
+        wiring.train_adapter(params, "medical_baseline", paths)
+    assert len(scored) == 1 and len(scored[0]) == len(set(scored[0])) == 7
+    assert set(scored[0]) <= {example.id for example in splits["train"]}
