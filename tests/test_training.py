@@ -547,7 +547,7 @@ def test_the_fit_sample_is_the_same_cases_every_time_and_as_many_as_asked():
 
 def test_the_train_stage_checks_the_fit_on_train_fit_sample_of_its_own_cases(tiny, tmp_path, monkeypatch):
     """``train.fit_sample`` reaches the fit check: the stage scores that many cases, all from train.jsonl."""
-    from dataclasses import asdict, replace
+    from dataclasses import replace
 
     from conftest import ROOT
     from triage.config import load_params
@@ -559,7 +559,7 @@ def test_the_train_stage_checks_the_fit_on_train_fit_sample_of_its_own_cases(tin
         for name, n in [("train", 40), ("valid", 8)]
     }
     for name, examples in splits.items():
-        write_jsonl(tmp_path / f"{name}.jsonl", (asdict(example) for example in examples))
+        write_jsonl(tmp_path / f"{name}.jsonl", [example.to_json() for example in examples])
     scored: list[list[str]] = []
     monkeypatch.setattr(
         wiring, "sample_accuracy", lambda model, fmt, examples, *rest: scored.append([e.id for e in examples]) or 1.0
@@ -568,8 +568,7 @@ def test_the_train_stage_checks_the_fit_on_train_fit_sample_of_its_own_cases(tin
     class Stop(Exception):
         pass
 
-    def first_validation_only(*args, **kwargs):
-        metrics = args[8]
+    def first_validation_only(model, train, valid, config, params, loss, checkpoints, run_id, metrics, **kwargs):
         metrics(())
         raise Stop
 
